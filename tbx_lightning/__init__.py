@@ -1,0 +1,65 @@
+"""TensorBoard runs for PyTorch Lightning and Hugging Face Accelerate, through tensorboardX.
+
+``import tbx_lightning`` stays light: it imports neither lightning nor accelerate.
+The integrations load on first use of their names (``tbx_lightning.TBXLogger``,
+``tbx_lightning.TBXTracker``), and ``Accelerator(log_with="tbx")`` works after a
+plain ``import tbx_lightning`` because the tracker registers itself the moment
+accelerate's tracking module is imported (see :mod:`tbx_lightning._registration`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from tbx_lightning._registration import install_accelerate_hook
+from tbx_lightning._version import __version__
+
+if TYPE_CHECKING:
+    from tbx_lightning._lightning_monitor import TrainingMonitor
+    from tbx_lightning._lightning_projector import EmbeddingProjector
+    from tbx_lightning._writer import RunWriter, RunWriterError
+    from tbx_lightning.accelerate import TBXTracker
+    from tbx_lightning.hparams import HParamsError
+    from tbx_lightning.lightning import TBXLogger
+    from tbx_lightning.monitor import ModelMonitor
+
+__all__ = [
+    "EmbeddingProjector",
+    "HParamsError",
+    "ModelMonitor",
+    "RunWriter",
+    "RunWriterError",
+    "TBXLogger",
+    "TBXTracker",
+    "TrainingMonitor",
+    "__version__",
+]
+
+# name -> module that defines it; modules load on first attribute access.
+_LAZY = {
+    "EmbeddingProjector": "tbx_lightning._lightning_projector",
+    "HParamsError": "tbx_lightning.hparams",
+    "ModelMonitor": "tbx_lightning.monitor",
+    "RunWriter": "tbx_lightning._writer",
+    "RunWriterError": "tbx_lightning._writer",
+    "TBXLogger": "tbx_lightning.lightning",
+    "TBXTracker": "tbx_lightning.accelerate",
+    "TrainingMonitor": "tbx_lightning._lightning_monitor",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tbx_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+install_accelerate_hook()

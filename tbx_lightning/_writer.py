@@ -1,0 +1,556 @@
+"""RunWriter: one TensorBoard run directory, a fast scalar path and tensorboardX for the rest.
+
+The caller's side of ``log_scalars`` only checks types and appends to a queue;
+encoding, CRCs and writes happen on one background thread per run. Events that
+tensorboardX's ``SummaryWriter`` produces (images, text, histograms, graphs) go
+through the same queue, so a run is one ordered event stream in one file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import numbers
+import os
+import socket
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tensorboardX import SummaryWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.writer import FileWriter
+
+from tbx_lightning import _fs
+from tbx_lightning._events import ScalarEncoder, frame, padded
+
+__all__ = ["RunWriter", "RunWriterError"]
+
+_SCALARS = 0
+_TENSOR_SCALARS = 1
+_EVENT = 2
+_RECORD = 3
+_PATCH = 4
+_FLUSH = 5
+
+_FILE_COUNTER = itertools.count()
+_OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
+
+
+class RunWriterError(RuntimeError):
+    """Writing a run failed (full disk, vanished directory, lost credentials).
+
+    Raised on the caller's next call after the background thread hit the error;
+    the events that could not be written are kept in memory and retried on the
+    next flush, so fixing the cause and calling ``flush()`` loses nothing.
+    """
+
+
+@dataclass(frozen=True)
+class RecordHandle:
+    """Where a patchable record lives, so it can be rewritten in place later."""
+
+    file: str
+    offset: int
+    length: int
+
+
+class _EventFile:
+    """Appends framed records to one events file; local files grow in place."""
+
+    def __init__(self, fs: Any, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.offset = 0
+        self._handle = open(path, "ab") if _fs.is_local(fs) else None  # noqa: SIM115
+        self._buffer = bytearray()  # remote: the whole object, uploaded on each flush
+        self._dirty = False
+
+    def write(self, data: bytes) -> int:
+        start = self.offset
+        if self._handle is not None:
+            self._handle.write(data)
+        else:
+            self._buffer += data
+            self._dirty = True
+        self.offset += len(data)
+        return start
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+        elif self._dirty:
+            self.fs.pipe_file(self.path, bytes(self._buffer))
+            self._dirty = False
+
+    def patch(self, offset: int, data: bytes) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+            with open(self.path, "r+b") as handle:
+                handle.seek(offset)
+                handle.write(data)
+        else:
+            self._buffer[offset : offset + len(data)] = data
+            self._dirty = True
+
+    def close(self) -> None:
+        self.flush()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class _QueueFileWriter(FileWriter):
+    """tensorboardX's FileWriter interface, routed into the RunWriter's queue."""
+
+    def __init__(self, run: RunWriter) -> None:  # no super(): it would open a second file
+        self._run = run
+        self.event_writer = self
+        self._default_metadata: dict[str, Any] = {}
+
+    def get_logdir(self) -> str:
+        return self._run.log_dir
+
+    # Called by FileWriter.add_event/add_summary/add_graph through ``self.event_writer``.
+    def add_event(
+        self, event: Event, step: int | None = None, walltime: float | None = None
+    ) -> None:
+        if event is not None and (step is not None or walltime is not None):
+            FileWriter.add_event(self, event, step, walltime)
+            return
+        if not event.wall_time:
+            event.wall_time = self._default_metadata.get("walltime", time.time())
+        self._run._put((_EVENT, event))
+
+    def flush(self) -> None:
+        self._run.flush()
+
+    def close(self) -> None:
+        # The SummaryWriter's close ends its part, not the run: the RunWriter owns the file.
+        self._run.flush()
+
+    def reopen(self) -> None:
+        return None
+
+
+class _RunSummaryWriter(SummaryWriter):
+    """A tensorboardX SummaryWriter whose events land in the RunWriter's event stream."""
+
+    def __init__(self, run: RunWriter) -> None:
+        self._run = run
+        super().__init__(logdir=run.log_dir, flush_secs=int(max(1, run.flush_secs)))
+
+    def _get_file_writer(self) -> FileWriter:
+        if self.all_writers is None or self.file_writer is None:
+            self.file_writer = _QueueFileWriter(self._run)
+            self.all_writers = {self._run.log_dir: self.file_writer}
+        return self.file_writer
+
+
+def _coerce_scalar(key: str, value: Any) -> float:
+    """Python number for one metric value, or a TypeError that names the key."""
+    if isinstance(value, bool | np.bool_):
+        return float(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+        return float(value.reshape(()))
+    raise TypeError(
+        f"Metric {key!r} has a value of type {type(value).__name__}, which is not a number: "
+        "log int, float, bool, a one-element tensor or array; use "
+        "`experiment.add_text` for strings and `experiment.add_histogram` for arrays."
+    )
+
+
+class RunWriter:
+    """Owns one TensorBoard run directory: fast scalars, hparams records and a SummaryWriter.
+
+    Args:
+        log_dir: The run directory, a local path or an fsspec URL (``s3://b/runs/x``).
+        flush_secs: Seconds between flushes of the event file to storage.
+        max_queue: Pending calls at which ``log_scalars`` blocks until the writer
+            thread catches up (data is never dropped).
+        purge_step: When resuming a run, TensorBoard hides events of this run at or
+            after this step, so the resumed curve does not zig-zag.
+        filename_suffix: Appended to the event file's name.
+
+    Example:
+        >>> import tempfile
+        >>> from tbx_lightning import RunWriter
+        >>> with RunWriter(tempfile.mkdtemp()) as run:
+        ...     run.log_scalars({"loss": 0.5, "acc": 0.9}, step=1)
+        ...     run.experiment.add_text("note", "hello", 1)
+    """
+
+    def __init__(
+        self,
+        log_dir: str | os.PathLike[str],
+        *,
+        flush_secs: float = 10.0,
+        max_queue: int = 10_000,
+        purge_step: int | None = None,
+        filename_suffix: str = "",
+    ) -> None:
+        if not flush_secs > 0:
+            raise ValueError(f"Expected `flush_secs` > 0, got {flush_secs!r}.")
+        if max_queue < 1:
+            raise ValueError(f"Expected `max_queue` >= 1, got {max_queue!r}.")
+        self.fs, self._path = _fs.resolve(log_dir)
+        _fs.makedirs(self.fs, self._path)
+        self.log_dir = _fs.url(self.fs, self._path)
+        self.flush_secs = float(flush_secs)
+        self.max_queue = int(max_queue)
+        self._wake_at = min(256, self.max_queue)
+        self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._wake = threading.Event()
+        self._room = threading.Event()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._error: BaseException | None = None
+        self._failed: list[bytes] = []
+        self._encoder = ScalarEncoder()
+        self._experiment: _RunSummaryWriter | None = None
+        name = (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+            f".{os.getpid()}.{next(_FILE_COUNTER)}{filename_suffix}"
+        )
+        self._file = _EventFile(self.fs, _fs.join(self.fs, self._path, name))
+        self._file.write(
+            frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        )
+        if purge_step is not None:
+            start = Event(
+                step=int(purge_step),
+                wall_time=time.time(),
+                session_log=SessionLog(status=SessionLog.START),
+            )
+            self._file.write(frame(start.SerializeToString()))
+        self._file.flush()
+        self._last_flush = time.monotonic()
+        self._thread = threading.Thread(
+            target=self._run, name=f"tbx-run-writer:{name}", daemon=True
+        )
+        self._thread.start()
+        _OPEN_WRITERS.add(self)
+
+    # ------------------------------------------------------------------ caller side
+    @property
+    def event_file(self) -> str:
+        """Path of the event file this run writes."""
+        return self._file.path
+
+    @property
+    def experiment(self) -> SummaryWriter:
+        """The tensorboardX ``SummaryWriter`` of this run, for everything that is not a scalar."""
+        if self._experiment is None:
+            self._check_open()
+            self._experiment = _RunSummaryWriter(self)
+        return self._experiment
+
+    def log_scalars(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Queues ``metrics`` at ``step``: one event, one value per key.
+
+        Values may be Python or NumPy numbers, bools, or one-element tensors; all
+        tensors of one call reach the host in one transfer. NaN and +/-Inf are
+        written as they are.
+
+        Raises:
+            TypeError: a value is not a number (the message names its key), or
+                ``step`` is not an integer. Nothing of this call is queued then,
+                and nothing queued before is affected.
+        """
+        if self._closed or self._error is not None:
+            self._check_open()
+        if type(step) is not int:
+            step = self._coerce_step(step)
+        keys = tuple(metrics)
+        values = list(metrics.values())
+        tensor_idx: list[int] | None = None
+        for i, value in enumerate(values):
+            kind = type(value)
+            if kind is float or kind is int:
+                continue
+            if isinstance(value, torch.Tensor):
+                if tensor_idx is None:
+                    tensor_idx = []
+                tensor_idx.append(i)
+                continue
+            values[i] = _coerce_scalar(keys[i], value)
+        for key in keys:
+            if type(key) is not str or not key:
+                self._bad_tag(key)
+        if tensor_idx is None:
+            self._put((_SCALARS, step, time.time(), keys, values))
+            return
+        self._put(
+            (
+                _TENSOR_SCALARS,
+                step,
+                time.time(),
+                keys,
+                values,
+                tensor_idx,
+                self._stack(keys, values, tensor_idx),
+            )
+        )
+
+    @staticmethod
+    def _coerce_step(step: Any) -> int:
+        if isinstance(step, torch.Tensor) and step.numel() == 1:
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"`step` must be an int, got {type(step).__name__} {step!r}.")
+        return int(step)
+
+    @staticmethod
+    def _bad_tag(key: Any) -> None:
+        if not isinstance(key, str):
+            raise TypeError(f"Metric names must be str, got {type(key).__name__} {key!r}.")
+        raise ValueError("Metric names must not be empty: give the metric a name.")
+
+    @staticmethod
+    def _stack(keys: tuple[str, ...], values: list[Any], tensor_idx: list[int]) -> torch.Tensor:
+        """One device-to-host transfer for all tensors of a call."""
+        parts = []
+        for i in tensor_idx:
+            tensor = values[i]
+            if tensor.numel() != 1:
+                raise TypeError(
+                    f"Metric {keys[i]!r} is a tensor of shape {tuple(tensor.shape)}: log one-element "
+                    "tensors as scalars, or use `experiment.add_histogram` for the whole tensor."
+                )
+            if tensor.is_complex():
+                raise TypeError(
+                    f"Metric {keys[i]!r} is a complex tensor: log its real or abs value."
+                )
+            parts.append(tensor.detach().reshape(()).to(torch.float64))
+        devices = {p.device for p in parts}
+        if len(devices) > 1:
+            parts = [p.to(parts[0].device) for p in parts]
+        return torch.stack(parts).cpu()
+
+    def _put(self, item: tuple[Any, ...]) -> None:
+        queue = self._queue
+        queue.append(item)
+        size = len(queue)
+        if size >= self._wake_at:
+            self._wake.set()
+            if size >= self.max_queue:
+                self._wait_for_room()
+
+    def _wait_for_room(self) -> None:
+        # Block the producer rather than drop data when storage is slower than training.
+        while len(self._queue) >= self.max_queue and self._thread.is_alive():
+            self._room.clear()
+            self._wake.set()
+            self._room.wait(0.05)
+        self._check_open(allow_closed=True)
+
+    def write_record(self, event: Event, *, reserve: int = 0) -> RecordHandle | None:
+        """Queues a prebuilt Event; with ``reserve`` > 0 it can later be replaced by :meth:`patch_record`.
+
+        Returns the record's handle when ``reserve`` is given (after the writer
+        thread has placed it), else None.
+        """
+        self._check_open()
+        data = event.SerializeToString()
+        if not reserve:
+            self._put((_RECORD, frame(data)))
+            return None
+        size = max(reserve, len(data) + 8)
+        holder: list[RecordHandle] = []
+        done = threading.Event()
+        self._put((_RECORD, frame(padded(data, size)), holder, done, size))
+        self._wake.set()
+        done.wait()
+        self._check_open(allow_closed=True)
+        return holder[0]
+
+    def patch_record(self, handle: RecordHandle, event: Event) -> bool:
+        """Rewrites a reserved record in place; False if the new event does not fit its room."""
+        self._check_open()
+        data = event.SerializeToString()
+        if len(data) + 3 > handle.length:
+            return False
+        self._put((_PATCH, handle, frame(padded(data, handle.length))))
+        return True
+
+    def flush(self) -> None:
+        """Writes everything queued so far to storage before returning."""
+        if self._closed:
+            return
+        self._error = None  # a flush retries what a failed write left pending
+        done = threading.Event()
+        self._queue.append((_FLUSH, done))
+        self._wake.set()
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                break
+        self._check_open(allow_closed=True)
+
+    def close(self) -> None:
+        """Drains the queue, flushes and closes the event file. Safe to call twice."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._wake.set()
+        self._thread.join()
+        _OPEN_WRITERS.discard(self)
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RunWriterError(self._error_message(error)) from error
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self, *, allow_closed: bool = False) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RunWriterError(self._error_message(error)) from error
+        if self._closed and not allow_closed:
+            raise RunWriterError(
+                f"The run writer for {self.log_dir!r} is closed: nothing more can be logged to it. "
+                "Open a new RunWriter (or logger) on the same directory to add to the run."
+            )
+
+    def _error_message(self, error: BaseException) -> str:
+        return (
+            f"Writing events to {self._file.path!r} failed: {type(error).__name__}: {error}. "
+            "What was written before is intact; free space or restore the directory, then call "
+            "flush() to retry the pending events."
+        )
+
+    # ------------------------------------------------------------------ writer thread
+    def _run(self) -> None:
+        while True:
+            timeout = max(0.0, self.flush_secs - (time.monotonic() - self._last_flush))
+            self._wake.wait(min(timeout, 0.5))
+            self._wake.clear()
+            closing = self._closed
+            self._drain()
+            if closing:
+                self._drain()
+                self._write_out(final=True)
+                return
+            if time.monotonic() - self._last_flush >= self.flush_secs:
+                self._write_out()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        encode = self._encoder.encode
+        chunks: list[bytes] = []
+        while queue:
+            item = queue.popleft()
+            kind = item[0]
+            try:
+                if kind == _SCALARS:
+                    chunks.append(encode(item[1], item[2], item[3], item[4]))
+                elif kind == _TENSOR_SCALARS:
+                    values = item[4]
+                    for i, value in zip(item[5], item[6].tolist(), strict=True):
+                        values[i] = value
+                    chunks.append(encode(item[1], item[2], item[3], values))
+                elif kind == _EVENT:
+                    chunks.append(frame(item[1].SerializeToString()))
+                elif kind == _RECORD:
+                    if len(item) == 2:
+                        chunks.append(item[1])
+                    else:
+                        self._write_chunks(chunks)
+                        offset = self._write_chunks([item[1]])
+                        item[2].append(RecordHandle(self._file.path, offset, item[4]))
+                        item[3].set()
+                elif kind == _PATCH:
+                    self._write_chunks(chunks)
+                    self._patch(item[1], item[2])
+                elif kind == _FLUSH:
+                    self._write_chunks(chunks)
+                    self._write_out()
+                    item[1].set()
+            except Exception as error:  # keep the thread alive; report on the caller's side
+                self._error = error
+                if kind in (_FLUSH,):
+                    item[1].set()
+                elif kind == _RECORD and len(item) > 2:
+                    item[3].set()
+            if len(queue) < self.max_queue // 2:
+                self._room.set()
+        try:
+            self._write_chunks(chunks)
+        except Exception as error:
+            self._error = error
+        self._room.set()
+
+    def _write_chunks(self, chunks: list[bytes]) -> int:
+        """Appends chunks (after any bytes a failed write left); returns where the last starts."""
+        if not chunks and not self._failed:
+            return self._file.offset
+        data = b"".join([*self._failed, *chunks])
+        last = len(chunks[-1]) if chunks else 0
+        chunks.clear()  # from here on the bytes live in ``data`` or ``self._failed``
+        try:
+            offset = self._file.write(data)
+        except Exception as error:
+            self._failed = [data]
+            self._error = error
+            raise
+        self._failed = []
+        return offset + len(data) - last
+
+    def _patch(self, handle: RecordHandle, data: bytes) -> None:
+        if handle.file != self._file.path:
+            raise RunWriterError(f"record {handle} is not in the current event file")
+        self._file.patch(handle.offset, data)
+
+    def _write_out(self, *, final: bool = False) -> None:
+        try:
+            self._check_file_present()
+            if self._failed:
+                self._write_chunks([])
+            if final:
+                self._file.close()
+            else:
+                self._file.flush()
+            self._last_flush = time.monotonic()
+        except Exception as error:
+            self._error = error
+
+    def _check_file_present(self) -> None:
+        """A deleted run directory would swallow writes into an unlinked file: say so instead."""
+        if not _fs.is_local(self.fs) or os.path.exists(self._file.path):
+            return
+        lost_path = self._file.path
+        self._file.close()
+        _fs.makedirs(self.fs, self._path)
+        self._file = _EventFile(self.fs, lost_path)
+        self._file.write(
+            frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        )
+        raise FileNotFoundError(
+            f"the event file {lost_path!r} was removed while the run was writing (deleted run "
+            "directory?); the directory was recreated and logging goes on in a new file there"
+        )
+
+
+def _close_open_writers() -> None:
+    for writer in list(_OPEN_WRITERS):
+        try:
+            writer.close()
+        except Exception as error:  # interpreter exit: say it, never raise
+            warnings.warn(
+                f"tbx_lightning: closing {writer.log_dir!r} at exit failed: {error}", stacklevel=1
+            )
+
+
+atexit.register(_close_open_writers)

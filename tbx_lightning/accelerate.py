@@ -1,0 +1,5 @@
+"""Placeholder replaced by the Accelerate integration."""
+
+
+def register() -> None:
+    return None

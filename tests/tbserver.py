@@ -1,0 +1,110 @@
+"""A real ``tensorboard --logdir`` server on 127.0.0.1 for tests.
+
+Tests read what the package wrote through TensorBoard's own plugin routes, so a
+run is proven readable by the program users open, not only by a file parser.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TensorBoardServer:
+    """Starts ``tensorboard`` on a free loopback port and stops it on ``stop()``."""
+
+    def __init__(self, logdir: str | Path, *, timeout: float = 60.0) -> None:
+        self.logdir = str(logdir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        self._log = open(Path(self.logdir).parent / f"tensorboard-{self.port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tensorboard.main",
+                "--logdir",
+                self.logdir,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--load_fast",
+                "false",
+                "--reload_interval",
+                "1",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tensorboard exited early, see {self._log.name}")
+            try:
+                self.get_bytes("/data/runs")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError("tensorboard did not answer in time") from None
+                time.sleep(0.25)
+
+    def get_bytes(self, route: str, params: dict[str, Any] | None = None) -> bytes:
+        url = self.url + route
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return bytes(resp.read())
+
+    def get_json(self, route: str, params: dict[str, Any] | None = None) -> Any:
+        return json.loads(self.get_bytes(route, params))
+
+    def post_json(self, route: str, body: dict[str, Any]) -> Any:
+        """POST a form with one ``request`` field, as TensorBoard's hparams routes expect."""
+        data = urllib.parse.urlencode({"request": json.dumps(body)}).encode()
+        req = urllib.request.Request(self.url + route, data=data)
+        req.add_header("X-TensorBoard-Feature-Flags", "{}")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read())
+
+    def wait_for_runs(self, expected: int, timeout: float = 60.0) -> list[str]:
+        """Polls ``/data/runs`` until at least ``expected`` runs are loaded."""
+        deadline = time.monotonic() + timeout
+        runs: list[str] = []
+        while time.monotonic() < deadline:
+            runs = self.get_json("/data/runs")
+            if len(runs) >= expected:
+                # One more reload cycle so late tags of these runs are in too.
+                time.sleep(1.5)
+                return list(self.get_json("/data/runs"))
+            time.sleep(0.5)
+        raise TimeoutError(f"tensorboard loaded {runs}, expected {expected} runs")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
