@@ -242,6 +242,11 @@ class RunWriter:
 
     # ------------------------------------------------------------------ caller side
     @property
+    def path(self) -> str:
+        """The run directory's path inside :attr:`fs` (no protocol prefix)."""
+        return self._path
+
+    @property
     def event_file(self) -> str:
         """Path of the event file this run writes."""
         return self._file.path

@@ -79,10 +79,9 @@ class TensorBoardServer:
         return json.loads(self.get_bytes(route, params))
 
     def post_json(self, route: str, body: dict[str, Any]) -> Any:
-        """POST a form with one ``request`` field, as TensorBoard's hparams routes expect."""
-        data = urllib.parse.urlencode({"request": json.dumps(body)}).encode()
-        req = urllib.request.Request(self.url + route, data=data)
-        req.add_header("X-TensorBoard-Feature-Flags", "{}")
+        """POST a JSON body, as TensorBoard's hparams routes expect."""
+        req = urllib.request.Request(self.url + route, data=json.dumps(body).encode())
+        req.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 

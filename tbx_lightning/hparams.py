@@ -1,0 +1,422 @@
+"""Configs to HParams: flat, typed, keyed by OmegaConf dot paths, with run statuses.
+
+TensorBoard's HParams dashboard builds its table from every run's *session start*
+record when no run declares an experiment summary. So each run writes exactly one
+session start (its hyperparameters) and one session end (its status), and never an
+experiment summary: then every key of every run is a column and every scalar tag
+is a metric column. TensorBoard keeps the first record of a tag it reads, so both
+records are written once with room to spare and rewritten in place when the
+hyperparameters or the status change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import itertools
+import math
+import os
+import re
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from tensorboardX.proto.api_pb2 import Status
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.proto.plugin_hparams_pb2 import (
+    HParamsPluginData,
+    SessionEndInfo,
+    SessionStartInfo,
+)
+from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+
+from tbx_lightning import _fs
+
+if TYPE_CHECKING:
+    from tbx_lightning._writer import RecordHandle, RunWriter
+
+__all__ = [
+    "MASK",
+    "STATUSES",
+    "HParamValue",
+    "HParamsError",
+    "RunHParams",
+    "flatten",
+    "is_secret_key",
+    "to_container",
+]
+
+HParamValue = bool | int | float | str
+MASK = "********"
+SESSION_START_TAG = "_hparams_/session_start_info"
+SESSION_END_TAG = "_hparams_/session_end_info"
+
+# What users pass to ``finish`` / Lightning's ``finalize`` -> TensorBoard's status set.
+# TensorBoard has no "aborted": an interrupted run shows as a failure.
+STATUSES: dict[str, int] = {
+    "running": Status.Value("STATUS_RUNNING"),
+    "success": Status.Value("STATUS_SUCCESS"),
+    "finished": Status.Value("STATUS_SUCCESS"),
+    "failed": Status.Value("STATUS_FAILURE"),
+    "failure": Status.Value("STATUS_FAILURE"),
+    "aborted": Status.Value("STATUS_FAILURE"),
+    "interrupted": Status.Value("STATUS_FAILURE"),
+    "unknown": Status.Value("STATUS_UNKNOWN"),
+}
+
+_SECRET_WORDS = {"password", "passwd", "secret", "token", "apikey", "credential", "credentials"}
+_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key")}
+_SPLIT = re.compile(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])")
+_SHORT_LIST = 16
+_MAX_EXACT_INT = 2**53
+
+
+class HParamsError(ValueError):
+    """A config cannot become hyperparameters; the message names the key path."""
+
+
+def is_secret_key(key: str) -> bool:
+    """True when the last part of a dot path names a credential (``db.password``, ``hf_token``)."""
+    last = key.rsplit(".", 1)[-1]
+    words = [w.lower() for w in _SPLIT.split(last) if w]
+    if any(w in _SECRET_WORDS for w in words):
+        return True
+    return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+
+
+def _omegaconf_error(error: OmegaConfBaseException) -> HParamsError:
+    key = getattr(error, "full_key", None) or "<root>"
+    if isinstance(error, MissingMandatoryValue):
+        return HParamsError(
+            f"Config key '{key}' is missing a mandatory value ('???'): set it, e.g. with the "
+            f"override `{key}=VALUE`, before logging hyperparameters."
+        )
+    detail = str(error).splitlines()[0]
+    return HParamsError(
+        f"Config key '{key}' cannot be resolved: {detail}. Fix the interpolation "
+        "(or register the missing resolver) before logging hyperparameters."
+    )
+
+
+def _resolve_omegaconf(cfg: DictConfig | ListConfig) -> Any:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as error:
+        raise _omegaconf_error(error) from error
+    except RecursionError as error:
+        raise HParamsError(
+            "Config has a cyclic interpolation (a key refers to itself through others): "
+            "break the cycle before logging hyperparameters."
+        ) from error
+
+
+def _to_plain(value: Any, path: str) -> Any:
+    """Nested dicts/lists of leaves from any supported config shape."""
+    if isinstance(value, DictConfig | ListConfig):
+        return _to_plain(_resolve_omegaconf(value), path)
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = str(key.name if isinstance(key, enum.Enum) else key)
+            out[name] = _to_plain(item, f"{path}.{name}" if path else name)
+        return out
+    if isinstance(value, list | tuple):
+        return [_to_plain(item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)]
+    return value
+
+
+def _mask(value: Any, path: str) -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else key
+            out[key] = MASK if is_secret_key(child) and item is not None else _mask(item, child)
+        return out
+    if isinstance(value, list):
+        return [_mask(item, f"{path}.{i}") for i, item in enumerate(value)]
+    return value
+
+
+def to_container(params: Any, *, mask_secrets: bool = True) -> dict[str, Any]:
+    """The resolved config as plain nested dicts and lists (what ``config.yaml`` holds).
+
+    Accepts an OmegaConf DictConfig, a mapping (Lightning's ``AttributeDict``
+    included), an ``argparse.Namespace`` or a dataclass instance; nested values may
+    be any of these. Keys that look like credentials are masked unless
+    ``mask_secrets=False``.
+
+    Raises:
+        HParamsError: a missing mandatory value (``???``), a broken or cyclic
+            interpolation; the message names the key path.
+    """
+    if params is None:
+        return {}
+    plain = _to_plain(params, "")
+    if not isinstance(plain, dict):
+        raise HParamsError(
+            f"Hyperparameters must be a mapping, config, Namespace or dataclass, got "
+            f"{type(params).__name__}: wrap the value in a dict, e.g. {{'value': ...}}."
+        )
+    return _mask(plain, "") if mask_secrets else plain
+
+
+def _leaf(value: Any) -> HParamValue | None:
+    """One table value, typed; None means 'leave this key out of the table'."""
+    if value is None:
+        return None
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, enum.Enum):
+        return str(value.name)
+    if isinstance(value, int | np.integer):
+        number = int(value)
+        return number if abs(number) <= _MAX_EXACT_INT else str(number)
+    if isinstance(value, float | np.floating):
+        return float(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value) if isinstance(os.fspath(value), str) else str(value)
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return _leaf(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return _leaf(value.item())
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}".lstrip(".")
+    return str(value)
+
+
+def _readable(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    leaf = _leaf(value)
+    return "None" if leaf is None else str(leaf)
+
+
+def _is_container(value: Any) -> bool:
+    return isinstance(value, Mapping | list | tuple)
+
+
+def flatten(params: Any, *, mask_secrets: bool = True) -> dict[str, HParamValue]:
+    """Flattens a config to ``{dot.path: bool | int | float | str}`` for the HParams table.
+
+    Every key can be pasted back as an OmegaConf override (``model.optimizer.lr=0.1``).
+    Lists of scalars become one readable value (``[0.9, 0.999]``); lists that hold
+    mappings are keyed by index (``layers.0.width``). None is left out of the table
+    (it would turn a numeric column into a text column) but stays in config.yaml.
+
+    Example:
+        >>> from omegaconf import OmegaConf
+        >>> flatten(OmegaConf.create({"model": {"lr": 0.1, "betas": [0.9, 0.99]}, "seed": None}))
+        {'model.lr': 0.1, 'model.betas': '[0.9, 0.99]'}
+    """
+    out: dict[str, HParamValue] = {}
+
+    def visit(value: Any, path: str) -> None:
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                visit(item, f"{path}.{key}" if path else str(key))
+            return
+        if isinstance(value, list | tuple):
+            if any(_is_container(item) for item in value):
+                for i, item in enumerate(value):
+                    visit(item, f"{path}.{i}" if path else str(i))
+                return
+            value = "[" + ", ".join(_readable(item) for item in value) + "]"
+        leaf = _leaf(value)
+        if leaf is None:
+            return
+        if path in out:
+            raise HParamsError(
+                f"Config key '{path}' appears twice after flattening (a key containing '.' "
+                "clashes with a nested key): rename one of them."
+            )
+        out[path] = leaf
+
+    visit(to_container(params, mask_secrets=mask_secrets), "")
+    return out
+
+
+def _yaml_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_yaml_safe(v) for v in value]
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    leaf = _leaf(value)
+    return leaf
+
+
+def config_yaml(container: Mapping[str, Any]) -> str:
+    """YAML text of a resolved config; leaves YAML cannot hold are written as their string."""
+    return yaml.safe_dump(_yaml_safe(dict(container)), sort_keys=False, allow_unicode=True)
+
+
+def _summary_event(tag: str, data: HParamsPluginData, wall_time: float) -> Event:
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name="hparams", content=data.SerializeToString()
+        )
+    )
+    return Event(
+        wall_time=wall_time, summary=Summary(value=[Summary.Value(tag=tag, metadata=metadata)])
+    )
+
+
+def session_start_event(hparams: Mapping[str, HParamValue], start_time: float) -> Event:
+    """The session start record: one row of the HParams table."""
+    info = SessionStartInfo(start_time_secs=start_time)
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[key].bool_value = value
+        elif isinstance(value, int | float):
+            info.hparams[key].number_value = float(value)
+        else:
+            info.hparams[key].string_value = str(value)
+    return _summary_event(
+        SESSION_START_TAG, HParamsPluginData(version=0, session_start_info=info), start_time
+    )
+
+
+def session_end_event(status: str, end_time: float) -> Event:
+    """The session end record: the run's status in the HParams table."""
+    info = SessionEndInfo(status=STATUSES[status], end_time_secs=end_time)
+    return _summary_event(
+        SESSION_END_TAG, HParamsPluginData(version=0, session_end_info=info), end_time
+    )
+
+
+def _status_key(status: str) -> str:
+    key = status.lower()
+    if key not in STATUSES:
+        raise ValueError(f"Unknown run status {status!r}: use one of {sorted(STATUSES)}.")
+    return key
+
+
+class RunHParams:
+    """The hyperparameters, config files and status of one run; shared by every integration.
+
+    Args:
+        run: The run's writer.
+        mask_secrets: Mask keys that look like credentials in the table and in config.yaml.
+
+    Example:
+        >>> import tempfile
+        >>> from tbx_lightning import RunWriter
+        >>> run = RunWriter(tempfile.mkdtemp())
+        >>> hp = RunHParams(run)
+        >>> hp.log({"model": {"lr": 0.01}, "seed": 1})
+        {'model.lr': 0.01, 'seed': 1}
+        >>> hp.finish("success"); run.close()
+    """
+
+    def __init__(self, run: RunWriter, *, mask_secrets: bool = True) -> None:
+        self.run = run
+        self.mask_secrets = mask_secrets
+        self.config: dict[str, Any] = {}
+        self.flat: dict[str, HParamValue] = {}
+        self.status: str | None = None
+        self.start_time: float | None = None
+        self._start: RecordHandle | None = None
+        self._end: RecordHandle | None = None
+        self._lock = threading.Lock()
+        self._warned_full = False
+
+    def log(
+        self,
+        params: Any,
+        metrics: Mapping[str, Any] | None = None,
+        *,
+        step: int = 0,
+    ) -> dict[str, HParamValue]:
+        """Adds ``params`` to the run's hyperparameters (later calls update keys) and logs ``metrics``.
+
+        Writes ``config.yaml`` (the resolved config) and the HParams records; the
+        first call marks the run as running.
+        """
+        container = to_container(params, mask_secrets=self.mask_secrets)
+        with self._lock:
+            merged = _deep_merge(self.config, container)
+            flat = flatten(merged, mask_secrets=False)
+            self.config = merged
+            self.write_config_file("config.yaml", config_yaml(merged))
+            if self._start is None:
+                self.start_time = time.time()
+                self._start = self.run.write_record(
+                    session_start_event(flat, self.start_time), reserve=_room_for(flat)
+                )
+                self._end = self.run.write_record(
+                    session_end_event("running", self.start_time), reserve=96
+                )
+                self.status = "running"
+            elif flat != self.flat:
+                self._patch_start(flat)
+            self.flat = flat
+        if metrics:
+            self.run.log_scalars(metrics, step)
+        return dict(flat)
+
+    def _patch_start(self, flat: dict[str, HParamValue]) -> None:
+        assert self._start is not None and self.start_time is not None  # set together above
+        if self.run.patch_record(self._start, session_start_event(flat, self.start_time)):
+            return
+        if not self._warned_full:
+            self._warned_full = True
+            warnings.warn(
+                f"The hyperparameters of {self.run.log_dir!r} grew past the room kept for them in the "
+                f"event file ({self._start.length} bytes): config.yaml has all "
+                f"{len(flat)} keys, the HParams table keeps the first {len(self.flat)}. Log the whole "
+                "config in the first call to see every key in TensorBoard.",
+                stacklevel=3,
+            )
+
+    def finish(self, status: str = "success") -> None:
+        """Records the run's final status (``success``, ``failed``, ``aborted``, ...) and end time."""
+        key = _status_key(status)
+        with self._lock:
+            if self._end is None:
+                # A run that never logged hyperparameters still gets its row and status.
+                self._lock.release()
+                try:
+                    self.log({})
+                finally:
+                    self._lock.acquire()
+            assert self._end is not None
+            self.run.patch_record(self._end, session_end_event(key, time.time()))
+            self.status = key
+
+    def write_config_file(self, name: str, text: str) -> None:
+        """Atomically (re)writes a text file in the run directory."""
+        _fs.write_text_atomic(self.run.fs, _fs.join(self.run.fs, self.run.path, name), text)
+
+
+def _room_for(flat: Mapping[str, HParamValue]) -> int:
+    size = session_start_event(flat, time.time()).ByteSize()
+    return max(4096, 2 * size + 1024)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
