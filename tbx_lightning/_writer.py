@@ -143,6 +143,9 @@ class _QueueFileWriter(FileWriter):
 class _RunSummaryWriter(SummaryWriter):
     """A tensorboardX SummaryWriter whose events land in the RunWriter's event stream."""
 
+    file_writer: FileWriter | None
+    all_writers: dict[str, FileWriter] | None
+
     def __init__(self, run: RunWriter) -> None:
         self._run = run
         super().__init__(logdir=run.log_dir, flush_secs=int(max(1, run.flush_secs)))
