@@ -1,0 +1,250 @@
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboardX.proto.event_pb2 import Event
+
+import tbx_lightning
+from tbx_lightning import RunWriter, RunWriterError
+from tbx_lightning._fs import claim_version, run_dir
+
+
+def read(path: str | Path) -> EventAccumulator:
+    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def values(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_public_surface_is_sorted_and_complete() -> None:
+    assert tbx_lightning.__all__ == sorted(tbx_lightning.__all__)
+    public = {n for n in dir(tbx_lightning) if not n.startswith("_")} - {"annotations", "importlib"}
+    assert public - {"install_accelerate_hook", "TYPE_CHECKING", "Any"} == set(
+        tbx_lightning.__all__
+    ) - {"__version__"}
+
+
+def test_import_does_not_load_frameworks() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tbx_lightning; "
+        "assert 'lightning' not in sys.modules and 'accelerate' not in sys.modules, "
+        "[m for m in sys.modules if m.startswith(('lightning', 'accelerate'))]"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        pytest.param(1.5, 1.5, id="float"),
+        pytest.param(3, 3.0, id="int"),
+        pytest.param(True, 1.0, id="bool"),
+        pytest.param(np.float32(2.25), 2.25, id="numpy-float32"),
+        pytest.param(np.int64(7), 7.0, id="numpy-int64"),
+        pytest.param(np.array([4.5]), 4.5, id="numpy-1-element"),
+        pytest.param(torch.tensor(0.75), 0.75, id="tensor-0d"),
+        pytest.param(torch.tensor([1.25], dtype=torch.bfloat16), 1.25, id="tensor-bf16"),
+        pytest.param(torch.tensor(5, dtype=torch.int32), 5.0, id="tensor-int"),
+    ],
+)
+def test_scalar_types_round_trip(tmp_path: Path, value: object, expected: float) -> None:
+    with RunWriter(tmp_path) as run:
+        run.log_scalars({"metric": value}, step=3)
+    assert values(read(tmp_path), "metric") == [(3, expected)]
+
+
+def test_many_calls_one_event_stream(tmp_path: Path) -> None:
+    with RunWriter(tmp_path, max_queue=64) as run:
+        for step in range(2000):
+            run.log_scalars({"a": step * 0.5, "b": torch.tensor(float(-step))}, step)
+            if step == 1000:
+                run.experiment.add_text("note", "half way", step)
+                run.experiment.add_histogram("w", torch.arange(10.0), step)
+    acc = read(tmp_path)
+    assert values(acc, "a") == [(s, s * 0.5) for s in range(2000)]
+    assert values(acc, "b") == [(s, float(-s)) for s in range(2000)]
+    assert [e.step for e in acc.Histograms("w")] == [1000]
+    assert acc.Tensors("note/text_summary")[0].step == 1000
+    events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+    assert len(events) == 1
+
+
+def test_nan_and_inf_are_written_as_they_are(tmp_path: Path) -> None:
+    with RunWriter(tmp_path) as run:
+        run.log_scalars({"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "big": 1e300}, 0)
+    acc = read(tmp_path)
+    assert math.isnan(acc.Scalars("nan")[0].value)
+    assert acc.Scalars("inf")[0].value == math.inf
+    assert acc.Scalars("ninf")[0].value == -math.inf
+    assert acc.Scalars("big")[0].value == math.inf  # beyond float32, as a cast gives
+
+
+def test_bad_value_names_key_and_keeps_queued_data(tmp_path: Path) -> None:
+    with RunWriter(tmp_path) as run:
+        run.log_scalars({"ok": 1.0}, 0)
+        with pytest.raises(TypeError, match=r"Metric 'bad' has a value of type str"):
+            run.log_scalars({"fine": 2.0, "bad": "text"}, 1)
+        with pytest.raises(TypeError, match=r"Metric 'none' has a value of type NoneType"):
+            run.log_scalars({"none": None}, 1)
+        with pytest.raises(TypeError, match=r"Metric 'vec' is a tensor of shape \(3,\)"):
+            run.log_scalars({"vec": torch.ones(3)}, 1)
+        with pytest.raises(TypeError, match=r"`step` must be an int, got float"):
+            run.log_scalars({"ok": 1.0}, 1.5)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="must not be empty"):
+            run.log_scalars({"": 1.0}, 1)
+        run.log_scalars({"ok": 3.0}, 2)
+    acc = read(tmp_path)
+    assert values(acc, "ok") == [(0, 1.0), (2, 3.0)]
+    assert "fine" not in acc.Tags()["scalars"]  # a failing call queues nothing
+
+
+def test_tags_are_kept_verbatim(tmp_path: Path) -> None:
+    tags = ["with space", "a/b/c", "ünïcødé/损失", "x" * 500, "weird:chars[0]"]
+    with RunWriter(tmp_path) as run:
+        run.log_scalars(dict.fromkeys(tags, 1.0), 0)
+    assert sorted(read(tmp_path).Tags()["scalars"]) == sorted(tags)
+
+
+def test_steps_going_backwards_are_written_in_order_given(tmp_path: Path) -> None:
+    with RunWriter(tmp_path) as run:
+        for step in (5, 3, 9):
+            run.log_scalars({"m": float(step)}, step)
+    assert values(read(tmp_path), "m") == [(5, 5.0), (3, 3.0), (9, 9.0)]
+
+
+def test_close_is_idempotent_and_calls_after_close_raise(tmp_path: Path) -> None:
+    run = RunWriter(tmp_path)
+    run.log_scalars({"m": 1.0}, 0)
+    run.close()
+    run.close()
+    with pytest.raises(RunWriterError, match="is closed"):
+        run.log_scalars({"m": 2.0}, 1)
+    assert values(read(tmp_path), "m") == [(0, 1.0)]
+
+
+def test_flush_makes_data_readable_while_open(tmp_path: Path) -> None:
+    run = RunWriter(tmp_path, flush_secs=3600)
+    run.log_scalars({"m": 1.0}, 0)
+    run.flush()
+    assert values(read(tmp_path), "m") == [(0, 1.0)]
+    run.close()
+
+
+def test_periodic_flush(tmp_path: Path) -> None:
+    import time
+
+    run = RunWriter(tmp_path, flush_secs=0.2)
+    run.log_scalars({"m": 1.0}, 0)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not read(tmp_path).Tags()["scalars"]:
+        time.sleep(0.1)
+    assert values(read(tmp_path), "m") == [(0, 1.0)]
+    run.close()
+
+
+def test_bounded_queue_blocks_instead_of_dropping(tmp_path: Path) -> None:
+    with RunWriter(tmp_path, max_queue=4) as run:
+        for step in range(500):
+            run.log_scalars({"m": float(step)}, step)
+            assert len(run._queue) <= 4 + 1
+    assert len(read(tmp_path).Scalars("m")) == 500
+
+
+def test_purge_step_hides_stale_events_on_resume(tmp_path: Path) -> None:
+    with RunWriter(tmp_path) as run:
+        for step in range(10):
+            run.log_scalars({"loss": float(step)}, step)
+    with RunWriter(tmp_path, purge_step=5) as run:
+        for step in range(5, 8):
+            run.log_scalars({"loss": 100.0 + step}, step)
+    got = values(read(tmp_path), "loss")
+    assert got == [(s, float(s)) for s in range(5)] + [(s, 100.0 + s) for s in range(5, 8)]
+
+
+def test_patchable_record_is_replaced_in_place(tmp_path: Path) -> None:
+    with RunWriter(tmp_path) as run:
+        handle = run.write_record(Event(step=1, file_version="first"), reserve=128)
+        assert handle is not None
+        run.log_scalars({"m": 1.0}, 1)
+        assert run.patch_record(handle, Event(step=2, file_version="second"))
+        assert not run.patch_record(handle, Event(step=2, file_version="x" * 500))
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (event_file,) = [p for p in tmp_path.iterdir() if p.name.startswith("events")]
+    versions = [e.file_version for e in EventFileLoader(str(event_file)).Load() if e.file_version]
+    assert versions == ["brain.Event:2", "second"]
+
+
+def test_memory_filesystem(tmp_path: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    with RunWriter("memory://runs/exp/version_0") as run:
+        run.log_scalars({"m": 2.0}, 4)
+    (name,) = [p for p in fs.ls("/runs/exp/version_0", detail=False) if "tfevents" in p]
+    (tmp_path / "events.out.tfevents.0.mem").write_bytes(fs.cat(name))
+    assert values(read(tmp_path), "m") == [(4, 2.0)]
+
+
+def test_error_from_storage_is_reported_once_and_data_retried(tmp_path: Path, monkeypatch) -> None:
+    run = RunWriter(tmp_path, flush_secs=3600)
+    run.log_scalars({"m": 1.0}, 0)
+    run.flush()
+    real_write = run._file.write
+    calls = {"n": 0}
+
+    def failing_write(data: bytes) -> int:
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run._file, "write", failing_write)
+    run.log_scalars({"m": 2.0}, 1)
+    with pytest.raises(RunWriterError, match="No space left on device.*flush\\(\\) to retry"):
+        run.flush()
+    monkeypatch.setattr(run._file, "write", real_write)
+    run.flush()  # the pending bytes are written now
+    run.close()
+    assert calls["n"] >= 1
+    assert values(read(tmp_path), "m") == [(0, 1.0), (1, 2.0)]
+
+
+def _claim(root: str, queue: mp.Queue) -> None:  # type: ignore[type-arg]
+    import fsspec
+
+    queue.put(claim_version(fsspec.filesystem("file"), root))
+
+
+def test_eight_processes_claim_eight_versions(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_claim, args=(str(tmp_path), queue)) for _ in range(8)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        assert proc.exitcode == 0
+    got = sorted(queue.get(timeout=10) for _ in procs)
+    assert got == list(range(8))
+    assert sorted(os.listdir(tmp_path)) == sorted(f"version_{i}" for i in range(8))
+
+
+def test_run_dir_explicit_versions(tmp_path: Path) -> None:
+    _, log_dir, version = run_dir(tmp_path, "exp", 7)
+    assert version == 7 and log_dir.endswith(os.path.join("exp", "version_7"))
+    _, log_dir, version = run_dir(tmp_path, "exp", "my-run", sub_dir="train")
+    assert version == "my-run" and log_dir.endswith(os.path.join("exp", "my-run", "train"))
+    _, _, version = run_dir(tmp_path, "exp", None)
+    assert version == 8
