@@ -205,9 +205,11 @@ def test_status_mapping(tmp_path: Path, status: str, expected: int) -> None:
 
 
 def test_unknown_status_is_rejected(tmp_path: Path) -> None:
-    with RunWriter(tmp_path) as run:
-        with pytest.raises(ValueError, match="Unknown run status 'exploded'"):
-            RunHParams(run).finish("exploded")
+    with (
+        RunWriter(tmp_path) as run,
+        pytest.raises(ValueError, match="Unknown run status 'exploded'"),
+    ):
+        RunHParams(run).finish("exploded")
 
 
 def test_hparams_plugin_shows_all_keys_metrics_and_statuses(tmp_path: Path, tensorboard) -> None:

@@ -212,7 +212,7 @@ def test_error_from_storage_is_reported_once_and_data_retried(tmp_path: Path, mo
 
     monkeypatch.setattr(run._file, "write", failing_write)
     run.log_scalars({"m": 2.0}, 1)
-    with pytest.raises(RunWriterError, match="No space left on device.*flush\\(\\) to retry"):
+    with pytest.raises(RunWriterError, match=r"No space left on device.*flush\(\) to retry"):
         run.flush()
     monkeypatch.setattr(run._file, "write", real_write)
     run.flush()  # the pending bytes are written now
