@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import operator
 import random
 import re
@@ -37,6 +38,9 @@ from tensorboardX.proto import event_pb2
 from tensorboardX.proto.attr_value_pb2 import AttrValue
 from tensorboardX.proto.graph_pb2 import GraphDef
 from tensorboardX.proto.node_def_pb2 import NodeDef
+from tensorboardX.proto.plugin_text_pb2 import TextPluginData
+from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboardX.proto.types_pb2 import DataType
 from tensorboardX.proto.versions_pb2 import VersionDef
@@ -191,7 +195,11 @@ def export_graph(
     method = ""
     for method in chosen:
         try:
-            with _preserved_state(model), warnings.catch_warnings(record=True) as caught:
+            with (
+                _preserved_state(model),
+                _quiet_torch_logs(),
+                warnings.catch_warnings(record=True) as caught,
+            ):
                 warnings.simplefilter("always")
                 captured = _BUILDERS[method](model, args, kwargs)
         except Exception as err:  # every failure is reported, none dropped
@@ -293,8 +301,23 @@ def write_graph(
     file_writer = experiment._get_file_writer()
     event = event_pb2.Event(graph_def=result.graph_def.SerializeToString())
     file_writer.add_event(event, step)
-    experiment.add_text(TEXT_TAG, result.summary(), global_step=step)
+    file_writer.add_summary(_text_summary(TEXT_TAG, result.summary()), step)
     return result
+
+
+def _text_summary(tag: str, text: str) -> Summary:
+    """A text-plugin summary under exactly ``tag`` (``add_text`` appends ``/text_summary``)."""
+    metadata = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(
+            plugin_name="text", content=TextPluginData(version=0).SerializeToString()
+        )
+    )
+    tensor = TensorProto(
+        dtype="DT_STRING",
+        string_val=[text.encode("utf-8")],
+        tensor_shape=TensorShapeProto(dim=[TensorShapeProto.Dim(size=1)]),
+    )
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata, tensor=tensor)])
 
 
 # --------------------------------------------------------------------------------------
@@ -429,6 +452,28 @@ def _preserved_state(model: torch.nn.Module) -> Iterator[None]:
         for param, grad in grads:
             if param.grad is not grad:
                 param.grad = grad
+
+
+_NOISY_LOGGERS = (
+    "torch._subclasses.fake_tensor",
+    "torch.fx.experimental.symbolic_shapes",
+    "torch._export",
+    "torch.export",
+)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """Silences torch's own error logs of a failed attempt; the attempt's error is reported."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _one_line(err: BaseException) -> str:
@@ -672,7 +717,15 @@ def _build_export(
     program = torch.export.export(model, args, kwargs=kwargs, strict=False)
     signature = program.graph_signature
     in_group, out_group = _io_groups(model)
-    _, aliases = _param_nodes(model)
+    first, aliases = _param_nodes(model)
+    canonical = {
+        name: first[id(tensor)]
+        for name, tensor in [
+            *model.named_parameters(remove_duplicate=False),
+            *model.named_buffers(remove_duplicate=False),
+        ]
+    }
+    state_keys: dict[str, str] = {}
     kinds = {
         InputKind.PARAMETER: "Parameter",
         InputKind.BUFFER: "Buffer",
@@ -703,7 +756,12 @@ def _build_export(
         if fx_node.op == "placeholder":
             if fx_node.name in state_of:
                 fqn, kind = state_of[fx_node.name]
+                fqn = canonical.get(fqn, fqn)
+                if fqn in state_keys:  # tied weights: one node, every placeholder reads it
+                    ref[fx_node.name] = (state_keys[fqn], 0)
+                    continue
                 node = _state_node(fqn, val, kind, aliases.get(fqn, [fqn]), key=fx_node.name)
+                state_keys[fqn] = node.key
             elif fx_node.name in user_inputs:
                 shapes, dtypes, device = _tensor_meta(val)
                 node = _Node(
@@ -840,13 +898,16 @@ def _build_fx(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     # Placeholders follow the signature order; concrete ones are baked in.
     arg_of = dict(zip([p.name for p in placeholders], names, strict=False))
     notes: list[str] = []
+    fake = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
     try:
-        fake = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
         ShapeProp(module, fake_mode=fake).propagate(
             *[values.get(arg_of.get(p.name, "")) for p in placeholders]
         )
-    except Exception as err:  # shapes are optional for this method
-        notes.append(f"torch.fx: output shapes unavailable ({_one_line(err)})")
+    except Exception as err:
+        # Tracing never runs the model; shape propagation does (on fake tensors). If that
+        # fails, the model does not run on this input, and a graph without shapes would hide it.
+        cause = err.__cause__ or err
+        raise RuntimeError(f"shape propagation failed: {_one_line(cause)}") from err
 
     in_group, out_group = _io_groups(model)
     first, aliases = _param_nodes(model)
