@@ -1,0 +1,1052 @@
+"""Training-health monitors: on-device histograms, norms, update ratios, learning rates.
+
+The core is framework free (torch and numpy only). :class:`ModelMonitor` is called
+from a plain PyTorch or Accelerate loop; the Lightning callback
+:class:`tbx_lightning.TrainingMonitor` routes Lightning's hooks to it.
+
+Everything is computed where the tensors live. A histogram call moves one small
+tensor to the host (per-group bin counts, moments and norms), never a parameter.
+Parameters are grouped by their place in the module tree (``group_depth``), so a
+48-layer model gives one group per layer rather than one tag per tensor.
+
+Tags (``<group>`` is a module path such as ``encoder.layers.3``):
+
+- ``monitor/weights/<group>``, ``monitor/grads/<group>``: histograms.
+- ``monitor/weight_norm/<group>``, ``monitor/grad_norm/<group>``: L2 norms.
+- ``monitor/update_ratio/<group>``: ``||w_after - w_before|| / ||w_before||`` of one step.
+- ``monitor/nonfinite/weights/<group>``, ``monitor/nonfinite/grads/<group>``: NaN/Inf counts.
+- ``monitor/frozen/<group>``: fraction of the group's elements with ``requires_grad=False``.
+- ``monitor/grad_norm_total/pre_clip``, ``monitor/grad_norm_total/post_clip``.
+- ``monitor/lr/group_<i>``, ``monitor/momentum/group_<i>`` (``monitor/lr/<name>/group_<i>``
+  for a named optimizer).
+- ``monitor/samples_per_sec``, ``monitor/tokens_per_sec``, ``monitor/peak_memory_mb``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["ModelMonitor", "MonitorSink", "group_name", "log_histograms"]
+
+_log = logging.getLogger(__name__)
+
+# Elements per chunk of the CPU binning loop: small enough that the scratch buffers
+# stay in cache, large enough that per-op overhead does not matter.
+_CPU_CHUNK = 1 << 18
+# Elements per chunk on accelerators: bounds the size of the temporaries.
+_DEVICE_CHUNK = 1 << 24
+# Module-tree components that wrappers insert and users never wrote.
+_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+# Columns of a moments row.
+_N, _NONFINITE, _SUM, _SUMSQ, _MIN, _MAX, _SUMSQ_ALL = range(7)
+_ROW = 7
+
+
+@runtime_checkable
+class MonitorSink(Protocol):
+    """Where a monitor writes: the package's ``RunWriter`` or anything shaped like it.
+
+    ``log_scalars`` takes numbers or one-element tensors (all tensors of one call
+    reach the host together); ``experiment`` is a tensorboardX ``SummaryWriter``,
+    used for ``add_histogram_raw``.
+    """
+
+    @property
+    def experiment(self) -> Any:  # pragma: no cover - protocol
+        """A tensorboardX ``SummaryWriter``."""
+        ...
+
+    def log_scalars(
+        self, metrics: Mapping[str, float | int | torch.Tensor], step: int
+    ) -> None:  # pragma: no cover - protocol
+        """Writes ``metrics`` at ``step``."""
+        ...
+
+
+def group_name(param_name: str, depth: int) -> str:
+    """The monitor group of a parameter: the first ``depth`` parts of its module path.
+
+    A numeric part that follows the cut (an index into a ``ModuleList`` or
+    ``Sequential``) is kept, so ``depth=2`` turns ``encoder.layers.3.linear1.weight``
+    into ``encoder.layers.3``: one group per layer. Wrapper parts (FSDP,
+    activation checkpointing, ``torch.compile``) are dropped. Parameters that sit
+    directly on the root module form the group ``root``; ``depth=0`` puts every
+    parameter into the group ``all``.
+
+    Example:
+        >>> group_name("encoder.layers.3.self_attn.out_proj.weight", 2)
+        'encoder.layers.3'
+        >>> group_name("head.weight", 2)
+        'head'
+    """
+    if depth == 0:
+        return "all"
+    parts = [p for p in param_name.split(".") if p not in _WRAPPER_PARTS][:-1]
+    if not parts:
+        return "root"
+    cut = min(depth, len(parts))
+    while cut < len(parts) and parts[cut].isdigit():
+        cut += 1
+    keep = parts[:cut]
+    return ".".join(keep)
+
+
+@dataclass
+class _Param:
+    name: str
+    param: nn.Parameter
+    group: int
+
+
+@dataclass
+class _Group:
+    name: str
+    params: list[_Param] = field(default_factory=list)
+
+
+@dataclass
+class _Snapshot:
+    """Weights (or a sample of them) before an optimizer step, for the update ratio."""
+
+    step: int
+    # per parameter: (group, values before the step, sample indices or None, weight)
+    items: list[tuple[int, nn.Parameter, torch.Tensor, torch.Tensor | None, float]]
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of ``tensor`` this rank holds (DTensor shard, DeepSpeed partition)."""
+    to_local = getattr(tensor, "to_local", None)
+    if to_local is not None and type(tensor).__name__ == "DTensor":
+        return to_local()  # type: ignore[no-any-return]
+    ds_tensor = getattr(tensor, "ds_tensor", None)
+    if isinstance(ds_tensor, torch.Tensor):
+        return ds_tensor
+    return tensor
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    return _local(tensor).detach().reshape(-1)
+
+
+def _is_sharded_param(param: torch.Tensor) -> bool:
+    return type(param).__name__ == "DTensor" or hasattr(param, "ds_tensor")
+
+
+def _acc_dtype(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _round_counts(counts: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts that sum to ``total``, by largest remainder (for sampled histograms)."""
+    mass = counts.sum()
+    if total <= 0 or mass <= 0:
+        return np.zeros_like(counts)
+    scaled = counts * (total / mass)
+    out = np.floor(scaled)
+    short = int(total - out.sum())
+    if short > 0:
+        order = np.argsort(-(scaled - out), kind="stable")
+        out[order[:short]] += 1
+    return out
+
+
+class _Binner:
+    """Moments and fixed-width bin counts of flat tensors, on the tensors' device."""
+
+    def __init__(self, bins: int) -> None:
+        self.bins = bins
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def row(self, x: torch.Tensor, full: bool) -> torch.Tensor:
+        """Moments of one flat tensor: n, nonfinite, sum, sumsq, min, max of finite values, sumsq."""
+        acc = _acc_dtype(x.device)
+        n = x.numel()
+        if n == 0:
+            return torch.tensor([0, 0, 0, 0, math.inf, -math.inf, 0], dtype=acc, device=x.device)
+        if x.device.type == "cpu":
+            return self.row_cpu(x, full)
+        return self.row_device(x, full)
+
+    def row_cpu(self, x: torch.Tensor, full: bool) -> torch.Tensor:
+        # On the CPU a value check costs no transfer, so the common all-finite case takes
+        # three fast passes and only a tensor with NaN/Inf pays for a mask.
+        sumsq_all = float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+        if not full:
+            if math.isfinite(sumsq_all):
+                nonfinite = 0
+            else:
+                nonfinite = x.numel() - int(torch.isfinite(x).sum())
+                if nonfinite == 0:  # finite values whose squares overflow
+                    sumsq_all = float(x.double().square().sum())
+            row = [x.numel() - nonfinite, nonfinite, 0.0, 0.0, 0.0, 0.0, sumsq_all]
+            return torch.tensor(row, dtype=torch.float64)
+        lo, hi = (float(v) for v in torch.aminmax(x))
+        if math.isfinite(sumsq_all) and math.isfinite(lo) and math.isfinite(hi):
+            total = float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else None))
+            row = [x.numel(), 0, total, sumsq_all, lo, hi, sumsq_all]
+            return torch.tensor(row, dtype=torch.float64)
+        finite = x[torch.isfinite(x)]
+        nonfinite = x.numel() - finite.numel()
+        if finite.numel() == 0:
+            return torch.tensor(
+                [0, nonfinite, 0, 0, math.inf, -math.inf, sumsq_all], dtype=torch.float64
+            )
+        fd = finite.double()
+        sumsq = float(fd.square().sum())
+        if nonfinite == 0:
+            sumsq_all = sumsq
+        lo, hi = (float(v) for v in torch.aminmax(finite))
+        row = [finite.numel(), nonfinite, float(fd.sum()), sumsq, lo, hi, sumsq_all]
+        return torch.tensor(row, dtype=torch.float64)
+
+    def row_device(self, x: torch.Tensor, full: bool) -> torch.Tensor:
+        # No value may be read on the host here: everything stays a device tensor.
+        acc = _acc_dtype(x.device)
+        row = torch.zeros(_ROW, dtype=acc, device=x.device)
+        row[_MIN] = math.inf
+        row[_MAX] = -math.inf
+        for c in x.split(_DEVICE_CHUNK):
+            c = c.float()
+            finite = torch.isfinite(c)
+            n_finite = finite.sum()
+            row[_N] += n_finite
+            row[_NONFINITE] += c.numel() - n_finite
+            row[_SUMSQ_ALL] += c.square().sum(dtype=acc)
+            if full:
+                cz = torch.where(finite, c, 0.0)
+                row[_SUM] += cz.sum(dtype=acc)
+                row[_SUMSQ] += cz.square().sum(dtype=acc)
+                row[_MIN] = torch.minimum(row[_MIN], torch.where(finite, c, math.inf).amin())
+                row[_MAX] = torch.maximum(row[_MAX], torch.where(finite, c, -math.inf).amax())
+        return row
+
+    def _scratch_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scratch is None:
+            index_dtype = torch.uint8 if self.bins <= 256 else torch.int16
+            self._scratch = (
+                torch.empty(_CPU_CHUNK, dtype=torch.float32),
+                torch.empty(_CPU_CHUNK, dtype=index_dtype),
+            )
+        return self._scratch
+
+    def bin_cpu(
+        self, x: torch.Tensor, lo: float, hi: float, acc: torch.Tensor, dirty: bool
+    ) -> None:
+        """Adds the bin counts of the finite values of ``x`` to ``acc`` (int64, CPU).
+
+        ``(x - lo) * scale`` is computed in cache-sized chunks into a float buffer,
+        clamped to ``[0, bins - 1]``, truncated into a small-int buffer and counted with
+        ``bincount``: three light passes over cache-resident data, several times faster
+        than ``torch.histc`` on the CPU.
+        """
+        bins = self.bins
+        if x.numel() == 0:
+            return
+        if x.dtype == torch.float64:
+            x = x.float()
+        if dirty:  # the group holds NaN/Inf somewhere: bin the finite values only
+            x = x[torch.isfinite(x)]
+        width = hi - lo
+        scale = bins / width if width > 0 else 0.0
+        top = bins - 1
+        buf, ibuf = self._scratch_buffers()
+        for start in range(0, x.numel(), _CPU_CHUNK):
+            c = x[start : start + _CPU_CHUNK]
+            b = buf[: c.numel()]
+            if c.dtype == torch.float32:
+                torch.sub(c, lo, out=b)
+            else:
+                b.copy_(c)
+                b.sub_(lo)
+            b.mul_(scale).clamp_(0, top)
+            u = ibuf[: c.numel()]
+            u.copy_(b)
+            acc += torch.bincount(u, minlength=bins)
+
+    def bin_device(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Bin counts of the finite values of ``x`` with device-tensor bounds (no host sync).
+
+        Values are mapped to ``[0, bins)`` with tensor arithmetic, non-finite ones to -1,
+        then counted by ``torch.histc`` over the constant range ``[0, bins]``.
+        """
+        bins = self.bins
+        acc = torch.zeros(bins, dtype=_acc_dtype(x.device), device=x.device)
+        width = (hi - lo).float()
+        scale = torch.where(width > 0, bins / width, torch.zeros_like(width))
+        lo32 = lo.float()
+        for c in x.split(_DEVICE_CHUNK):
+            c = c.float()
+            y = ((c - lo32) * scale).clamp_(0, bins - 0.5)
+            y = torch.where(torch.isfinite(c), y, -1.0)
+            acc += torch.histc(y, bins, 0, bins).to(acc.dtype)
+        return acc
+
+
+class ModelMonitor:
+    """Training-health statistics of a model, computed on device and written to a run.
+
+    Call the hooks from the training loop; each does nothing on steps where nothing
+    is due, so calling them every step is cheap:
+
+    - :meth:`after_backward` once per optimizer step, after gradients are complete
+      (after accumulation) and before clipping: weight and gradient histograms,
+      norms, non-finite counts, frozen fractions, the total gradient norm before clipping.
+    - :meth:`after_clip` after clipping, before ``optimizer.step()``: the total
+      gradient norm after clipping.
+    - :meth:`after_optimizer_step` after ``optimizer.step()``: update/weight ratio per
+      group, learning rate and momentum per param group.
+    - :meth:`log_throughput` and :meth:`log_memory` once per step.
+
+    :meth:`attach` registers ``after_clip`` and ``after_optimizer_step`` as the
+    optimizer's step hooks, so a loop needs only ``after_backward`` and ``log_throughput``.
+
+    Histograms are exact by default: every element of every tensor is binned, on the
+    tensor's device, into ``bins`` equal bins between the group's minimum and maximum
+    finite value (all ranks together when sharded). With ``sample=k``, histograms bin a
+    random sample of about ``k`` elements per group, drawn with replacement and spread
+    over the group's tensors in proportion to their size; counts are rescaled to the
+    group's exact element count. With probability at least ``1 - delta``, every bin's
+    share of the group is then within ``sqrt(ln(2 * bins / delta) / (2 * k))`` of the
+    exact share (Hoeffding, union bound over bins): about 0.0095 for ``k=65536``,
+    ``bins=64``, ``delta=0.001``. Minimum, maximum, sum, sum of squares, norms and
+    non-finite counts stay exact in sampled mode. The update ratio uses the same sample
+    when ``sample`` is set and an exact copy of the trainable weights otherwise (memory:
+    one copy of the trainable parameters, held from ``after_backward`` to
+    ``after_optimizer_step`` on scalar steps only).
+
+    Sharded parameters (FSDP2/DTensor, FSDP with ``use_orig_params=True``, DeepSpeed
+    ZeRO-3) are handled by letting each rank bin its own shard, then summing counts and
+    moments with ``all_reduce``; bounds are agreed with a min/max ``all_reduce`` first.
+    Full parameters are never gathered. In that mode every rank must call the hooks.
+    Gradients that a framework keeps outside ``param.grad`` (DeepSpeed ZeRO) cannot be
+    seen; :attr:`unavailable` lists such statistics and a warning is logged once.
+
+    Args:
+        model: The model to watch. ``DistributedDataParallel`` and ``DataParallel``
+            wrappers are unwrapped.
+        sink: Where to write (a ``RunWriter``; in Accelerate,
+            ``accelerator.get_tracker("tbx", unwrap=True)``). ``None`` computes nothing
+            unless sharded, where it computes its part and writes nothing (non-zero ranks).
+        group_depth: Module-tree depth of the groups (see :func:`group_name`).
+        group_fn: Maps a parameter name to its group; overrides ``group_depth``.
+        hist_every_n_steps: Histogram period in optimizer steps; 0 turns histograms off.
+        norm_every_n_steps: Period of every scalar statistic (norms, ratios, learning
+            rates, throughput, memory); 0 turns them off.
+        bins: Histogram bins, 2 to 1024.
+        sample: ``None`` for exact histograms, or the number of elements to sample per
+            group (at least 1024).
+        log_weights: Log weight histograms and norms.
+        log_grads: Log gradient histograms and norms.
+        log_update_ratio: Log the update/weight ratio.
+        sharded: Whether parameters are sharded across ranks; ``None`` detects DTensor,
+            DeepSpeed ZeRO-3 and FSDP modules when ``torch.distributed`` is initialised.
+        process_group: The group to reduce over when sharded (default: the world).
+        reset_peak_memory: Reset the device's peak-memory counter after each
+            ``peak_memory_mb`` value, so each value is the peak of its window.
+        seed: Seed of the sampling generator.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from tbx_lightning import RunWriter
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> run = RunWriter(tempfile.mkdtemp())
+        >>> monitor = ModelMonitor(model, run, hist_every_n_steps=1, norm_every_n_steps=1)
+        >>> monitor.attach(opt)
+        >>> for step in range(2):
+        ...     model(torch.randn(16, 4)).pow(2).mean().backward()
+        ...     monitor.after_backward(step)
+        ...     opt.step(); opt.zero_grad()
+        ...     monitor.log_throughput(step, samples=16)
+        >>> run.close()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sink: MonitorSink | None = None,
+        *,
+        group_depth: int = 2,
+        group_fn: Callable[[str], str] | None = None,
+        hist_every_n_steps: int = 100,
+        norm_every_n_steps: int = 10,
+        bins: int = 64,
+        sample: int | None = None,
+        log_weights: bool = True,
+        log_grads: bool = True,
+        log_update_ratio: bool = True,
+        sharded: bool | None = None,
+        process_group: Any = None,
+        reset_peak_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"`model` must be a torch.nn.Module, got {type(model).__name__}: pass the "
+                "model whose parameters should be watched."
+            )
+        for key, value in (
+            ("group_depth", group_depth),
+            ("hist_every_n_steps", hist_every_n_steps),
+            ("norm_every_n_steps", norm_every_n_steps),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"Expected `{key}` to be an int >= 0, got {value!r}.")
+        if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1024:
+            raise ValueError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
+        if sample is not None and (
+            isinstance(sample, bool) or not isinstance(sample, int) or sample < 1024
+        ):
+            raise ValueError(
+                f"Expected `sample` to be None (exact histograms) or an int >= 1024, "
+                f"got {sample!r}."
+            )
+        if sink is not None and not (
+            callable(getattr(sink, "log_scalars", None))
+            and (hasattr(type(sink), "experiment") or hasattr(sink, "experiment"))
+        ):
+            raise TypeError(
+                f"`sink` must have `log_scalars(metrics, step)` and `experiment` (a RunWriter), "
+                f"got {type(sink).__name__}."
+            )
+        while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        self.model = model
+        self.sink = sink
+        self.group_depth = group_depth
+        self.hist_every_n_steps = hist_every_n_steps
+        self.norm_every_n_steps = norm_every_n_steps
+        self.bins = bins
+        self.sample = sample
+        self.log_weights = log_weights
+        self.log_grads = log_grads
+        self.log_update_ratio = log_update_ratio
+        self.process_group = process_group
+        self.reset_peak_memory = reset_peak_memory
+        self.unavailable: dict[str, str] = {}
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._binner = _Binner(bins)
+        self._sample_index: dict[tuple[int, tuple[int, ...], torch.device], list[torch.Tensor]] = {}
+        self._groups: list[_Group] = []
+        self._params: list[_Param] = []
+        namer = group_fn if group_fn is not None else (lambda n: group_name(n, group_depth))
+        index: dict[str, int] = {}
+        for name, param in model.named_parameters():
+            gname = namer(name)
+            if not isinstance(gname, str) or not gname:
+                raise ValueError(
+                    f"`group_fn` returned {gname!r} for parameter {name!r}: return a non-empty str."
+                )
+            if gname not in index:
+                index[gname] = len(self._groups)
+                self._groups.append(_Group(gname))
+            entry = _Param(name, param, index[gname])
+            self._groups[index[gname]].params.append(entry)
+            self._params.append(entry)
+        # Host-side, identical on every rank: whether a group has any trainable parameter.
+        self._trainable = [any(p.param.requires_grad for p in g.params) for g in self._groups]
+        self.sharded = self._detect_sharded() if sharded is None else bool(sharded)
+        if self.sharded and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise RuntimeError(
+                "`sharded=True` needs an initialised torch.distributed process group to sum "
+                "the shards' statistics: call torch.distributed.init_process_group first, or "
+                "pass sharded=False."
+            )
+        if any(hasattr(p.param, "ds_tensor") for p in self._params):
+            self._mark_unavailable(
+                "grads",
+                "DeepSpeed ZeRO keeps gradients in the optimizer's partitions, not in "
+                "param.grad; gradient histograms and norms are logged only for parameters "
+                "whose .grad is set.",
+            )
+        self._snapshot: _Snapshot | None = None
+        self._hooks: list[Any] = []
+        self._step = 0
+        self._last_backward_step: int | None = None
+        self._tp_start: float | None = None
+        self._tp_samples = 0.0
+        self._tp_tokens = 0.0
+        self._tp_last_step: int | None = None
+
+    # ------------------------------------------------------------------ public hooks
+    @classmethod
+    def from_accelerator(cls, accelerator: Any, model: nn.Module, **options: Any) -> ModelMonitor:
+        """A monitor that writes to the accelerator's ``tbx`` tracker on the main process.
+
+        Example:
+            >>> # accelerator = Accelerator(log_with="tbx", project_dir="runs")
+            >>> # monitor = ModelMonitor.from_accelerator(accelerator, model, group_depth=2)
+        """
+        sink = None
+        if accelerator.is_main_process:
+            sink = accelerator.get_tracker("tbx", unwrap=True)
+            if not isinstance(sink, MonitorSink):
+                raise TypeError(
+                    "accelerator.get_tracker('tbx', unwrap=True) did not return a RunWriter "
+                    f"(got {type(sink).__name__}): create the Accelerator with log_with='tbx' "
+                    "and call accelerator.init_trackers(...) first."
+                )
+        return cls(model, sink, **options)
+
+    @property
+    def groups(self) -> list[str]:
+        """Group names, in the order of ``model.named_parameters()``."""
+        return [g.name for g in self._groups]
+
+    def group_numel(self) -> dict[str, int]:
+        """Elements per group on this rank (the local shard when sharded)."""
+        return {g.name: sum(_flat(p.param).numel() for p in g.params) for g in self._groups}
+
+    def is_hist_step(self, step: int) -> bool:
+        """Whether ``step`` logs histograms."""
+        return self.hist_every_n_steps > 0 and step % self.hist_every_n_steps == 0
+
+    def is_norm_step(self, step: int) -> bool:
+        """Whether ``step`` logs scalar statistics."""
+        return self.norm_every_n_steps > 0 and step % self.norm_every_n_steps == 0
+
+    def attach(self, optimizer: Any, name: str | None = None) -> None:
+        """Calls :meth:`after_clip` and :meth:`after_optimizer_step` from ``optimizer``'s hooks.
+
+        The step is the one of the last :meth:`after_backward` call. Wrappers with an
+        ``optimizer`` attribute (Accelerate's, Lightning's) are unwrapped. ``name`` prefixes
+        the learning-rate tags when several optimizers are attached.
+        """
+        inner = optimizer
+        for _ in range(8):  # Accelerate's and Lightning's wrappers hold the real optimizer
+            nxt = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+            if nxt is None or nxt is inner:
+                break
+            inner = nxt
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(
+                f"`optimizer` must be a torch.optim.Optimizer (or wrap one), got "
+                f"{type(optimizer).__name__}."
+            )
+
+        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.after_clip(self._step)
+
+        def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.after_optimizer_step(self._step, opt, name=name)
+
+        self._hooks.append(inner.register_step_pre_hook(pre))
+        self._hooks.append(inner.register_step_post_hook(post))
+
+    def detach(self) -> None:
+        """Removes the optimizer hooks installed by :meth:`attach`."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def after_backward(self, step: int) -> None:
+        """Weight/gradient histograms and norms, non-finite counts, total grad norm pre-clip.
+
+        Call once per optimizer step, when gradients are complete and not yet clipped.
+        A second call with the same step does nothing.
+        """
+        self._step = step
+        if self._last_backward_step == step:
+            return
+        self._last_backward_step = step
+        hist = self.is_hist_step(step)
+        norm = self.is_norm_step(step)
+        if not (hist or norm) or not self._active:
+            return
+        kinds = [k for k, on in (("weights", self.log_weights), ("grads", self.log_grads)) if on]
+        # per kind: histogram moments, bin counts, norm moments (each may be absent)
+        results: list[tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
+        results = []
+        for kind in kinds:
+            tensors = self._tensors(kind)
+            hist_m = counts = norm_m = None
+            if hist:
+                hist_m, counts = self._histograms(tensors)
+                if self.sample is None:
+                    norm_m = hist_m  # exact moments hold the norms already
+            if norm and norm_m is None:
+                norm_m = self._norms(tensors)
+            results.append((kind, hist_m, counts, norm_m if norm else None))
+        if norm and self.log_update_ratio:
+            self._take_snapshot(step)
+        if self.sink is None:
+            return
+        norms: dict[str, torch.Tensor | np.ndarray] = {}
+        if hist:
+            # One transfer for every histogram and norm of the call.
+            blocks = [torch.cat([t for t in r[1:] if t is not None], 1) for r in results]
+            host = torch.cat(blocks, 0).cpu().double().numpy()
+            groups = len(self._groups)
+            for k, (kind, _, _, norm_m) in enumerate(results):
+                block = host[k * groups : (k + 1) * groups]
+                self._write_histograms(step, kind, block)
+                if norm_m is not None:
+                    norms[kind] = block[:, -_ROW:]
+        else:
+            norms = {kind: m for kind, _, _, m in results if m is not None}
+        if norm:
+            scalars: dict[str, float | int | torch.Tensor] = {}
+            for kind, m in norms.items():
+                scalars.update(self._norm_scalars(kind, m))
+            scalars.update(self._frozen())
+            self.sink.log_scalars(scalars, step)
+
+    def after_clip(self, step: int) -> None:
+        """The total gradient norm after clipping (``monitor/grad_norm_total/post_clip``)."""
+        if not (self.is_norm_step(step) and self.log_grads and self._active):
+            return
+        moments = self._norms(self._tensors("grads"))
+        total = moments[:, _SUMSQ_ALL].sum().sqrt()
+        if self.sink is not None:
+            self.sink.log_scalars({"monitor/grad_norm_total/post_clip": total}, step)
+
+    def after_optimizer_step(
+        self, step: int, optimizer: Any = None, *, name: str | None = None
+    ) -> None:
+        """Update/weight ratios of the step, learning rate and momentum per param group."""
+        if not self.is_norm_step(step):
+            self._snapshot = None
+            return
+        scalars: dict[str, float | int | torch.Tensor] = {}
+        snap, self._snapshot = self._snapshot, None
+        if snap is not None and snap.step == step and self._active:
+            scalars.update(self._update_ratios(snap))
+        if optimizer is not None:
+            scalars.update(self._lr_scalars(optimizer, name))
+        if scalars and self.sink is not None:
+            self.sink.log_scalars(scalars, step)
+
+    def log_throughput(
+        self, step: int, samples: float | None = None, tokens: float | None = None
+    ) -> None:
+        """Counts ``samples``/``tokens`` of this step; writes rates on scalar steps.
+
+        Rates are averages over the wall time between two written values (the first
+        call only starts the clock), which stays right with asynchronous devices.
+        """
+        now = time.perf_counter()
+        if self._tp_start is None:
+            self._tp_start = now
+            self._tp_last_step = step
+            return
+        self._tp_samples += samples or 0
+        self._tp_tokens += tokens or 0
+        if not self.is_norm_step(step) or step == self._tp_last_step:
+            return
+        elapsed = now - self._tp_start
+        scalars: dict[str, float | int | torch.Tensor] = {}
+        if elapsed > 0:
+            if samples is not None:
+                scalars["monitor/samples_per_sec"] = self._tp_samples / elapsed
+            if tokens is not None:
+                scalars["monitor/tokens_per_sec"] = self._tp_tokens / elapsed
+        self._tp_start, self._tp_samples, self._tp_tokens = now, 0.0, 0.0
+        self._tp_last_step = step
+        if scalars and self.sink is not None:
+            self.sink.log_scalars(scalars, step)
+
+    def log_memory(self, step: int) -> None:
+        """Peak device memory in MiB since the last value, where the device reports it.
+
+        CUDA and XPU report a peak; CPU and MPS do not, and nothing is written for them.
+        """
+        if not self.is_norm_step(step) or self.sink is None:
+            return
+        device = self._device()
+        backend = {"cuda": torch.cuda, "xpu": getattr(torch, "xpu", None)}.get(device.type)
+        if backend is None or not hasattr(backend, "max_memory_allocated"):
+            return
+        peak = backend.max_memory_allocated(device) / 2**20
+        if self.reset_peak_memory and hasattr(backend, "reset_peak_memory_stats"):
+            backend.reset_peak_memory_stats(device)
+        self.sink.log_scalars({"monitor/peak_memory_mb": float(peak)}, step)
+
+    # ------------------------------------------------------------------ collection
+    @property
+    def _active(self) -> bool:
+        return self.sink is not None or self.sharded
+
+    def _detect_sharded(self) -> bool:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return False
+        if torch.distributed.get_world_size(self.process_group) < 2:
+            return False
+        if any(_is_sharded_param(p.param) for p in self._params):
+            return True
+        return any(
+            type(m).__name__ in ("FullyShardedDataParallel", "FSDPModule")
+            or type(m).__name__.startswith("FSDP")
+            for m in self.model.modules()
+        )
+
+    def _mark_unavailable(self, what: str, why: str) -> None:
+        if what not in self.unavailable:
+            self.unavailable[what] = why
+            _log.warning("ModelMonitor cannot produce %s statistics: %s", what, why)
+
+    def _device(self) -> torch.device:
+        for p in self._params:
+            return _local(p.param).device
+        return torch.device("cpu")
+
+    def _tensors(self, kind: str) -> list[list[torch.Tensor]]:
+        """Per group, the flat local tensors of ``kind`` (frozen/None grads left out)."""
+        out: list[list[torch.Tensor]] = [[] for _ in self._groups]
+        for p in self._params:
+            if kind == "weights":
+                out[p.group].append(_flat(p.param))
+            elif p.param.requires_grad and p.param.grad is not None:
+                out[p.group].append(_flat(p.param.grad))
+        return out
+
+    def _frozen(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for g in self._groups:
+            sizes = [(p.param.numel(), p.param.requires_grad) for p in g.params]
+            total = sum(n for n, _ in sizes)
+            frozen = sum(n for n, trainable in sizes if not trainable)
+            out[f"monitor/frozen/{g.name}"] = frozen / total if total else 0.0
+        return out
+
+    def _norm_scalars(
+        self, kind: str, moments: torch.Tensor | np.ndarray
+    ) -> dict[str, float | int | torch.Tensor]:
+        label = "weight_norm" if kind == "weights" else "grad_norm"
+        out: dict[str, float | int | torch.Tensor] = {}
+        sumsq = moments[:, _SUMSQ_ALL]
+        norms = np.sqrt(sumsq) if isinstance(sumsq, np.ndarray) else sumsq.sqrt()
+        for i, g in enumerate(self._groups):
+            if kind == "grads" and not self._trainable[i]:
+                continue  # frozen: monitor/frozen says so, there is no gradient to measure
+            out[f"monitor/{label}/{g.name}"] = norms[i]
+            out[f"monitor/nonfinite/{kind}/{g.name}"] = moments[i, _NONFINITE]
+        if kind == "grads":
+            total = sumsq.sum()
+            out["monitor/grad_norm_total/pre_clip"] = (
+                float(np.sqrt(total)) if isinstance(total, np.floating) else total.sqrt()
+            )
+        return {k: float(v) if isinstance(v, np.floating) else v for k, v in out.items()}
+
+    # ------------------------------------------------------------------ statistics
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        device = self._device()
+        return torch.zeros(*shape, dtype=_acc_dtype(device), device=device)
+
+    def _moments(
+        self, tensors: list[list[torch.Tensor]], full: bool, weights: list[float] | None = None
+    ) -> torch.Tensor:
+        """Per group moments (one row per group), reduced over ranks when sharded.
+
+        ``weights`` scales the additive columns of each group (sampled histograms).
+        """
+        rows = []
+        for gi, group in enumerate(tensors):
+            if not group:
+                rows.append(self._binner.row(torch.empty(0, device=self._device()), full))
+                continue
+            per = torch.stack([self._binner.row(t, full) for t in group])
+            row = per.sum(0)
+            row[_MIN] = per[:, _MIN].min()
+            row[_MAX] = per[:, _MAX].max()
+            if weights is not None and weights[gi] != 1.0:
+                additive = [_N, _NONFINITE, _SUM, _SUMSQ, _SUMSQ_ALL]
+                row[additive] = row[additive] * weights[gi]
+            rows.append(row)
+        moments = torch.stack(rows).to(_acc_dtype(self._device()))
+        if self.sharded:
+            moments = moments.to(self._device())
+            dist = torch.distributed
+            sums = moments[:, [_N, _NONFINITE, _SUM, _SUMSQ, _SUMSQ_ALL]].contiguous()
+            dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=self.process_group)
+            bounds = torch.stack([-moments[:, _MIN], moments[:, _MAX]], 1).contiguous()
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.process_group)
+            moments = moments.clone()
+            moments[:, [_N, _NONFINITE, _SUM, _SUMSQ, _SUMSQ_ALL]] = sums
+            moments[:, _MIN] = -bounds[:, 0]
+            moments[:, _MAX] = bounds[:, 1]
+        return moments
+
+    def _norms(self, tensors: list[list[torch.Tensor]]) -> torch.Tensor:
+        return self._moments(tensors, full=False)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            rank = torch.distributed.get_rank() if self.sharded else 0
+            gen.manual_seed(self._seed + 1000003 * rank)
+            self._generators[device] = gen
+        return gen
+
+    def _histograms(self, tensors: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Moments and bin counts (float, one row per group) of ``tensors``.
+
+        Exact mode bins every element. Sampled mode bins a fixed uniform sample of
+        ``sample`` positions per group (drawn once, with replacement, over the group's
+        concatenated elements) and weighs it by ``elements / sample``.
+        """
+        weights: list[float] | None = None
+        if self.sample is not None:
+            sampled = [self._group_sample(gi, group) for gi, group in enumerate(tensors)]
+            tensors = [[x] if x is not None else [] for x, _ in sampled]
+            weights = [w for _, w in sampled]
+        moments = self._moments(tensors, full=True, weights=weights)
+        device = self._device()
+        counts = self._zeros(len(tensors), self.bins)
+        on_cpu = device.type == "cpu"
+        bounds = moments[:, [_MIN, _MAX]].tolist() if on_cpu else []
+        for gi, group in enumerate(tensors):
+            if not group:
+                continue
+            weight = 1.0 if weights is None else weights[gi]
+            if on_cpu:
+                lo, hi = bounds[gi]
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    continue
+                dirty = bool(moments[gi, _NONFINITE] > 0)
+                acc = torch.zeros(self.bins, dtype=torch.int64)
+                for t in group:
+                    self._binner.bin_cpu(t, lo, hi, acc, dirty)
+                counts[gi] += acc.to(counts.dtype) * weight
+            else:
+                lo_t, hi_t = moments[gi, _MIN], moments[gi, _MAX]
+                for t in group:
+                    counts[gi] += self._binner.bin_device(t, lo_t, hi_t) * weight
+        if self.sharded:
+            counts = counts.to(device)
+            torch.distributed.all_reduce(
+                counts, op=torch.distributed.ReduceOp.SUM, group=self.process_group
+            )
+        return moments, counts
+
+    def _group_sample(
+        self, gi: int, group: list[torch.Tensor]
+    ) -> tuple[torch.Tensor | None, float]:
+        """A uniform sample (with replacement) of the group's elements and its weight."""
+        index, weight = self._sample_positions(gi, group)
+        if not group or sum(t.numel() for t in group) == 0:
+            return None, 1.0
+        if index is None:
+            return torch.cat(group), 1.0
+        picks = [
+            torch.index_select(t, 0, idx) for t, idx in zip(group, index, strict=True) if len(idx)
+        ]
+        return torch.cat(picks), weight
+
+    def _sample_positions(
+        self, gi: int, group: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor] | None, float]:
+        """Per tensor, the sampled positions (None: the group is small, take it all)."""
+        assert self.sample is not None
+        sizes = tuple(t.numel() for t in group)
+        total = sum(sizes)
+        if total <= self.sample:
+            return None, 1.0
+        device = group[0].device
+        key = (gi, sizes, device)
+        index = self._sample_index.get(key)
+        if index is None:
+            # Drawn once: the same positions every call give smooth curves and cost one
+            # index_select per tensor; being independent of the values, the sample's error
+            # bound holds at every call.
+            positions = (
+                torch.randint(
+                    total, (self.sample,), device=device, generator=self._generator(device)
+                )
+                .sort()
+                .values
+            )
+            ends = torch.tensor(sizes, device=device).cumsum(0)
+            cuts = torch.searchsorted(positions, ends).tolist()
+            index, start, offset = [], 0, 0
+            for n, cut in zip(sizes, cuts, strict=True):
+                index.append((positions[start:cut] - offset).to(torch.int32))
+                start, offset = cut, offset + n
+            self._sample_index[key] = index
+        return index, total / self.sample
+
+    # ------------------------------------------------------------------ update ratio
+    def _take_snapshot(self, step: int) -> None:
+        items: list[tuple[int, nn.Parameter, torch.Tensor, torch.Tensor | None, float]] = []
+        for gi, g in enumerate(self._groups):
+            members = [p.param for p in g.params if p.param.requires_grad]
+            flats = [_flat(p) for p in members]
+            index: list[torch.Tensor] | None = None
+            weight = 1.0
+            if self.sample is not None and flats:
+                index, weight = self._sample_positions(gi, flats)
+            for k, (param, flat) in enumerate(zip(members, flats, strict=True)):
+                if index is None:
+                    items.append((gi, param, flat.clone(), None, 1.0))
+                elif len(index[k]):
+                    before = torch.index_select(flat, 0, index[k])
+                    items.append((gi, param, before, index[k], weight))
+        self._snapshot = _Snapshot(step, items)
+
+    def _update_ratios(self, snap: _Snapshot) -> dict[str, torch.Tensor]:
+        acc = self._zeros(len(self._groups), 2)
+        for gi, param, before, idx, weight in snap.items:
+            now = _flat(param)
+            if idx is not None:
+                now = torch.index_select(now, 0, idx)
+            diff = torch.linalg.vector_norm(now.float() - before.float()) ** 2
+            base = torch.linalg.vector_norm(before.float()) ** 2
+            acc[gi, 0] += diff.to(acc.dtype) * weight
+            acc[gi, 1] += base.to(acc.dtype) * weight
+        if self.sharded:
+            torch.distributed.all_reduce(
+                acc, op=torch.distributed.ReduceOp.SUM, group=self.process_group
+            )
+        ratio = (acc[:, 0] / acc[:, 1].clamp_min(torch.finfo(acc.dtype).tiny)).sqrt()
+        return {
+            f"monitor/update_ratio/{g.name}": ratio[i]
+            for i, g in enumerate(self._groups)
+            if self._trainable[i]
+        }
+
+    @staticmethod
+    def _lr_scalars(optimizer: Any, name: str | None) -> dict[str, float | int | torch.Tensor]:
+        inner = optimizer
+        while not hasattr(inner, "param_groups") and hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        prefix = "" if name is None else f"{name}/"
+        out: dict[str, float | int | torch.Tensor] = {}
+        for i, group in enumerate(getattr(inner, "param_groups", [])):
+            lr = group.get("lr")
+            if lr is not None:
+                out[f"monitor/lr/{prefix}group_{i}"] = lr
+            momentum = group.get("momentum")
+            if momentum is None and isinstance(group.get("betas"), Sequence):
+                momentum = group["betas"][0]
+            if momentum is not None:
+                out[f"monitor/momentum/{prefix}group_{i}"] = momentum
+        return out
+
+    # ------------------------------------------------------------------ writing
+    def _write_histograms(self, step: int, kind: str, block: np.ndarray) -> None:
+        assert self.sink is not None
+        experiment = self.sink.experiment
+        for gi, g in enumerate(self._groups):
+            _write_histogram(
+                experiment,
+                f"monitor/{kind}/{g.name}",
+                block[gi],
+                self.bins,
+                step,
+                sampled=self.sample is not None,
+            )
+
+
+def _write_histogram(
+    experiment: Any, tag: str, row: np.ndarray, bins: int, step: int, *, sampled: bool
+) -> bool:
+    """Writes one histogram from a host row ``[moments..., counts...]``; False if empty."""
+    n = round(row[_N])
+    lo, hi = float(row[_MIN]), float(row[_MAX])
+    if n == 0 or not (math.isfinite(lo) and math.isfinite(hi)):
+        return False  # no finite value: the nonfinite scalar says so
+    counts = row[_ROW : _ROW + bins]
+    counts = _round_counts(counts, n) if sampled else np.rint(counts)
+    edges = lo + (hi - lo) * (np.arange(1, bins + 1) / bins)
+    edges[-1] = hi
+    experiment.add_histogram_raw(
+        tag,
+        min=lo,
+        max=hi,
+        num=n,
+        sum=float(row[_SUM]),
+        sum_squares=float(row[_SUMSQ]),
+        bucket_limits=edges.tolist(),
+        bucket_counts=counts.tolist(),
+        global_step=step,
+    )
+    return True
+
+
+def log_histograms(
+    sink: MonitorSink,
+    values: Mapping[str, torch.Tensor | np.ndarray],
+    step: int,
+    *,
+    bins: int = 64,
+) -> None:
+    """Writes one histogram per tensor, binned on the tensor's device.
+
+    Each tensor is binned exactly into ``bins`` equal bins between its minimum and
+    maximum finite value; NaN/Inf are left out of the bins (and out of ``num``). All
+    results reach the host in one transfer per device, never the tensors themselves.
+
+    Args:
+        sink: A ``RunWriter`` (or anything with ``experiment``).
+        values: Tag -> tensor or array (any shape, real numbers).
+        step: The global step.
+        bins: Bins per histogram, 2 to 1024.
+
+    Raises:
+        TypeError: a value is not a real tensor/array (the message names its key).
+        ValueError: a value is empty, or ``bins`` is out of range.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from tbx_lightning import RunWriter
+        >>> with RunWriter(tempfile.mkdtemp()) as run:
+        ...     log_histograms(run, {"acts/layer1": torch.randn(1000)}, step=0)
+    """
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1024:
+        raise ValueError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
+    flats: dict[str, torch.Tensor] = {}
+    for key, value in values.items():
+        if isinstance(value, np.ndarray):
+            if value.dtype.kind not in "biuf":
+                raise TypeError(
+                    f"Histogram {key!r} is an array of dtype {value.dtype}: log real numbers."
+                )
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"Histogram {key!r} has type {type(value).__name__}: log a tensor or array."
+            )
+        if value.is_complex():
+            raise TypeError(f"Histogram {key!r} is a complex tensor: log its real part or abs.")
+        if value.numel() == 0:
+            raise ValueError(f"Histogram {key!r} is empty: log a tensor with values.")
+        flat = _flat(value)
+        if not flat.is_floating_point():
+            flat = flat.float()
+        flats[key] = flat
+    binner = _Binner(bins)
+    rows: list[torch.Tensor] = []
+    for flat in flats.values():
+        row = binner.row(flat, full=True)
+        if flat.device.type == "cpu":
+            lo, hi = float(row[_MIN]), float(row[_MAX])
+            counts = torch.zeros(bins, dtype=torch.int64)
+            if math.isfinite(lo) and math.isfinite(hi):
+                binner.bin_cpu(flat, lo, hi, counts, bool(row[_NONFINITE] > 0))
+            rows.append(torch.cat([row, counts.to(row.dtype)]))
+        else:
+            counts_d = binner.bin_device(flat, row[_MIN], row[_MAX])
+            rows.append(torch.cat([row, counts_d.to(row.dtype)]))
+    host: list[np.ndarray] = [np.empty(0)] * len(rows)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_device.setdefault(row.device, []).append(i)
+    for members in by_device.values():
+        block = torch.stack([rows[i] for i in members]).cpu().double().numpy()
+        for j, i in enumerate(members):
+            host[i] = block[j]
+    experiment = sink.experiment
+    for key, row_np in zip(flats, host, strict=True):
+        _write_histogram(experiment, key, row_np, bins, step, sampled=False)
