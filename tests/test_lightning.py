@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, metadata
+from tensorboardX import SummaryWriter
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tbx_lightning import TBXLogger
+
+
+class Regressor(LightningModule):
+    def __init__(self, lr: float = 0.05, width: int = 8, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, 1))
+        self.example_input_array = torch.zeros(2, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.hparams.fail_at is not None and self.global_step == self.hparams.fail_at:
+            raise RuntimeError("boom")
+        loss = self._loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch))
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test/loss", self._loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def loader() -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 4, generator=gen), torch.randn(32, 1, generator=gen))
+    return DataLoader(data, batch_size=8)
+
+
+def trainer(logger: Any, **kwargs: Any) -> Trainer:
+    options: dict[str, Any] = {
+        "max_epochs": 2,
+        "log_every_n_steps": 1,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "accelerator": "cpu",
+    }
+    options.update(kwargs)
+    return Trainer(logger=logger, **options)
+
+
+def read(path: str) -> EventAccumulator:
+    acc = EventAccumulator(path, size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def status_of(acc: EventAccumulator) -> int:
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_end_info"]
+    return int(metadata.parse_session_end_info_plugin_data(content).status)
+
+
+def test_fit_then_test_in_one_run(tmp_path: Path) -> None:
+    logger = TBXLogger(tmp_path, name="exp")
+    model = Regressor()
+    tr = trainer(logger)
+    tr.fit(model, loader(), loader())
+    tr.test(model, loader())
+    assert tr.log_dir == logger.log_dir == os.path.join(str(tmp_path), "exp", "version_0")
+    assert isinstance(logger.experiment, SummaryWriter)
+    ckpts = os.listdir(os.path.join(logger.log_dir, "checkpoints"))
+    assert ckpts == ["epoch=1-step=8.ckpt"]
+    acc = read(logger.log_dir)
+    assert {"train/loss", "val/loss", "test/loss", "epoch"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(8))
+    assert len(acc.Scalars("test/loss")) == 1
+    assert status_of(acc) == api_pb2.STATUS_SUCCESS
+    events = [f for f in os.listdir(logger.log_dir) if f.startswith("events.out")]
+    assert len(events) == 1
+    stored = yaml.safe_load(Path(logger.log_dir, "hparams.yaml").read_text())
+    assert stored == {"lr": 0.05, "width": 8, "fail_at": None}
+    reloaded = Regressor.load_from_checkpoint(
+        os.path.join(logger.log_dir, "checkpoints", ckpts[0]),
+        hparams_file=os.path.join(logger.log_dir, "hparams.yaml"),
+    )
+    assert reloaded.hparams.width == 8
+
+
+def test_default_logger_writes_under_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    logger = TBXLogger()
+    trainer(logger, max_epochs=1).fit(Regressor(), loader())
+    assert logger.log_dir == os.path.join("runs", "default", "version_0")
+    assert (tmp_path / "runs" / "default" / "version_0" / "config.yaml").exists()
+
+
+def test_accepts_every_tensorboardlogger_argument(tmp_path: Path) -> None:
+    import inspect
+
+    stock = set(inspect.signature(TensorBoardLogger.__init__).parameters) - {"self", "kwargs"}
+    ours = set(inspect.signature(TBXLogger.__init__).parameters)
+    assert stock <= ours
+    logger = TBXLogger(
+        save_dir=tmp_path,
+        name="n",
+        version="custom",
+        log_graph=False,
+        default_hp_metric=True,
+        prefix="pre",
+        sub_dir="train",
+        flush_secs=1,
+    )
+    tr = trainer(logger, max_epochs=1)
+    tr.fit(Regressor(), loader())
+    assert logger.log_dir == os.path.join(str(tmp_path), "n", "custom", "train")
+    assert tr.checkpoint_callback.dirpath == os.path.join(
+        str(tmp_path), "n", "custom", "checkpoints"
+    )
+    acc = read(logger.log_dir)
+    assert "pre-train/loss" in acc.Tags()["scalars"]
+    assert [e.value for e in acc.Scalars("hp_metric")] == [-1.0]
+
+
+def test_bad_writer_options_are_named(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['flush_sec'\]"):
+        TBXLogger(tmp_path, flush_sec=3)
+    with pytest.raises(ValueError, match=r"Expected `flush_secs` > 0, got -1"):
+        TBXLogger(tmp_path, flush_secs=-1)
+
+
+def test_version_is_claimed_when_first_read(tmp_path: Path) -> None:
+    first = TBXLogger(tmp_path, name="e")
+    second = TBXLogger(tmp_path, name="e")
+    assert first.version == 0
+    assert second.version == 1  # the first claim is visible before anything is logged
+    assert first.version == 0
+    assert sorted(os.listdir(tmp_path / "e")) == ["version_0", "version_1"]
+
+
+def test_omegaconf_hyperparameters_are_dot_path_columns(tmp_path: Path) -> None:
+    cfg = OmegaConf.create(
+        {"model": {"lr": 0.1, "layers": [32, 32]}, "data": {"root": "${oc.env:HOME}"}}
+    )
+    logger = TBXLogger(tmp_path)
+    logger.log_hyperparams(cfg)
+    logger.log_hyperparams({"best": {"epoch": 3}}, metrics={"best/val_loss": 0.25})
+    logger.finalize("success")
+    acc = read(logger.log_dir)
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
+    assert set(start.hparams) == {"model.lr", "model.layers", "data.root", "best.epoch"}
+    assert start.hparams["model.layers"].string_value == "[32, 32]"
+    assert [e.value for e in acc.Scalars("best/val_loss")] == [0.25]
+    assert sorted(p for p in os.listdir(logger.log_dir) if not p.startswith("events")) == [
+        "config.yaml",
+        "hparams.yaml",
+    ]
+
+
+def test_exception_in_fit_marks_run_failed(tmp_path: Path) -> None:
+    logger = TBXLogger(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(logger).fit(Regressor(fail_at=3), loader())
+    acc = read(logger.log_dir)
+    assert status_of(acc) == api_pb2.STATUS_FAILURE
+    assert [e.step for e in acc.Scalars("train/loss")] == [0, 1, 2]
+
+
+def test_resume_continues_one_curve_in_the_same_run(tmp_path: Path) -> None:
+    ckpt = ModelCheckpoint(every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    logger = TBXLogger(tmp_path, name="r")
+    trainer(logger, max_epochs=3, callbacks=[ckpt]).fit(Regressor(), loader())
+    first_dir = logger.log_dir
+    assert [e.step for e in read(first_dir).Scalars("train/loss")] == list(range(12))
+
+    resumed_logger = TBXLogger(tmp_path, name="r")
+    resumed = trainer(resumed_logger, max_epochs=4, callbacks=[ModelCheckpoint(save_top_k=0)])
+    resumed.fit(
+        Regressor(), loader(), ckpt_path=os.path.join(first_dir, "checkpoints", "step=4.ckpt")
+    )
+    assert resumed_logger.log_dir == first_dir
+    assert sorted(os.listdir(tmp_path / "r")) == ["version_0"]
+    steps = [e.step for e in read(first_dir).Scalars("train/loss")]
+    assert Counter(steps) == Counter(range(16)), "one value per step after resuming"
+    assert steps == list(range(16))
+
+
+def test_log_graph_at_fit_start(tmp_path: Path) -> None:
+    pytest.importorskip("tbx_lightning.graph")
+    logger = TBXLogger(tmp_path, log_graph=True)
+    trainer(logger, max_epochs=1).fit(Regressor(), loader())
+    acc = read(logger.log_dir)
+    assert acc.Tags()["graph"] is True
+    assert any(tag.startswith("graph/export") for tag in acc.Tags()["tensors"])
+
+
+def test_pickles_without_its_writer(tmp_path: Path) -> None:
+    import pickle
+
+    logger = TBXLogger(tmp_path)
+    logger.log_metrics({"m": 1.0}, 0)
+    clone = pickle.loads(pickle.dumps(logger))
+    assert clone.log_dir == logger.log_dir and clone._run is None
+    logger.finalize("success")
