@@ -876,8 +876,6 @@ def _spec_paths(program: Any, count: int) -> list[str]:
 
 
 def _build_fx(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> _Captured:
-    from torch.fx.passes.shape_prop import ShapeProp
-
     signature = inspect.signature(model.forward)
     bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
@@ -898,16 +896,13 @@ def _build_fx(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     # Placeholders follow the signature order; concrete ones are baked in.
     arg_of = dict(zip([p.name for p in placeholders], names, strict=False))
     notes: list[str] = []
-    fake = torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True)
+    call_args = [values.get(arg_of.get(p.name, "")) for p in placeholders]
     try:
-        ShapeProp(module, fake_mode=fake).propagate(
-            *[values.get(arg_of.get(p.name, "")) for p in placeholders]
-        )
+        vals = _fake_values(module, call_args)
     except Exception as err:
         # Tracing never runs the model; shape propagation does (on fake tensors). If that
         # fails, the model does not run on this input, and a graph without shapes would hide it.
-        cause = err.__cause__ or err
-        raise RuntimeError(f"shape propagation failed: {_one_line(cause)}") from err
+        raise RuntimeError(f"shape propagation failed: {_one_line(err)}") from err
 
     in_group, out_group = _io_groups(model)
     first, aliases = _param_nodes(model)
@@ -929,7 +924,7 @@ def _build_fx(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
 
     output_node = None
     for fx_node in graph.nodes:
-        val = fx_node.meta.get("val", _fx_meta(fx_node))
+        val = vals.get(fx_node.name)
         if fx_node.op == "placeholder":
             arg = arg_of.get(fx_node.name, fx_node.name)
             if arg in concrete:
@@ -1011,19 +1006,25 @@ def _build_fx(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     return _Captured(nodes, notes)
 
 
-def _fx_meta(fx_node: torch.fx.Node) -> Any:
-    meta = fx_node.meta.get("tensor_meta")
-    if meta is None:
-        return None
+def _fake_values(module: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[str, Any]:
+    """Runs ``module`` on fake tensors (no real compute, real state untouched): node -> value."""
+    from torch._dynamo.utils import deepcopy_to_fake_tensor
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
-    def to_fake(item: Any) -> Any:
-        if hasattr(item, "shape") and hasattr(item, "dtype"):
-            return torch.empty(tuple(item.shape), dtype=item.dtype, device="meta")
-        if isinstance(item, (tuple, list)):
-            return [to_fake(i) for i in item]
-        return None
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_module = deepcopy_to_fake_tensor(module, mode)
+    values: dict[str, Any] = {}
 
-    return to_fake(meta)
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> Any:
+            result = super().run_node(n)
+            values[n.name] = result
+            return result
+
+    fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    with mode:
+        Recorder(fake_module, graph=module.graph).run(*fake_inputs)
+    return values
 
 
 def _get_attr(model: torch.nn.Module, target: str) -> Any:
