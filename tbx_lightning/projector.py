@@ -1,0 +1,755 @@
+"""Embeddings -> TensorBoard projector files: raw float32 tensors, TSV metadata, PNG sprites.
+
+TensorBoard's projector reads one ``projector_config.pbtxt`` in a run directory;
+each entry names a tensor file, an optional metadata file and an optional sprite
+image, with paths relative to the config. This module writes, for every
+``(tag, step)``::
+
+    <run>/projector_config.pbtxt
+    <run>/projector/<safe-tag>/<step:08d>/tensors.bin    raw little-endian float32, N x D
+                                          metadata.tsv   one row per point
+                                          sprite.png     thumbnails in a grid
+
+and one config entry whose ``tensor_name`` is ``"<tag>:<step:08d>"``, so every
+step of a tag is a separate tensor in the projector's drop-down. Every file goes
+through :mod:`tbx_lightning._fs`, so remote log directories work as the event
+files do.
+
+The tensor file is binary because the projector parses a tensor file as TSV text
+first and only reads it as float32 when that text is not valid UTF-8. Nearly all
+float matrices are invalid UTF-8 within their first bytes; for the rare matrix
+that is valid UTF-8 (all zeros, or small integers only) the tensor is written as
+TSV text with nine significant digits, which reads back to the same float32
+values.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+import numbers
+import re
+import struct
+import threading
+import warnings
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from google.protobuf import descriptor_pb2, descriptor_pool, text_format
+
+from tbx_lightning import _fs
+
+__all__ = [
+    "CONFIG_FILENAME",
+    "MAX_SPRITE_PX",
+    "WARN_POINTS",
+    "EmbeddingRecord",
+    "log_embedding",
+    "read_config",
+    "safe_tag",
+    "tensor_name",
+]
+
+CONFIG_FILENAME = "projector_config.pbtxt"
+"""Name of the config file TensorBoard's projector looks for in a run directory."""
+
+MAX_SPRITE_PX = 8192
+"""Largest sprite width and height the projector accepts (a WebGL texture limit)."""
+
+WARN_POINTS = 100_000
+"""Above this many points (and no ``max_points``) a warning suggests sampling."""
+
+_SUBDIR = "projector"
+_TENSOR_BIN = "tensors.bin"
+_TENSOR_TSV = "tensors.tsv"
+_METADATA = "metadata.tsv"
+_SPRITE = "sprite.png"
+_OWN_FILES = (_TENSOR_BIN, _TENSOR_TSV, _METADATA, _SPRITE)
+
+# TensorBoard reads text files in 16 MiB blocks; a decode error inside the first
+# block makes it fall back to the binary reader. Probing a smaller prefix keeps
+# that true even if the block size shrinks.
+_UTF8_PROBE_BYTES = 1 << 20
+
+# Characters JavaScript's String.prototype.trim() removes: the projector skips
+# metadata lines made only of these, which would shift every later row.
+_JS_BLANK_LINE = re.compile(
+    "[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*\\Z"
+)
+_BLANK_CHARS = frozenset(
+    "\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+)
+_CELL_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_SAFE_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+_SPRITE_CHUNK_PX = 1 << 24  # pixels per resize chunk: bounds the float copy to ~64 MB a channel
+
+
+@dataclass(frozen=True)
+class EmbeddingRecord:
+    """What one :func:`log_embedding` call wrote.
+
+    Attributes:
+        tag: The tag as given.
+        step: The step the embedding was written at (resolved when ``None`` was given).
+        tensor_name: The name the projector lists it under, ``"<tag>:<step:08d>"``.
+        folder: Path or URL of the folder holding this embedding's files.
+        tensor_path: Path or URL of the tensor file.
+        metadata_path: Path or URL of ``metadata.tsv``, or None without metadata.
+        sprite_path: Path or URL of ``sprite.png``, or None without label images.
+        config_path: Path or URL of the run's ``projector_config.pbtxt``.
+        num_points: Rows written (after ``max_points`` sampling).
+        total_points: Rows given.
+        dim: Columns (embedding dimension).
+        tensor_format: ``"float32"`` (raw little-endian) or ``"tsv"`` (text fallback).
+        thumbnail_px: Side of one square sprite thumbnail in pixels, or None.
+        replaced: True when an entry for this ``(tag, step)`` existed and was replaced.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from tbx_lightning import RunWriter
+        >>> from tbx_lightning.projector import log_embedding
+        >>> with RunWriter(tempfile.mkdtemp()) as run:
+        ...     record = log_embedding(run, "words", torch.randn(3, 4), metadata=["a", "b", "c"], step=1)
+        >>> record.tensor_name, record.num_points, record.dim
+        ('words:00000001', 3, 4)
+    """
+
+    tag: str
+    step: int
+    tensor_name: str
+    folder: str
+    tensor_path: str
+    metadata_path: str | None
+    sprite_path: str | None
+    config_path: str
+    num_points: int
+    total_points: int
+    dim: int
+    tensor_format: str
+    thumbnail_px: int | None
+    replaced: bool
+
+
+# ---------------------------------------------------------------------- config proto
+def _build_config_class() -> Any:
+    """ProjectorConfig with the same fields as TensorBoard's, in a private descriptor pool.
+
+    tensorboardX does not ship this message, and tensorboard is not a dependency;
+    the text format only uses field names, so files are interchangeable.
+    """
+    proto = descriptor_pb2.FileDescriptorProto(
+        name="tbx_lightning/projector_config.proto", package="tbx_lightning.projector"
+    )
+    proto.syntax = "proto3"
+    string = descriptor_pb2.FieldDescriptorProto.TYPE_STRING
+    uint32 = descriptor_pb2.FieldDescriptorProto.TYPE_UINT32
+    message = descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE
+    optional = descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL
+    repeated = descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED
+
+    def add(msg: Any, name: str, number: int, kind: int, label: int, type_name: str = "") -> None:
+        field = msg.field.add(name=name, number=number, type=kind, label=label)
+        if type_name:
+            field.type_name = type_name
+
+    sprite = proto.message_type.add(name="SpriteMetadata")
+    add(sprite, "image_path", 1, string, optional)
+    add(sprite, "single_image_dim", 2, uint32, repeated)
+    info = proto.message_type.add(name="EmbeddingInfo")
+    add(info, "tensor_name", 1, string, optional)
+    add(info, "metadata_path", 2, string, optional)
+    add(info, "bookmarks_path", 3, string, optional)
+    add(info, "tensor_shape", 4, uint32, repeated)
+    add(info, "sprite", 5, message, optional, ".tbx_lightning.projector.SpriteMetadata")
+    add(info, "tensor_path", 6, string, optional)
+    config = proto.message_type.add(name="ProjectorConfig")
+    add(config, "model_checkpoint_path", 1, string, optional)
+    add(config, "embeddings", 2, message, repeated, ".tbx_lightning.projector.EmbeddingInfo")
+    add(config, "model_checkpoint_dir", 3, string, optional)
+
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(proto)
+    descriptor = pool.FindMessageTypeByName("tbx_lightning.projector.ProjectorConfig")
+    try:
+        from google.protobuf.message_factory import GetMessageClass
+    except ImportError:  # protobuf < 4.22
+        from google.protobuf.message_factory import MessageFactory
+
+        return MessageFactory(pool).GetPrototype(descriptor)
+    return GetMessageClass(descriptor)
+
+
+ProjectorConfig = _build_config_class()
+
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _run_lock(fs: Any, run_path: str) -> threading.Lock:
+    key = f"{type(fs).__module__}.{type(fs).__name__}:{_fs.url(fs, run_path)}"
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(key)
+        if lock is None:
+            lock = _LOCKS[key] = threading.Lock()
+        return lock
+
+
+def read_config(fs: Any, run_path: str) -> Any:
+    """Parses ``<run_path>/projector_config.pbtxt``; an empty config when there is none.
+
+    Raises:
+        ValueError: The file exists but is not a valid projector config; it is
+            left untouched.
+    """
+    path = _fs.join(fs, run_path, CONFIG_FILENAME)
+    config = ProjectorConfig()
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        return config
+    try:
+        text_format.Parse(data.decode("utf-8"), config)
+    except (text_format.ParseError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"{_fs.url(fs, path)} is not a valid projector config ({error}); it was left as it "
+            "is. Fix or remove it, then log the embedding again."
+        ) from error
+    return config
+
+
+def tensor_name(tag: str, step: int) -> str:
+    """The projector's name for ``tag`` at ``step``: ``"<tag>:<step:08d>"``.
+
+    The zero padding keeps steps in order when names are sorted, and means a name
+    never ends in ``":0"``, which TensorBoard would strip.
+    """
+    return f"{tag}:{step:08d}"
+
+
+def safe_tag(tag: str) -> str:
+    """A folder name for ``tag``: readable, portable, and distinct for distinct tags.
+
+    Characters outside ``[A-Za-z0-9_.-]`` become ``_`` and a short hash of the
+    full tag is appended, so ``"a/b"``, ``"a b"`` and ``"A/B"`` get different
+    folders even on case-insensitive file systems.
+    """
+    slug = _SAFE_TAG_CHARS.sub("_", tag).strip("._")[:48] or "tag"
+    digest = hashlib.sha1(tag.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
+# ---------------------------------------------------------------------- main entry
+def log_embedding(
+    run: Any,
+    tag: str,
+    mat: Any,
+    *,
+    metadata: Any = None,
+    metadata_header: Sequence[str] | None = None,
+    label_img: Any = None,
+    step: int | None = None,
+    max_points: int | None = None,
+    seed: int = 0,
+) -> EmbeddingRecord:
+    """Writes an embedding matrix (and labels, and thumbnails) for TensorBoard's projector.
+
+    Args:
+        run: The :class:`~tbx_lightning.RunWriter` of the run (its ``fs`` and path are used).
+        tag: Name of the embedding; ``/``, spaces and any Unicode are fine.
+        mat: Tensor (any dtype that converts to float, any device) or array of shape ``(N, D)``.
+        metadata: Labels, one per point: a sequence of values (one column); a
+            sequence of rows with ``metadata_header`` (several columns); a mapping
+            of column name to values; or a 1-D / 2-D tensor or array. Tabs,
+            newlines and carriage returns inside labels are written as ``\\t``,
+            ``\\n``, ``\\r``; a row that would be blank (TensorBoard skips those)
+            is written with its cells quoted, e.g. ``""``.
+        metadata_header: Column names for several columns. With one column
+            TensorBoard takes no header (it names the column ``label``), so a
+            one-name header is accepted and not written.
+        label_img: Thumbnails, ``(N, C, H, W)`` with C in 1, 3, 4, or ``(N, H, W)``;
+            uint8, bool, integer or float. Floats in [0, 1] map to 0..255; other
+            ranges are scaled by the batch's min and max. Non-square images are
+            centred on a transparent square; thumbnails shrink so the sprite fits
+            TensorBoard's 8192 px limit.
+        step: Step of this embedding. ``None`` takes the next free step of the tag
+            in this run (0 for a new tag). Logging the same ``(tag, step)`` again
+            replaces that entry and its files.
+        max_points: Keep at most this many rows, chosen by a seeded random sample
+            (in their original order); metadata and images follow the same rows.
+            ``None`` keeps all and warns above 100,000 points.
+        seed: Seed of that sample.
+
+    Returns:
+        An :class:`EmbeddingRecord` describing what was written.
+
+    Raises:
+        TypeError: ``tag``, ``step``, ``mat`` or ``max_points`` has the wrong type.
+        ValueError: Shapes or lengths do not fit (the message names both), or
+            a sprite cannot fit even at 1 px per image.
+    """
+    if not isinstance(tag, str):
+        raise TypeError(f"`tag` must be a str, got {type(tag).__name__} {tag!r}.")
+    if not tag:
+        raise ValueError("`tag` must not be empty: give the embedding a name.")
+    if step is not None:
+        step = _check_step(step)
+    if max_points is not None and (
+        isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral)
+    ):
+        raise TypeError(f"`max_points` must be an int or None, got {max_points!r}.")
+    if max_points is not None and max_points < 1:
+        raise ValueError(f"`max_points` must be >= 1 or None, got {max_points}.")
+
+    total = _num_rows(mat)
+    index = _sample_index(total, max_points, seed)
+    if index is None and max_points is None and total > WARN_POINTS:
+        warnings.warn(
+            f"Embedding {tag!r} has {total:,} points; the projector gets slow above "
+            f"{WARN_POINTS:,}. Pass max_points= to keep a seeded sample.",
+            UserWarning,
+            stacklevel=2,
+        )
+    header, columns = (
+        (None, None) if metadata is None else _metadata_columns(metadata, metadata_header, total)
+    )
+    if label_img is not None:
+        _check_image_count(label_img, total)
+
+    matrix = _to_float32(mat, index)
+    num_points, dim = matrix.shape
+    _warn_non_finite(tag, matrix)
+    tensor_bytes = matrix.tobytes()
+    tensor_format = "float32"
+    if _valid_utf8_prefix(tensor_bytes):
+        tensor_format = "tsv"
+        tensor_bytes = _tsv_matrix(matrix)
+    metadata_bytes = None
+    if columns is not None:
+        metadata_bytes = _metadata_tsv(header, columns, index)
+    sprite_bytes = None
+    thumb = None
+    if label_img is not None:
+        sprite_bytes, thumb = _sprite_png(label_img, index)
+
+    fs = run.fs
+    run_path: str = getattr(run, "path", None) or run._path
+    with _run_lock(fs, run_path):
+        config = read_config(fs, run_path)
+        if step is None:
+            step = _next_step(config, tag)
+        name = tensor_name(tag, step)
+        rel_folder = f"{_SUBDIR}/{safe_tag(tag)}/{step:08d}"
+        folder = _fs.join(fs, run_path, *rel_folder.split("/"))
+        _fs.makedirs(fs, folder)
+        written: dict[str, str] = {}
+        tensor_file = _TENSOR_BIN if tensor_format == "float32" else _TENSOR_TSV
+        for filename, data in (
+            (tensor_file, tensor_bytes),
+            (_METADATA, metadata_bytes),
+            (_SPRITE, sprite_bytes),
+        ):
+            if data is not None:
+                path = _fs.join(fs, folder, filename)
+                _fs.write_bytes_atomic(fs, path, data)
+                written[filename] = path
+        entry = ProjectorConfig().embeddings.add()
+        entry.tensor_name = name
+        entry.tensor_path = f"{rel_folder}/{tensor_file}"
+        entry.tensor_shape.extend([num_points, dim])
+        if metadata_bytes is not None:
+            entry.metadata_path = f"{rel_folder}/{_METADATA}"
+        if sprite_bytes is not None and thumb is not None:
+            entry.sprite.image_path = f"{rel_folder}/{_SPRITE}"
+            entry.sprite.single_image_dim.extend([thumb, thumb])
+        replaced = _put_entry(config, entry)
+        config_path = _fs.join(fs, run_path, CONFIG_FILENAME)
+        _fs.write_text_atomic(fs, config_path, text_format.MessageToString(config, as_utf8=True))
+        # Files an earlier write of this (tag, step) left and this one does not use.
+        for filename in _OWN_FILES:
+            if filename not in written:
+                stale = _fs.join(fs, folder, filename)
+                if fs.exists(stale):
+                    fs.rm(stale)
+
+    def url(key: str) -> str | None:
+        return _fs.url(fs, written[key]) if key in written else None
+
+    return EmbeddingRecord(
+        tag=tag,
+        step=step,
+        tensor_name=name,
+        folder=_fs.url(fs, folder),
+        tensor_path=_fs.url(fs, written[tensor_file]),
+        metadata_path=url(_METADATA),
+        sprite_path=url(_SPRITE),
+        config_path=_fs.url(fs, config_path),
+        num_points=num_points,
+        total_points=total,
+        dim=dim,
+        tensor_format=tensor_format,
+        thumbnail_px=thumb,
+        replaced=replaced,
+    )
+
+
+# ---------------------------------------------------------------------- helpers
+def _check_step(step: Any) -> int:
+    if isinstance(step, torch.Tensor) and step.numel() == 1:
+        step = step.item()
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"`step` must be an int or None, got {type(step).__name__} {step!r}.")
+    if step < 0:
+        raise ValueError(f"`step` must be >= 0, got {step}.")
+    return int(step)
+
+
+def _next_step(config: Any, tag: str) -> int:
+    prefix = tag + ":"
+    steps = [
+        int(e.tensor_name[len(prefix) :])
+        for e in config.embeddings
+        if e.tensor_name.startswith(prefix) and e.tensor_name[len(prefix) :].isdigit()
+    ]
+    return max(steps) + 1 if steps else 0
+
+
+def _put_entry(config: Any, entry: Any) -> bool:
+    """Replaces the entry with the same tensor name in place, or appends; True if replaced."""
+    for i, old in enumerate(config.embeddings):
+        if old.tensor_name == entry.tensor_name:
+            config.embeddings[i].CopyFrom(entry)
+            return True
+    config.embeddings.add().CopyFrom(entry)
+    return False
+
+
+def _num_rows(mat: Any) -> int:
+    shape = tuple(mat.shape) if hasattr(mat, "shape") else np.shape(mat)
+    if len(shape) != 2:
+        hint = " (use mat.reshape(-1, 1) for one value per point)" if len(shape) == 1 else ""
+        raise ValueError(f"`mat` must be 2-D (N, D), got shape {tuple(shape)}{hint}.")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(
+            f"`mat` must have at least one row and one column, got shape {tuple(shape)}."
+        )
+    return int(shape[0])
+
+
+def _sample_index(total: int, max_points: int | None, seed: int) -> np.ndarray | None:
+    if max_points is None or total <= max_points:
+        return None
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=max_points, replace=False))
+
+
+def _rows_of(value: Any, index: np.ndarray | None) -> Any:
+    """Selects the sampled rows of a tensor or array on its own device."""
+    if index is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, torch.from_numpy(index).to(value.device))
+    return value[index]
+
+
+def _to_float32(mat: Any, index: np.ndarray | None) -> np.ndarray:
+    """(N, D) little-endian float32, C-contiguous, in one copy where a copy is needed."""
+    if isinstance(mat, torch.Tensor):
+        if mat.is_complex():
+            raise TypeError(
+                "`mat` is a complex tensor: pass its real part, abs() or view_as_real()."
+            )
+        tensor = _rows_of(mat.detach(), index)
+        if tensor.is_conj():
+            tensor = tensor.resolve_conj()
+        if tensor.is_neg():
+            tensor = tensor.resolve_neg()
+        tensor = tensor.to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
+        array = tensor.numpy()
+    else:
+        array = np.asarray(mat)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(
+                f"`mat` must hold real numbers, got an array of dtype {array.dtype}: convert it "
+                "to float first."
+            )
+        array = _rows_of(array, index)
+    return np.ascontiguousarray(array, dtype="<f4")
+
+
+def _warn_non_finite(tag: str, matrix: np.ndarray) -> None:
+    if np.isfinite(matrix.sum(dtype=np.float64)):  # NaN and Inf propagate into the sum
+        return
+    finite = np.isfinite(matrix)
+    if finite.all():
+        return
+    bad_rows = int((~finite.all(axis=1)).sum())
+    warnings.warn(
+        f"Embedding {tag!r} has NaN or Inf in {bad_rows} of {matrix.shape[0]} rows; they are "
+        "written as they are, but the projector's PCA and t-SNE break on them.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _valid_utf8_prefix(data: bytes) -> bool:
+    """True when TensorBoard would take the file for text (and fail to parse it)."""
+    final = len(data) <= _UTF8_PROBE_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        decoder.decode(data[:_UTF8_PROBE_BYTES], final=final)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _tsv_matrix(matrix: np.ndarray) -> bytes:
+    # Nine significant digits identify every float32 exactly.
+    lines = ["\t".join(f"{v:.9g}" for v in row) for row in matrix.tolist()]
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+# ---------------------------------------------------------------------- metadata
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="backslashreplace")
+    return str(value)
+
+
+def _text_column(values: list[Any]) -> list[str]:
+    """Values as text with tabs and line breaks escaped, in one pass when none needs it."""
+    texts = [v if type(v) is str else _text(v) for v in values]
+    joined = "".join(texts)
+    if "\t" in joined or "\n" in joined or "\r" in joined:
+        texts = [t.translate(_CELL_ESCAPES) for t in texts]
+    return texts
+
+
+def _is_row(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) or (
+        isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1
+    )
+
+
+def _metadata_columns(
+    metadata: Any, header: Sequence[str] | None, total: int
+) -> tuple[list[str] | None, list[list[Any]]]:
+    """Normalises every accepted metadata form to (header or None, columns of raw values)."""
+    if isinstance(header, str):
+        raise TypeError(
+            f"`metadata_header` must be a sequence of column names, got the str {header!r}: "
+            f"pass [{header!r}]."
+        )
+    if header is not None:
+        header = [_text(h) for h in header]
+        if not header:
+            raise ValueError("`metadata_header` is empty: give one name per column.")
+        if len(set(header)) != len(header):
+            raise ValueError(f"`metadata_header` repeats a name: {header}; names must be unique.")
+    if isinstance(metadata, Mapping):
+        names = [_text(k) for k in metadata]
+        if header is not None and header != names:
+            raise ValueError(
+                f"`metadata` is a mapping with columns {names} but `metadata_header` is "
+                f"{header}: pass one of them."
+            )
+        if not names:
+            raise ValueError("`metadata` is an empty mapping: give at least one column.")
+        columns = [_as_list(v, f"metadata[{k!r}]") for k, v in metadata.items()]
+        for name, column in zip(names, columns, strict=True):
+            if len(column) != total:
+                raise ValueError(
+                    f"`metadata` column {name!r} has {len(column)} rows but `mat` has {total} "
+                    "points: give one value per point."
+                )
+        return (names if len(names) > 1 else None), columns
+    values = _as_list(metadata, "metadata")
+    if len(values) != total:
+        raise ValueError(
+            f"`metadata` has {len(values)} rows but `mat` has {total} points: give one "
+            "label (or row) per point."
+        )
+    ncols = len(header) if header is not None else 1
+    if not _is_row(values[0]):
+        if ncols != 1:
+            raise ValueError(
+                f"`metadata` is one column but `metadata_header` has {ncols} names: pass one "
+                "row per point with one value per column."
+            )
+        return None, [values]
+    rows = [_as_list(r, "metadata row") for r in values]
+    for i, row in enumerate(rows):
+        if len(row) != ncols:
+            if header is None:
+                raise ValueError(
+                    f"`metadata` row {i} has {len(row)} values: pass `metadata_header` with "
+                    "one name per column, or a flat list for a single column."
+                )
+            raise ValueError(
+                f"`metadata` row {i} has {len(row)} values but `metadata_header` has {ncols} "
+                "names: every row needs one value per column."
+            )
+    columns = [list(c) for c in zip(*rows, strict=True)]
+    return (header if ncols > 1 else None), columns
+
+
+def _as_list(value: Any, what: str) -> list[Any]:
+    if isinstance(value, torch.Tensor):
+        return list(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return list(value.tolist())
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"`{what}` is a single string: pass a list with one label per point.")
+    if isinstance(value, Iterable):
+        return list(value)
+    raise TypeError(f"`{what}` must be a sequence, got {type(value).__name__}.")
+
+
+def _unblank(cells: Sequence[str]) -> str:
+    """A line the projector would skip as blank, with its cells quoted so it is kept."""
+    return "\t".join(json.dumps(c, ensure_ascii=False) for c in cells)
+
+
+def _metadata_tsv(
+    header: list[str] | None, columns: list[list[Any]], index: np.ndarray | None
+) -> bytes:
+    if index is not None:
+        picks = index.tolist()
+        columns = [[column[i] for i in picks] for column in columns]
+    texts = [_text_column(column) for column in columns]
+    lines = texts[0] if len(texts) == 1 else ["\t".join(row) for row in zip(*texts, strict=True)]
+    if header is not None:
+        lines = ["\t".join(_text_column(list(header))), *lines]
+    for i, line in enumerate(lines):
+        if (not line or line[0] in _BLANK_CHARS) and _JS_BLANK_LINE.match(line):
+            lines[i] = _unblank(line.split("\t"))
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+# ---------------------------------------------------------------------- sprite
+def _image_tensor(label_img: Any) -> torch.Tensor:
+    if isinstance(label_img, torch.Tensor):
+        images = label_img.detach()
+    else:
+        array = np.asarray(label_img)
+        if array.dtype.kind not in "biuf":
+            raise TypeError(f"`label_img` must hold numbers, got dtype {array.dtype}.")
+        images = torch.from_numpy(np.ascontiguousarray(array))
+    if images.is_complex():
+        raise TypeError("`label_img` is complex: pass real pixel values.")
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
+        hint = ""
+        if images.ndim == 4 and images.shape[-1] in (1, 3, 4):
+            hint = " For channels-last images pass label_img.permute(0, 3, 1, 2)."
+        raise ValueError(
+            f"`label_img` must be (N, C, H, W) with C in 1, 3, 4, or (N, H, W); got shape "
+            f"{tuple(label_img.shape)}.{hint}"
+        )
+    if images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"`label_img` has empty images: shape {tuple(images.shape)}.")
+    return images
+
+
+def _check_image_count(label_img: Any, total: int) -> None:
+    count = len(label_img)
+    if count != total:
+        raise ValueError(
+            f"`label_img` has {count} images but `mat` has {total} points: give one image per point."
+        )
+
+
+def _value_range(images: torch.Tensor) -> tuple[float, float]:
+    """The input value that maps to 0 and the one that maps to 255."""
+    if images.dtype == torch.uint8:
+        return 0.0, 255.0
+    if images.dtype == torch.bool:
+        return 0.0, 1.0
+    finite = images if not images.is_floating_point() else torch.nan_to_num(images.float())
+    lo, hi = (float(v) for v in torch.aminmax(finite))
+    if images.is_floating_point():
+        if lo >= 0.0 and hi <= 1.0:
+            return 0.0, 1.0
+    elif lo >= 0 and hi <= 255:
+        return 0.0, 255.0
+    if hi == lo:
+        return lo - 1.0, hi
+    return lo, hi
+
+
+def _sprite_png(label_img: Any, index: np.ndarray | None) -> tuple[bytes, int]:
+    images = _rows_of(_image_tensor(label_img), index)
+    n, channels, height, width = images.shape
+    side = max(height, width)
+    ncol = math.ceil(math.sqrt(n))
+    nrow = math.ceil(n / ncol)
+    thumb = min(side, MAX_SPRITE_PX // ncol)
+    if thumb < 1:
+        raise ValueError(
+            f"{n:,} label images cannot fit a {MAX_SPRITE_PX} px sprite even at 1 px each: pass "
+            f"max_points <= {MAX_SPRITE_PX**2:,}."
+        )
+    padded = height != width
+    out_channels = channels + 1 if padded and channels in (1, 3) else channels
+    lo, hi = _value_range(images)
+    scale = 255.0 / (hi - lo)
+    pad_h, pad_w = side - height, side - width
+    padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
+    sprite = np.zeros((nrow * thumb, ncol * thumb, out_channels), dtype=np.uint8)
+    # Whole grid rows per chunk, so each chunk lands in the sprite with one reshape.
+    rows_per_chunk = max(1, _SPRITE_CHUNK_PX // (ncol * side * side))
+    for grid_row in range(0, nrow, rows_per_chunk):
+        start = grid_row * ncol
+        stop = min(n, (grid_row + rows_per_chunk) * ncol)
+        x = images[start:stop].float()
+        x = torch.nan_to_num(x, nan=lo).sub_(lo).mul_(scale).clamp_(0.0, 255.0)
+        if padded:
+            if channels in (1, 3):
+                x = torch.cat([x, torch.full_like(x[:, :1], 255.0)], dim=1)
+            x = F.pad(x, padding, value=0.0)
+        if thumb != side:
+            x = F.interpolate(x, size=(thumb, thumb), mode="area")
+        tiles = x.round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        count = tiles.shape[0]
+        rows_here = math.ceil(count / ncol)
+        if count < rows_here * ncol:
+            fill = np.zeros((rows_here * ncol - count, *tiles.shape[1:]), dtype=np.uint8)
+            tiles = np.concatenate([tiles, fill])
+        block = (
+            tiles.reshape(rows_here, ncol, thumb, thumb, out_channels)
+            .transpose(0, 2, 1, 3, 4)
+            .reshape(rows_here * thumb, ncol * thumb, out_channels)
+        )
+        sprite[grid_row * thumb : grid_row * thumb + block.shape[0]] = block
+    return _encode_png(sprite), thumb
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _encode_png(pixels: np.ndarray) -> bytes:
+    """An 8-bit PNG of an (H, W, C) uint8 array, C in 1 (grey), 2 (grey+alpha), 3, 4."""
+    height, width, channels = pixels.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    raw = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter byte 0 per row
+    raw[:, 1:] = pixels.reshape(height, width * channels)
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return b"".join(
+        [
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", header),
+            _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)),
+            _png_chunk(b"IEND", b""),
+        ]
+    )
