@@ -394,13 +394,15 @@ class RunWriter:
         """Writes everything queued so far to storage before returning."""
         if self._closed:
             return
-        self._error = None  # a flush retries what a failed write left pending
+        pending, self._error = self._error, None  # a flush retries what a failed write left pending
         done = threading.Event()
         self._queue.append((_FLUSH, done))
         self._wake.set()
         while not done.wait(0.1):
             if not self._thread.is_alive():
                 break
+        if self._error is None and isinstance(pending, FileNotFoundError | RunWriterError):
+            self._error = pending  # a retry does not undo these: report them once
         self._check_open(allow_closed=True)
 
     def close(self) -> None:
@@ -458,6 +460,11 @@ class RunWriter:
         queue = self._queue
         encode = self._encoder.encode
         chunks: list[bytes] = []
+        if queue:
+            try:  # before writing: events must not go into a file that was deleted meanwhile
+                self._check_file_present()
+            except Exception as error:
+                self._error = error
         while queue:
             item = queue.popleft()
             kind = item[0]
@@ -518,7 +525,11 @@ class RunWriter:
 
     def _patch(self, handle: RecordHandle, data: bytes) -> None:
         if handle.file != self._file.path:
-            raise RunWriterError(f"record {handle} is not in the current event file")
+            raise RunWriterError(
+                f"cannot update a record in {handle.file!r}: that event file was removed and "
+                f"logging goes on in {self._file.path!r}; the record (e.g. the run's HParams "
+                "row and status) was lost with the removed file"
+            )
         self._file.patch(handle.offset, data)
 
     def _write_out(self, *, final: bool = False) -> None:
@@ -541,13 +552,14 @@ class RunWriter:
         lost_path = self._file.path
         self._file.close()
         _fs.makedirs(self.fs, self._path)
-        self._file = _EventFile(self.fs, lost_path)
+        # A new name: handles of records in the lost file must not patch the new one.
+        self._file = _EventFile(self.fs, f"{lost_path}.{next(_FILE_COUNTER)}")
         self._file.write(
             frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         )
         raise FileNotFoundError(
             f"the event file {lost_path!r} was removed while the run was writing (deleted run "
-            "directory?); the directory was recreated and logging goes on in a new file there"
+            f"directory?); the directory was recreated and logging goes on in {self._file.path!r}"
         )
 
 
