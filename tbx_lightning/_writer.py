@@ -219,6 +219,7 @@ class RunWriter:
         self._error: BaseException | None = None
         self._failed: list[bytes] = []
         self._encoder = ScalarEncoder()
+        self._checked_keys: set[tuple[str, ...]] = set()
         self._experiment: _RunSummaryWriter | None = None
         name = (
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
@@ -281,19 +282,13 @@ class RunWriter:
         keys = tuple(metrics)
         values = list(metrics.values())
         tensor_idx: list[int] | None = None
-        for i, value in enumerate(values):
+        for value in values:
             kind = type(value)
-            if kind is float or kind is int:
-                continue
-            if isinstance(value, torch.Tensor):
-                if tensor_idx is None:
-                    tensor_idx = []
-                tensor_idx.append(i)
-                continue
-            values[i] = _coerce_scalar(keys[i], value)
-        for key in keys:
-            if type(key) is not str or not key:
-                self._bad_tag(key)
+            if kind is not float and kind is not int:
+                tensor_idx = self._coerce_values(keys, values)
+                break
+        if keys not in self._checked_keys:
+            self._check_keys(keys)
         if tensor_idx is None:
             self._put((_SCALARS, step, time.time(), keys, values))
             return
@@ -308,6 +303,29 @@ class RunWriter:
                 self._stack(keys, values, tensor_idx),
             )
         )
+
+    @staticmethod
+    def _coerce_values(keys: tuple[str, ...], values: list[Any]) -> list[int] | None:
+        """Converts non-float values in place; returns the positions of tensors, if any."""
+        tensor_idx: list[int] | None = None
+        for i, value in enumerate(values):
+            kind = type(value)
+            if kind is float or kind is int:
+                continue
+            if isinstance(value, torch.Tensor):
+                if tensor_idx is None:
+                    tensor_idx = []
+                tensor_idx.append(i)
+                continue
+            values[i] = _coerce_scalar(keys[i], value)
+        return tensor_idx
+
+    def _check_keys(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            if type(key) is not str or not key:
+                self._bad_tag(key)
+        if len(self._checked_keys) < 4096:  # remember a few key sets: steady-state calls skip this
+            self._checked_keys.add(keys)
 
     @staticmethod
     def _coerce_step(step: Any) -> int:

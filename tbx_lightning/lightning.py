@@ -272,6 +272,13 @@ class TBXLogger(TensorBoardLogger):
         if step is None:
             step = self._last_step
         self._last_step = int(step)
+        flat: Mapping[str, Any] = metrics
+        if self._prefix or any(isinstance(v, Mapping) for v in metrics.values()):
+            flat = self._flatten_metrics(metrics)
+        run = self._run if self._run is not None else self.run_writer
+        run.log_scalars(flat, self._last_step)
+
+    def _flatten_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         flat: dict[str, Any] = {}
         for key, value in metrics.items():
             name = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}" if self._prefix else key
@@ -280,7 +287,7 @@ class TBXLogger(TensorBoardLogger):
                     flat[f"{name}/{sub}"] = item
             else:
                 flat[name] = value
-        self.run_writer.log_scalars(flat, int(step))
+        return flat
 
     @rank_zero_only
     def log_hyperparams(
@@ -304,9 +311,7 @@ class TBXLogger(TensorBoardLogger):
         if metrics is None and self._default_hp_metric:
             metrics = {"hp_metric": -1}
         self._hp.log(params, metrics, step=self._last_step if step is None else int(step))
-        save_hparams_to_yaml(
-            _fs.join(self._fs, run.path, self.NAME_HPARAMS_FILE), self.hparams
-        )
+        save_hparams_to_yaml(_fs.join(self._fs, run.path, self.NAME_HPARAMS_FILE), self.hparams)
 
     @rank_zero_only
     def log_graph(self, model: nn.Module, input_array: Any = None) -> None:  # type: ignore[override]
@@ -377,8 +382,8 @@ class TBXLogger(TensorBoardLogger):
     # ------------------------------------------------------------------- lifecycle
     @rank_zero_only
     def save(self) -> None:
-        if self._run is not None:
-            self._run.flush()
+        """Lightning calls this after every ``log_metrics``: the writer thread flushes on its own
+        schedule (``flush_secs``), so nothing happens here; ``finalize`` flushes."""
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

@@ -27,11 +27,20 @@ def values(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
 
 
 def test_public_surface_is_sorted_and_complete() -> None:
+    import types
+
     assert tbx_lightning.__all__ == sorted(tbx_lightning.__all__)
-    public = {n for n in dir(tbx_lightning) if not n.startswith("_")} - {"annotations", "importlib"}
-    assert public - {"install_accelerate_hook", "TYPE_CHECKING", "Any"} == set(
-        tbx_lightning.__all__
-    ) - {"__version__"}
+    for name in tbx_lightning.__all__:
+        assert getattr(tbx_lightning, name) is not None, name
+    helpers = {"annotations", "importlib", "install_accelerate_hook", "TYPE_CHECKING", "Any"}
+    public = {
+        name
+        for name in dir(tbx_lightning)
+        if not name.startswith("_")
+        and name not in helpers
+        and not isinstance(getattr(tbx_lightning, name), types.ModuleType)
+    }
+    assert public == set(tbx_lightning.__all__) - {"__version__"}
 
 
 def test_import_does_not_load_frameworks() -> None:
