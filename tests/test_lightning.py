@@ -224,3 +224,50 @@ def test_pickles_without_its_writer(tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(logger))
     assert clone.log_dir == logger.log_dir and clone._run is None
     logger.finalize("success")
+
+
+def test_hparams_dashboard_over_several_fits(tmp_path: Path, tensorboard) -> None:
+    configs = [
+        {"lr": 0.05, "width": 8},
+        {"lr": 0.01, "width": 16},
+    ]
+    for cfg in configs:
+        trainer(TBXLogger(tmp_path, name="sweep"), max_epochs=1).fit(
+            Regressor(**cfg), loader(), loader()
+        )
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(TBXLogger(tmp_path, name="sweep"), max_epochs=1).fit(Regressor(fail_at=1), loader())
+
+    server = tensorboard(tmp_path / "sweep")
+    server.wait_for_runs(3)
+    experiment = server.post_json("/data/plugin/hparams/experiment", {"experimentName": ""})
+    # fail_at is None in two runs (left out there) and 1 in the third: still a column.
+    assert {h["name"] for h in experiment["hparamInfos"]} == {"lr", "width", "fail_at"}
+    assert {"train/loss", "val/loss", "epoch"} <= {
+        m["name"]["tag"] for m in experiment["metricInfos"]
+    }
+    assert "hp_metric" not in {m["name"]["tag"] for m in experiment["metricInfos"]}
+    groups = server.post_json(
+        "/data/plugin/hparams/session_groups",
+        {
+            "experimentName": "",
+            "allowedStatuses": [
+                "STATUS_UNKNOWN",
+                "STATUS_SUCCESS",
+                "STATUS_FAILURE",
+                "STATUS_RUNNING",
+            ],
+            "colParams": [],
+            "startIndex": 0,
+            "sliceSize": 10,
+        },
+    )["sessionGroups"]
+    rows = {g["name"]: (g["hparams"], g["sessions"][0]["status"]) for g in groups}
+    assert rows == {
+        "version_0": ({"lr": 0.05, "width": 8.0}, "STATUS_SUCCESS"),
+        "version_1": ({"lr": 0.01, "width": 16.0}, "STATUS_SUCCESS"),
+        "version_2": ({"lr": 0.05, "width": 8.0, "fail_at": 1.0}, "STATUS_FAILURE"),
+    }
+    for group in groups[:2]:
+        metrics = {m["name"]["tag"]: m for m in group["metricValues"]}
+        assert metrics["train/loss"]["trainingStep"] == 3
