@@ -438,11 +438,11 @@ def _preserved_state(model: torch.nn.Module) -> Iterator[None]:
         for module, mode in modes:
             module.training = mode
         for module, saved in params:
-            if module._parameters != saved:
+            if not _same_items(module._parameters, saved):
                 module._parameters.clear()
                 module._parameters.update(saved)
         for module, saved in buffers:
-            if module._buffers != saved:
+            if not _same_items(module._buffers, saved):
                 module._buffers.clear()
                 module._buffers.update(saved)
         with torch.no_grad():
@@ -452,6 +452,11 @@ def _preserved_state(model: torch.nn.Module) -> Iterator[None]:
         for param, grad in grads:
             if param.grad is not grad:
                 param.grad = grad
+
+
+def _same_items(current: Mapping[str, Any], saved: Mapping[str, Any]) -> bool:
+    """Same keys bound to the very same objects (``==`` on tensors would compare values)."""
+    return current.keys() == saved.keys() and all(current[k] is saved[k] for k in saved)
 
 
 _NOISY_LOGGERS = (

@@ -707,3 +707,28 @@ def test_tensorboard_graphs_plugin_serves_the_run_graph(
     assert any(k.startswith("up/") and v.op == "aten::linear" for k, v in fallback.items())
     text = server.get_json("/data/plugin/text/text", {"run": "fallback", "tag": TEXT_TAG})
     assert "torch.jit.trace" in text[0]["text"]
+
+
+class Rebinding(nn.Module):
+    """Forward replaces a buffer and a parameter: both bindings must come back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 3)
+        self.register_buffer("calls", torch.zeros(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls = self.calls + 1
+        self.fc.bias = nn.Parameter(torch.ones(3))
+        return self.fc(x) + self.calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rebound_state_is_restored(method: str) -> None:
+    model = Rebinding()
+    calls, bias = model.calls, model.fc.bias
+    x = torch.randn(2, 3)
+    before = Snapshot.of(model)
+    export_graph(model, x, methods=(method,))
+    assert model.calls is calls and model.fc.bias is bias
+    before.assert_same(model)
