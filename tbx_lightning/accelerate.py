@@ -121,8 +121,26 @@ def _image_array(key: str, image: Any, dataformats: str) -> tuple[np.ndarray, st
     return array, dataformats
 
 
-def _image_batch(key: str, images: Any, dataformats: str) -> tuple[np.ndarray, str]:
-    """Any accepted image value as one batch array and its ``N...`` data format."""
+def _as_nchw(key: str, batch: np.ndarray, fmt: str) -> np.ndarray:
+    """A batch in ``fmt`` (``N`` + one image's layout) as NCHW with 1, 3 or 4 channels."""
+    if len(set(fmt)) != len(fmt) or set(fmt) - set("NCHW") or not {"H", "W"} <= set(fmt):
+        raise ValueError(
+            f"dataformats={fmt[1:]!r} for image {key!r} is not a layout of H, W and optionally C: "
+            "use 'CHW', 'HWC' or 'HW'."
+        )
+    if "C" not in fmt:
+        batch, fmt = batch[:, None], "NC" + fmt[1:]
+    batch = batch.transpose([fmt.index(axis) for axis in "NCHW"])
+    if batch.shape[1] not in (1, 3, 4):
+        raise ValueError(
+            f"Image {key!r} has {batch.shape[1]} channels in dataformats={fmt[1:]!r}: images have "
+            "1, 3 or 4 channels; pass the dataformats that matches the array ('CHW', 'HWC', 'HW')."
+        )
+    return batch
+
+
+def _image_batch(key: str, images: Any, dataformats: str) -> np.ndarray:
+    """Any accepted image value as one NCHW batch array."""
     fmt = dataformats.upper()
     if isinstance(images, list | tuple):
         if not images:
@@ -148,12 +166,12 @@ def _image_batch(key: str, images: Any, dataformats: str) -> tuple[np.ndarray, s
                 f"Images of {key!r} have different shapes {sorted(shapes)}: resize them to one "
                 "shape to log them as one batch, or log them under separate keys."
             )
-        return np.stack(arrays), "N" + one_fmt
+        return _as_nchw(key, np.stack(arrays), "N" + one_fmt)
     array, one_fmt = _image_array(key, images, fmt)
     if array.ndim == len(one_fmt):
-        return array[None], "N" + one_fmt
+        return _as_nchw(key, array[None], "N" + one_fmt)
     if array.ndim == len(one_fmt) + 1:
-        return array, "N" + one_fmt
+        return _as_nchw(key, array, "N" + one_fmt)
     raise ValueError(
         f"Image {key!r} has shape {tuple(array.shape)}, which fits neither one image nor a batch "
         f"in dataformats={one_fmt!r}: pass dataformats ('CHW', 'HWC' or 'HW') that matches it."
@@ -394,7 +412,8 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         Values may be tensors or NumPy arrays (float in [0, 1] or uint8), PIL images
         (always HWC), or lists of these of one shape. Pass ``dataformats=`` for the
         layout of one image (``"CHW"`` by default, ``"HWC"``, ``"HW"``); a tensor with
-        one more dimension is a batch. Without ``step``, images go to the latest step.
+        one more dimension is a batch, shown as one grid image under its key (as
+        tensorboardX's ``add_images`` does). Without ``step``, images go to the latest step.
 
         Raises:
             TypeError: a value that is not an image; ValueError: a shape that does not
@@ -412,47 +431,27 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         experiment = self.tracker
         batches = {key: _image_batch(key, images, dataformats) for key, images in values.items()}
         at = self._resolve_step(step, advance=False)
-        for key, (batch, fmt) in batches.items():
-            experiment.add_images(key, batch, global_step=at, dataformats=fmt)
+        for key, batch in batches.items():
+            experiment.add_images(key, batch, global_step=at, dataformats="NCHW")
         if batches:
             self._seen(at)
 
     @on_main_process
     def log_histograms(self, values: Mapping[str, Any], step: int | None = None) -> None:
-        """Logs a histogram per tensor (weights, activations, gradients), as ``TBXLogger`` does.
+        """Logs a histogram per tensor or array (weights, activations, gradients).
 
-        Binning goes through :mod:`tbx_lightning.monitor` (on the tensor's device) when
-        it offers ``log_histograms``, else through tensorboardX's ``add_histogram``.
+        Routed to :func:`tbx_lightning.monitor.log_histograms`, as ``TBXLogger`` does:
+        each tensor is binned on its own device and only the bins reach the host.
         Without ``step``, histograms go to the latest step.
 
         Raises:
-            TypeError: a value that is not a tensor or array; ValueError: an empty one.
-                The message names the key; nothing of the call is written then.
+            TypeError: a value that is not a real tensor or array; ValueError: an empty
+                one. The message names the key.
         """
-        for key, value in values.items():
-            if not isinstance(value, torch.Tensor | np.ndarray):
-                raise TypeError(
-                    f"Histogram {key!r} has type {type(value).__name__}: log a tensor or array."
-                )
-            if value.size == 0 if isinstance(value, np.ndarray) else value.numel() == 0:
-                raise ValueError(f"Histogram {key!r} is empty: log a tensor with values.")
-            if isinstance(value, torch.Tensor) and value.is_complex():
-                raise TypeError(f"Histogram {key!r} is a complex tensor: log its real part or abs.")
-        run = self.run_writer
-        at = self._resolve_step(step, advance=False)
-        from tbx_lightning import monitor
+        from tbx_lightning.monitor import log_histograms
 
-        routed = getattr(monitor, "log_histograms", None)
-        if routed is not None:
-            routed(run, values, at)
-        else:
-            for key, value in values.items():
-                array = (
-                    value.detach().float().cpu().numpy()
-                    if isinstance(value, torch.Tensor)
-                    else np.asarray(value, dtype=np.float64)
-                )
-                run.experiment.add_histogram(key, array.reshape(-1), global_step=at)
+        at = self._resolve_step(step, advance=False)
+        log_histograms(self.run_writer, values, at)
         if values:
             self._seen(at)
 
@@ -467,15 +466,20 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         label_img: Any = None,
         step: int | None = None,
         max_points: int | None = None,
+        seed: int = 0,
     ) -> Any:
         """Writes an embedding for TensorBoard's projector, as ``TBXLogger`` does.
 
-        See :func:`tbx_lightning.projector.log_embedding` for the arguments. Without
-        ``step``, the embedding goes to the latest step.
+        See :func:`tbx_lightning.projector.log_embedding` for the arguments; returns
+        its ``EmbeddingRecord``. Without ``step``, the embedding goes to the latest
+        step logged (the next free step of the tag if nothing was logged yet); the same
+        ``(tag, step)`` logged again replaces that entry, so pass ``step`` to keep several.
         """
         from tbx_lightning.projector import log_embedding
 
-        at = self._resolve_step(step, advance=False)
+        at = (
+            None if step is None and self._step is None else self._resolve_step(step, advance=False)
+        )
         result = log_embedding(
             self.run_writer,
             tag,
@@ -485,8 +489,10 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
             label_img=label_img,
             step=at,
             max_points=max_points,
+            seed=seed,
         )
-        self._seen(at)
+        if at is not None:
+            self._seen(at)
         return result
 
     @on_main_process
