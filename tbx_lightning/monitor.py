@@ -300,14 +300,14 @@ class ModelMonitor:
     - :meth:`after_backward` once per optimizer step, after gradients are complete
       (after accumulation) and before clipping: weight and gradient histograms,
       norms, non-finite counts, frozen fractions, the total gradient norm before clipping.
-    - :meth:`after_clip` after clipping, before ``optimizer.step()``: the total
-      gradient norm after clipping.
+    - :meth:`after_clip` after clipping (before or right after ``optimizer.step()``,
+      which leaves gradients as they are): the total gradient norm after clipping.
     - :meth:`after_optimizer_step` after ``optimizer.step()``: update/weight ratio per
       group, learning rate and momentum per param group.
     - :meth:`log_throughput` and :meth:`log_memory` once per step.
 
     :meth:`attach` registers ``after_clip`` and ``after_optimizer_step`` as the
-    optimizer's step hooks, so a loop needs only ``after_backward`` and ``log_throughput``.
+    optimizer's step post-hook, so a loop needs only ``after_backward`` and ``log_throughput``.
 
     Histograms are exact by default: every element of every tensor is binned, on the
     tensor's device, into ``bins`` equal bins between the group's minimum and maximum
@@ -518,7 +518,7 @@ class ModelMonitor:
         return self.norm_every_n_steps > 0 and step % self.norm_every_n_steps == 0
 
     def attach(self, optimizer: Any, name: str | None = None) -> None:
-        """Calls :meth:`after_clip` and :meth:`after_optimizer_step` from ``optimizer``'s hooks.
+        """Calls :meth:`after_clip` and :meth:`after_optimizer_step` from ``optimizer``'s step hook.
 
         The step is the one of the last :meth:`after_backward` call. Wrappers with an
         ``optimizer`` attribute (Accelerate's, Lightning's) are unwrapped. ``name`` prefixes
@@ -536,13 +536,13 @@ class ModelMonitor:
                 f"{type(optimizer).__name__}."
             )
 
-        def pre(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-            self.after_clip(self._step)
-
         def post(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            # Gradients are still the clipped ones after step(); measuring them here and
+            # not in a pre-hook also works where step() runs the backward in a closure
+            # (Lightning), so the pre-hook would fire before the gradients exist.
+            self.after_clip(self._step)
             self.after_optimizer_step(self._step, opt, name=name)
 
-        self._hooks.append(inner.register_step_pre_hook(pre))
         self._hooks.append(inner.register_step_post_hook(post))
 
     def detach(self) -> None:
