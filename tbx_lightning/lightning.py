@@ -257,13 +257,35 @@ class TBXLogger(TensorBoardLogger):
                 return
             placeholder = self._run
             placeholder.close()
-        old_dir = self.log_dir if placeholder is not None else None
+        # The version may have been claimed (e.g. by ModelCheckpoint resolving its dirpath)
+        # without a writer being opened: that folder is abandoned too.
+        old_dir = self.log_dir if self._version is not None else None
+        old_root = self._version_dir() if self._version is not None else None
         self._version = version
         self._kwargs = {**self._kwargs, "purge_step": step}
         self._run = RunWriter(self.log_dir, **self._kwargs)
         self._hp = RunHParams(self._run, mask_secrets=self._mask_secrets)
-        if placeholder is not None and old_dir is not None:
+        if old_root is not None and old_root != self._version_dir():
+            self._move_checkpoint_dirs(old_root, self._version_dir())
+        if old_dir is not None and old_dir != self.log_dir:
             _remove_if_only_header(self._fs, placeholder, old_dir)
+            if old_root is not None and old_root != old_dir:
+                _remove_if_only_header(self._fs, None, old_root)
+
+    def _version_dir(self) -> str:
+        folder = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        return os.path.join(self.root_dir, folder)
+
+    def _move_checkpoint_dirs(self, old_root: str, new_root: str) -> None:
+        """Checkpoint callbacks that resolved their folder inside the abandoned version follow
+        the run (Lightning sets them up before the checkpoint's run is known)."""
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        for callback in getattr(trainer, "checkpoint_callbacks", []):
+            dirpath = getattr(callback, "dirpath", None)
+            if isinstance(dirpath, str) and (
+                dirpath == old_root or dirpath.startswith(old_root.rstrip("/\\") + os.sep)
+            ):
+                callback.dirpath = new_root + dirpath[len(old_root) :]
 
     # ------------------------------------------------------------------- logging
     @rank_zero_only
@@ -420,12 +442,16 @@ class TBXLogger(TensorBoardLogger):
         return state
 
 
-def _remove_if_only_header(fs: Any, run: RunWriter, log_dir: str) -> None:
+def _remove_if_only_header(fs: Any, run: RunWriter | None, log_dir: str) -> None:
     """Deletes a run directory that this logger created and left empty but for its header."""
     if not _fs.is_local(fs):
         return
     try:
         entries = os.listdir(log_dir)
+        if run is None:
+            if not entries:
+                os.rmdir(log_dir)
+            return
         if entries == [os.path.basename(run.event_file)] and os.path.getsize(run.event_file) < 256:
             os.remove(run.event_file)
             os.rmdir(log_dir)
