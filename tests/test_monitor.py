@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -465,35 +467,55 @@ def test_wrapped_optimizer_is_unwrapped(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- sharded
-def _sharded_worker(rank: int, world: int, init: str, out: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        full = torch.randn(1000)
-        full[7] = math.nan
-        model = nn.Module()
-        model.layer = nn.Module()
-        # Each rank holds a different, uneven piece of the same logical parameter.
-        cut = 300
-        model.layer.w = nn.Parameter(full[:cut].clone() if rank == 0 else full[cut:].clone())
-        model.layer.w.grad = torch.ones_like(model.layer.w) * (rank + 1)
-        run = RunWriter(out) if rank == 0 else None
-        monitor = ModelMonitor(model, run, sharded=True, hist_every_n_steps=1, norm_every_n_steps=1)
-        monitor.after_backward(0)
-        if run is not None:
-            run.close()
-    finally:
-        torch.distributed.destroy_process_group()
+_SHARDED_WORKER = """
+import math, sys, torch
+from torch import nn
+from tbx_lightning._writer import RunWriter
+from tbx_lightning.monitor import ModelMonitor
+
+rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+torch.manual_seed(0)
+full = torch.randn(1000)
+full[7] = math.nan
+model = nn.Module()
+model.layer = nn.Module()
+# Each rank holds a different, uneven piece of the same logical parameter.
+piece = full[:300] if rank == 0 else full[300:]
+model.layer.w = nn.Parameter(piece.clone())
+model.layer.w.grad = torch.ones_like(model.layer.w) * (rank + 1)
+run = RunWriter(out) if rank == 0 else None
+monitor = ModelMonitor(model, run, sharded=True, hist_every_n_steps=1, norm_every_n_steps=1)
+monitor.after_backward(0)
+if run is not None:
+    run.close()
+torch.distributed.destroy_process_group()
+"""
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sharded_counts_are_summed_over_ranks(tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
     init = f"file://{tmp_path / 'rendezvous'}"
     out = str(tmp_path / "run")
-    mp.spawn(_sharded_worker, args=(2, init, out), nprocs=2, join=True)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARDED_WORKER, str(rank), init, out],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    try:
+        logs = [p.communicate(timeout=100)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], logs
     acc = read(out)
     torch.manual_seed(0)
     full = torch.randn(1000)
@@ -608,4 +630,3 @@ def test_histograms_in_tensorboard(tmp_path: Path, tensorboard: Any) -> None:
         "/data/plugin/scalars/scalars", {"run": "run", "tag": "monitor/update_ratio/head"}
     )
     assert [step for _, step, _ in scalars_json] == [0, 1]
-    _ = os  # keep the import for tmp path debugging
