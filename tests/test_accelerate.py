@@ -567,6 +567,25 @@ def test_memory_filesystem(tmp_path: Path) -> None:
     fs.rm("/tbx-accelerate-test", recursive=True)
 
 
+def test_minimal_example_runs(tmp_path: Path) -> None:
+    example = REPO / "examples" / "accelerate_minimal.py"
+    result = subprocess.run(
+        [sys.executable, str(example), "train.steps=3", "train.log_every=1", "project_dir=out"],
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    acc = read(tmp_path / "out" / "accelerate-minimal" / "version_0")
+    assert [s for s, _ in scalars(acc, "train/loss")] == [0, 1, 2]
+    assert [e.step for e in acc.Histograms("weights/layer0")] == [0]
+    row, status = session(acc)
+    assert (row["optim.lr"], row["optim.betas"], row["train.steps"]) == (0.01, "[0.9, 0.999]", 3)
+    assert status == "STATUS_SUCCESS"
+
+
 # ----------------------------------------------------------------------------- TensorBoard
 @pytest.mark.slow
 def test_hparams_plugin_shows_config_metrics_and_statuses(tmp_path: Path, tensorboard: Any) -> None:
