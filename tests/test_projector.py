@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,10 +59,8 @@ def ramp_images(n: int, channels: int, height: int, width: int) -> torch.Tensor:
     return level.view(n, 1, 1, 1).expand(n, channels, height, width).contiguous()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TensorBoardServer, dict]]:
-    """One log dir with every layout, one TensorBoard server reading it."""
-    logdir = tmp_path_factory.mktemp("projector") / "logs"
+def write_core_layouts(logdir: Path) -> dict[str, Expected]:
+    """Every layout of the core function, with what TensorBoard must serve for each."""
     expected: dict[str, Expected] = {}
     gen = torch.Generator().manual_seed(0)
 
@@ -212,13 +213,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TensorBoa
         "remote", rec.tensor_name, mat.numpy(), [f"r{i}" for i in range(12)], (20, 15), 5
     )
 
-    server = TensorBoardServer(logdir)
-    try:
-        server.wait_for_runs(3)
-        yield server, expected
-    finally:
-        server.stop()
-        mem.rm("/projector-test", recursive=True)
+    mem.rm("/projector-test", recursive=True)
+    return expected
 
 
 def info(server: TensorBoardServer, run: str) -> dict[str, dict[str, Any]]:
@@ -507,3 +503,384 @@ def test_remote_files_exist_in_memory_fs() -> None:
         assert b'tensor_name: "m:00000000"' in mem.cat_file(rec.config_path)
     finally:
         mem.rm("/projector-unit", recursive=True)
+
+
+# ---------------------------------------------------------------------- Lightning callback
+DDP_SCRIPT = """
+import sys
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from tbx_lightning import EmbeddingProjector, TBXLogger
+
+
+class Model(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Identity()
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class Done(Callback):
+    # Each process says it got past the end of training (none blocked in a collective).
+
+    def on_train_end(self, trainer, pl_module):
+        open(f"{sys.argv[1]}/done_{trainer.global_rank}.txt", "w").close()
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    x = torch.arange(30 * 4, dtype=torch.float32).view(30, 4).add(0.25)
+    data = TensorDataset(x, torch.arange(30))
+    projector = EmbeddingProjector(
+        "encoder",
+        label_key=1,
+        image_fn=lambda b: b[0].view(-1, 1, 2, 2) / 120.0,
+        dataloader=DataLoader(data, batch_size=4),  # 8 batches, the last of 2: uneven shards
+        every_n_epochs=0,
+        max_points=None,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_fork",  # forked ranks: no second interpreter start-up
+        max_epochs=1,
+        logger=TBXLogger(out, name="ddp", version=0),
+        callbacks=[projector, Done()],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Model(), DataLoader(data, batch_size=8))
+"""
+
+
+class TinyEncoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x))
+
+
+def make_model() -> Any:
+    from lightning.pytorch import LightningModule
+
+    class Classifier(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = TinyEncoder()
+            self.head = torch.nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.encoder(x))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.5)
+
+    return Classifier()
+
+
+def toy_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return x, y
+
+
+def trainer_for(logger: Any, callbacks: list[Any], epochs: int = 2) -> Any:
+    from lightning.pytorch import Trainer
+
+    return Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+
+
+class EmbeddingOnlyLogger:
+    """Stand-in for any Lightning logger that has ``log_embedding``: owns a RunWriter."""
+
+    @staticmethod
+    def make(path: Path) -> Any:
+        from lightning.pytorch.loggers.logger import Logger
+
+        class _Logger(Logger):
+            def __init__(self) -> None:
+                super().__init__()
+                self.run = RunWriter(path)
+                self.records: list[Any] = []
+
+            @property
+            def name(self) -> str:
+                return "embedding-only"
+
+            @property
+            def version(self) -> int:
+                return 0
+
+            def log_metrics(self, metrics: Any, step: int | None = None) -> None:
+                pass
+
+            def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+                pass
+
+            def log_embedding(self, tag: str, mat: Any, **kwargs: Any) -> Any:
+                record = log_embedding(self.run, tag, mat, **kwargs)
+                self.records.append(record)
+                return record
+
+            def finalize(self, status: str) -> None:
+                self.run.close()
+
+        return _Logger()
+
+
+def write_callback_runs(logdir: Path) -> dict[str, Any]:
+    """Runs written by the callback in this process: fine-tuning before/after, periodic."""
+    from lightning.pytorch import seed_everything
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tbx_lightning import EmbeddingProjector, TBXLogger
+
+    facts: dict[str, Any] = {}
+    seed_everything(0)
+    x, y = toy_data()
+    data = TensorDataset(x, y)
+    # Before and after fine-tuning, side by side as two steps.
+    model = make_model()
+    before = model.encoder(x).detach()
+    projector = EmbeddingProjector(
+        "encoder",
+        label_key=1,
+        image_fn=lambda batch: batch[0].view(-1, 1, 2, 2),
+        log_before_fit=True,
+        every_n_epochs=0,
+        max_points=None,
+    )
+    trainer = trainer_for(TBXLogger(logdir, name="finetune", version=0), [projector], epochs=3)
+    trainer.fit(
+        model, DataLoader(data, batch_size=10, shuffle=True), DataLoader(data, batch_size=16)
+    )
+    facts["finetune"] = {
+        "before": before.numpy(),
+        "after": model.encoder(x).detach().numpy(),
+        "labels": [str(v) for v in y.tolist()],
+        "final_step": trainer.global_step,
+    }
+
+    # Every epoch, an embed_fn over a loader of our own, through a minimal logger.
+    model = make_model()
+    logger = EmbeddingOnlyLogger.make(logdir / "periodic")
+    projector = EmbeddingProjector(
+        embed_fn=lambda module, batch: module.encoder(batch[0]).unsqueeze(1).expand(-1, 3, -1),
+        pool="mean",
+        label_fn=lambda batch: [[f"s{int(v)}", int(v) % 2] for v in batch[1]],
+        metadata_header=["name", "odd"],
+        dataloader=DataLoader(TensorDataset(x, torch.arange(40)), batch_size=8),
+        max_batches=3,
+        every_n_epochs=1,
+        max_points=20,
+        tag="periodic/enc",
+    )
+    trainer = trainer_for(logger, [projector], epochs=2)
+    trainer.fit(model, DataLoader(data, batch_size=20))
+    facts["periodic"] = {
+        "steps": [r.step for r in logger.records],
+        "records": logger.records,
+        "x": x,
+        "after": model.encoder(x[:24]).detach().numpy(),
+    }
+
+    return facts
+
+
+@pytest.fixture(scope="module")
+def tb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TensorBoardServer, dict, dict]]:
+    """One log dir with every layout and every callback run, one TensorBoard server reading it."""
+    root = tmp_path_factory.mktemp("projector")
+    logdir = root / "logs"
+    # Two DDP processes in the background while this process writes the other runs.
+    script = root / "projector_ddp.py"
+    script.write_text(DDP_SCRIPT)
+    ddp_out = root / "ddp_out"
+    ddp_out.mkdir()
+    ddp = subprocess.Popen(
+        [sys.executable, str(script), str(ddp_out)],
+        cwd=str(Path(__file__).resolve().parents[1]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        expected = write_core_layouts(logdir)
+        facts = write_callback_runs(logdir)
+        out, _ = ddp.communicate(timeout=240)
+    finally:
+        if ddp.poll() is None:
+            ddp.kill()
+            ddp.wait()
+    assert ddp.returncode == 0, out.decode(errors="replace")[-4000:]
+    facts["ddp_done"] = sorted(p.name for p in ddp_out.glob("done_*"))
+    shutil.copytree(ddp_out / "ddp", logdir / "ddp")
+
+    server = TensorBoardServer(logdir)
+    try:
+        server.wait_for_runs(6)
+        yield server, expected, facts
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def served(tb: tuple[TensorBoardServer, dict, dict]) -> tuple[TensorBoardServer, dict]:
+    return tb[0], tb[1]
+
+
+@pytest.fixture
+def fitted(tb: tuple[TensorBoardServer, dict, dict]) -> tuple[TensorBoardServer, dict]:
+    return tb[0], tb[2]
+
+
+def served_tensor(server: TensorBoardServer, run: str, name: str) -> np.ndarray:
+    entry = info(server, run)[name]
+    data = server.get_bytes(f"{PLUGIN}/tensor", {"run": run, "name": name})
+    return np.frombuffer(data, dtype="<f4").reshape(entry["tensorShape"])
+
+
+@pytest.mark.slow
+def test_callback_before_and_after_finetuning(fitted: tuple[TensorBoardServer, dict]) -> None:
+    server, facts = fitted
+    fact = facts["finetune"]
+    run = "finetune/version_0"
+    final = fact["final_step"]
+    assert sorted(info(server, run)) == ["embeddings:00000000", f"embeddings:{final:08d}"]
+    np.testing.assert_allclose(
+        served_tensor(server, run, "embeddings:00000000"), fact["before"], rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        served_tensor(server, run, f"embeddings:{final:08d}"), fact["after"], rtol=1e-6
+    )
+    assert not np.allclose(fact["before"], fact["after"])
+    for step in (0, final):
+        name = f"embeddings:{step:08d}"
+        meta = server.get_bytes(f"{PLUGIN}/metadata", {"run": run, "name": name})
+        assert lines(meta) == fact["labels"]
+        png = server.get_bytes(f"{PLUGIN}/sprite_image", {"run": run, "name": name})
+        assert png_size(png) == (7 * 2, 6 * 2)  # 40 images of 2 x 2 px, 7 columns
+
+
+@pytest.mark.slow
+def test_callback_every_epoch_with_embed_fn(fitted: tuple[TensorBoardServer, dict]) -> None:
+    server, facts = fitted
+    fact = facts["periodic"]
+    assert fact["steps"] == [2, 4]  # after epochs 1 and 2; fit end is the same step: not repeated
+    names = sorted(info(server, "periodic"))
+    assert names == ["periodic/enc:00000002", "periodic/enc:00000004"]
+    served = served_tensor(server, "periodic", "periodic/enc:00000004")
+    meta = lines(server.get_bytes(f"{PLUGIN}/metadata", {"run": "periodic", "name": names[1]}))
+    assert meta[0] == "name\todd" and len(meta) == 21  # 3 batches of 8 -> 24, sampled to 20
+    rows = [int(m.split("\t")[0][1:]) for m in meta[1:]]
+    assert rows == sorted(rows) and max(rows) < 24
+    np.testing.assert_allclose(
+        served, fact["after"][rows], rtol=1e-6
+    )  # mean over a repeat = itself
+
+
+@pytest.mark.slow
+def test_callback_gathers_ddp_ranks_to_rank_zero(fitted: tuple[TensorBoardServer, dict]) -> None:
+    server, facts = fitted
+    assert facts["ddp_done"] == ["done_0.txt", "done_1.txt"]
+    run = "ddp/version_0"
+    (name,) = info(server, run)
+    served = served_tensor(server, run, name)
+    meta = [
+        int(v) for v in lines(server.get_bytes(f"{PLUGIN}/metadata", {"run": run, "name": name}))
+    ]
+    # Batches 0, 2, 4, 6 on rank 0 then 1, 3, 5, 7 on rank 1 (7 holds 2 samples): uneven, padded.
+    order = [i for b in (0, 2, 4, 6, 1, 3, 5, 7) for i in range(4 * b, min(4 * b + 4, 30))]
+    assert meta == order
+    x = np.arange(30 * 4, dtype=np.float32).reshape(30, 4) + 0.25
+    assert served.tobytes() == x[order].tobytes()
+    png = server.get_bytes(f"{PLUGIN}/sprite_image", {"run": run, "name": name})
+    assert png_size(png) == (6 * 2, 5 * 2)
+
+
+def test_callback_requires_a_logger_with_log_embedding(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tbx_lightning import EmbeddingProjector
+
+    x, y = toy_data()
+    trainer = trainer_for(
+        CSVLogger(tmp_path), [EmbeddingProjector("encoder", label_key=1)], epochs=1
+    )
+    with pytest.raises(
+        RuntimeError, match=r"has CSVLogger: use Trainer\(logger=tbx_lightning.TBXLogger"
+    ):
+        trainer.fit(make_model(), DataLoader(TensorDataset(x, y), batch_size=8))
+
+
+def test_callback_unknown_submodule(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from tbx_lightning import EmbeddingProjector
+
+    x, y = toy_data()
+    logger = EmbeddingOnlyLogger.make(tmp_path / "run")
+    trainer = trainer_for(logger, [EmbeddingProjector("encodr", label_key=1)], epochs=1)
+    with pytest.raises(RuntimeError, match=r"no submodule 'encodr'.*'encoder'"):
+        trainer.fit(make_model(), DataLoader(TensorDataset(x, y), batch_size=8))
+    logger.run.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        pytest.param({}, r"exactly one of `module_name`", id="neither"),
+        pytest.param({"module_name": "a", "embed_fn": len}, r"exactly one of", id="both"),
+        pytest.param({"module_name": "a", "pool": "max"}, r"`pool` must be one of", id="pool"),
+        pytest.param(
+            {"module_name": "a", "dataloader": "test"}, r"`dataloader` must be one of", id="loader"
+        ),
+        pytest.param(
+            {"module_name": "a", "label_key": 1, "label_fn": len},
+            r"`label_key` or `label_fn`",
+            id="labels",
+        ),
+        pytest.param(
+            {"module_name": "a", "every_n_epochs": -1}, r"`every_n_epochs` must be >= 0", id="every"
+        ),
+    ],
+)
+def test_callback_bad_options(kwargs: dict, match: str) -> None:
+    from tbx_lightning import EmbeddingProjector
+
+    with pytest.raises(ValueError, match=match):
+        EmbeddingProjector(**kwargs)
