@@ -574,3 +574,9 @@ def register() -> None:
         registry[TBXTracker.name] = TBXTracker  # this module was reloaded: replace quietly
         return
     register_class(TBXTracker)
+
+
+# Importing this module first (``from tbx_lightning import TBXTracker`` before accelerate)
+# loads accelerate.tracking from the import at the top, while this module is half built;
+# the import hook skips that case, so the registration happens here, once the class exists.
+register()

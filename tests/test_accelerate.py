@@ -174,6 +174,22 @@ def test_import_tbx_lightning_makes_log_with_tbx_work(tmp_path: Path) -> None:
     assert session(crashed) == ({"lr": 0.1}, "STATUS_RUNNING")
 
 
+def test_importing_the_tracker_before_accelerate_registers_it(tmp_path: Path) -> None:
+    result = run_python(
+        """
+        import warnings
+        warnings.simplefilter("error", UserWarning)
+        from tbx_lightning import TBXTracker  # loads accelerate.tracking from inside itself
+        from accelerate import Accelerator
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+        assert LOGGER_TYPE_TO_CLASS["tbx"] is TBXTracker
+        assert Accelerator(log_with="tbx", project_dir="runs").log_with == ["tbx"]
+        """,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_accelerate_without_registry_explains_and_instances_work(tmp_path: Path) -> None:
     result = run_python(
         """
