@@ -5,7 +5,7 @@ prints seconds, bytes on disk, the ratio of bytes on disk to the raw float32
 matrix plus the metadata text, and the speed-up. Both outputs are read back and
 compared with the input, so the numbers describe equal results.
 
-Run: ``python benchmarks/bench_projector.py [--points 20000] [--dim 256] [--repeats 3]``
+Run: ``python benchmarks/bench_projector.py [--points 20000] [--dim 256] [--repeats 5]``
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     torch.manual_seed(0)
