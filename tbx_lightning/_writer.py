@@ -13,12 +13,14 @@ import collections
 import itertools
 import numbers
 import os
+import posixpath
 import socket
+import struct
 import threading
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -542,13 +544,34 @@ class RunWriter:
         return offset + len(data) - last
 
     def _patch(self, handle: RecordHandle, data: bytes) -> None:
-        if handle.file != self._file.path:
+        if handle.file == self._file.path:
+            self._file.patch(handle.offset, data)
+            return
+        if not self.fs.exists(handle.file):
             raise RunWriterError(
                 f"cannot update a record in {handle.file!r}: that event file was removed and "
                 f"logging goes on in {self._file.path!r}; the record (e.g. the run's HParams "
                 "row and status) was lost with the removed file"
             )
-        self._file.patch(handle.offset, data)
+        _patch_file(self.fs, handle.file, handle.offset, data)  # an earlier process's file
+
+    def find_records(self, tags: Collection[str]) -> dict[str, RecordHandle]:
+        """The first record of each tag in the run's other event files, in TensorBoard's order.
+
+        A resumed run updates in place the records an earlier process of the run wrote:
+        TensorBoard keeps the first record of a tag it reads, so new ones would be ignored.
+        """
+        found: dict[str, RecordHandle] = {}
+        try:
+            paths = sorted(self.fs.ls(self._path, detail=False))
+        except FileNotFoundError:
+            return found
+        for path in paths:
+            if "tfevents" in posixpath.basename(path) and path != self._file.path:
+                _scan_records(self.fs, path, [t for t in tags if t not in found], found)
+            if len(found) == len(tags):
+                break
+        return found
 
     def _write_out(self, *, final: bool = False) -> None:
         try:
@@ -579,6 +602,40 @@ class RunWriter:
             f"the event file {lost_path!r} was removed while the run was writing (deleted run "
             f"directory?); the directory was recreated and logging goes on in {self._file.path!r}"
         )
+
+
+def _patch_file(fs: Any, path: str, offset: int, data: bytes) -> None:
+    if _fs.is_local(fs):
+        with open(path, "r+b") as handle:
+            handle.seek(offset)
+            handle.write(data)
+        return
+    content = bytearray(fs.cat_file(path))
+    content[offset : offset + len(data)] = data
+    fs.pipe_file(path, bytes(content))
+
+
+def _scan_records(fs: Any, path: str, tags: list[str], found: dict[str, RecordHandle]) -> None:
+    """Adds ``tag -> handle`` for the first record of each tag in one event file."""
+    wanted = {tag.encode("utf-8"): tag for tag in tags}
+    offset = 0
+    with fs.open(path, "rb") as handle:
+        while wanted:
+            header = handle.read(12)
+            if len(header) < 12:
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            if length > 1 << 28:  # not a record header: a torn or foreign file
+                return
+            data = handle.read(length + 4)
+            if len(data) < length + 4:
+                return  # a record cut by a crash ends the file
+            body = data[:length]
+            for raw, tag in list(wanted.items()):
+                if raw in body and any(v.tag == tag for v in Event.FromString(body).summary.value):
+                    found[tag] = RecordHandle(path, offset, length)
+                    del wanted[raw]
+            offset += 12 + length + 4
 
 
 def _close_open_writers() -> None:

@@ -359,12 +359,21 @@ class RunHParams:
             self.write_config_file("config.yaml", config_yaml(merged))
             if self._start is None:
                 self.start_time = time.time()
-                self._start = self.run.write_record(
-                    session_start_event(flat, self.start_time), reserve=_room_for(flat)
-                )
-                self._end = self.run.write_record(
-                    session_end_event("running", self.start_time), reserve=96
-                )
+                earlier = self.run.find_records((SESSION_START_TAG, SESSION_END_TAG))
+                if len(earlier) == 2:
+                    # A resumed run: TensorBoard shows the first records of the run, so the
+                    # earlier process's row and status are updated instead of adding new ones.
+                    self._start = earlier[SESSION_START_TAG]
+                    self._end = earlier[SESSION_END_TAG]
+                    self._patch_start(flat)
+                    self.run.patch_record(self._end, session_end_event("running", self.start_time))
+                else:
+                    self._start = self.run.write_record(
+                        session_start_event(flat, self.start_time), reserve=_room_for(flat)
+                    )
+                    self._end = self.run.write_record(
+                        session_end_event("running", self.start_time), reserve=96
+                    )
                 self.status = "running"
             elif flat != self.flat:
                 self._patch_start(flat)
