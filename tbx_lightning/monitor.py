@@ -41,7 +41,7 @@ _log = logging.getLogger(__name__)
 
 # Elements per chunk of the CPU binning loop: small enough that the scratch buffers
 # stay in cache, large enough that per-op overhead does not matter.
-_CPU_CHUNK = 1 << 18
+_CPU_CHUNK = 1 << 20
 # Elements per chunk on accelerators: bounds the size of the temporaries.
 _DEVICE_CHUNK = 1 << 24
 # Module-tree components that wrappers insert and users never wrote.
