@@ -385,8 +385,12 @@ def _tensorboard_line(logdir: str) -> str:
 
 
 def _metric_text(metrics: dict[str, float], limit: int = 6) -> str:
-    keys = [k for k in sorted(metrics) if not k.startswith("monitor/") and not k.endswith("_step")]
-    return "  ".join(f"{k.removesuffix('_epoch')}={metrics[k]:.4g}" for k in keys[:limit])
+    shown: dict[str, float] = {}
+    for key in sorted(metrics):
+        if key.startswith("monitor/") or key.endswith("_step") or key == "epoch":
+            continue
+        shown.setdefault(key.removesuffix("_epoch"), metrics[key])
+    return "  ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:limit])
 
 
 def _summary(result: RunResult) -> str:

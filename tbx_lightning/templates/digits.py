@@ -23,6 +23,7 @@ __all__ = [
     "accuracy",
     "digits_tensors",
     "split_digits",
+    "sprite_images",
 ]
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -68,6 +69,11 @@ def split_digits(
         TensorDataset(images[train_idx], labels[train_idx]),
         TensorDataset(images[val_idx], labels[val_idx]),
     )
+
+
+def sprite_images(batch: tuple[torch.Tensor, torch.Tensor], scale: int = 4) -> torch.Tensor:
+    """The batch's 8x8 digits scaled up ``scale`` times (nearest), as projector thumbnails."""
+    return torch.nn.functional.interpolate(batch[0].float(), scale_factor=scale, mode="nearest")
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,11 @@ comes last, then receives the whole config as its hyperparameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "RunResult",
     "build_callbacks",
     "build_loggers",
+    "cpu_threads",
     "experiment_dir_of",
     "hyperparameters",
     "instantiate_node",
@@ -120,12 +122,35 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """Sets torch's intra-op thread count for a block, then restores it (``None``: no change)."""
+    import torch
+
+    if count is None:
+        yield
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise BuildError(f"Expected num_threads to be null or an int >= 1, got {count!r}.")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(cfg: DictConfig) -> RunResult:
     """Trains the composed config with Lightning; a training error gives a failed result.
 
     Raises:
         BuildError: A part of the config cannot be built; nothing has been written.
     """
+    with cpu_threads(cfg.get("num_threads")):
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> RunResult:
     import lightning.pytorch as pl
 
     container = OmegaConf.to_container(cfg, resolve=True)

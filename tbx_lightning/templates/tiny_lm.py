@@ -26,10 +26,15 @@ __all__ = [
     "CharWindows",
     "TinyLM",
     "TinyTransformer",
+    "batch_tokens",
     "char_labels",
     "decode",
     "default_corpus",
     "encode",
+    "token_embeddings",
+    "token_labels",
+    "vocab_batches",
+    "warmup_cosine",
 ]
 
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))
@@ -56,6 +61,28 @@ def char_labels() -> list[str]:
     """One readable projector label per vocabulary entry (``\\n`` and ``space`` spelled out)."""
     names = {"\n": "\\n", " ": "space", "\t": "\\t"}
     return [names.get(ch, ch) for ch in VOCAB]
+
+
+def batch_tokens(batch: Any) -> int:
+    """Characters in a ``(inputs, targets)`` batch: the monitor's ``tokens_fn``."""
+    return int(batch[0].numel())
+
+
+def vocab_batches() -> list[tuple[torch.Tensor, list[str]]]:
+    """One batch holding every token id and its label: what the token projector embeds."""
+    return [(torch.arange(len(VOCAB)), char_labels())]
+
+
+def token_embeddings(pl_module: nn.Module, batch: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    """Rows of the model's token-embedding table for the ids in ``batch[0]``."""
+    net = getattr(pl_module, "net", pl_module)
+    table: nn.Embedding = net.tok_emb
+    return table(batch[0].to(table.weight.device))
+
+
+def token_labels(batch: tuple[torch.Tensor, list[str]]) -> list[str]:
+    """The characters of a :func:`vocab_batches` batch, as projector labels."""
+    return list(batch[1])
 
 
 class CharWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -310,20 +337,38 @@ class TinyLM(pl.LightningModule):
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        kwargs: dict[str, Any] = {"optimizer": optimizer}
+        keywords = getattr(self.scheduler_factory, "keywords", {})
+        if "total_steps" in keywords and keywords["total_steps"] is None:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = self.scheduler_factory(**kwargs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> Any:
-    """Linear warm-up to the base LR, then cosine decay to a tenth of it, per step."""
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int | None
+) -> Any:
+    """Linear warm-up to the base LR, then cosine decay to a tenth of it, per step.
+
+    Args:
+        optimizer: The optimizer whose LR is scheduled.
+        warmup_steps: Steps of linear warm-up from ``1/warmup_steps`` of the base LR.
+        total_steps: Steps until the end of the decay; ``None`` is filled in by
+            :class:`TinyLM` with the trainer's estimated number of steps.
+    """
+    if total_steps is None:
+        raise ValueError(
+            "model.scheduler.total_steps is null and no trainer filled it in: set a number."
+        )
+    end = total_steps
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        progress = min(1.0, (step - warmup_steps) / max(1, end - warmup_steps))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
