@@ -423,9 +423,7 @@ def _preserved_state(model: torch.nn.Module) -> Iterator[None]:
     buffers: list[tuple[torch.nn.Module, dict[str, Any]]]
     buffers = [(m, dict(m._buffers)) for m in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
-    buffer_values = [
-        (b, b._version, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"
-    ]
+    buffer_values = [(b, b.detach().clone()) for b in model.buffers() if b.device.type != "meta"]
     cuda = sorted({t.device.index or 0 for t in _state_tensors(model) if t.device.type == "cuda"})
     py_state = random.getstate()
     np_state = np.random.get_state()
@@ -446,12 +444,18 @@ def _preserved_state(model: torch.nn.Module) -> Iterator[None]:
                 module._buffers.clear()
                 module._buffers.update(saved)
         with torch.no_grad():
-            for buffer, version, value in buffer_values:
-                if buffer._version != version:
+            # Compare values, not version counters: batch_norm updates running stats
+            # in place without bumping the counter while tracing.
+            for buffer, value in buffer_values:
+                if not _same_values(buffer, value):
                     buffer.copy_(value)
         for param, grad in grads:
             if param.grad is not grad:
                 param.grad = grad
+
+
+def _same_values(tensor: torch.Tensor, saved: torch.Tensor) -> bool:
+    return tensor.shape == saved.shape and bool(torch.equal(tensor, saved))
 
 
 def _same_items(current: Mapping[str, Any], saved: Mapping[str, Any]) -> bool:
@@ -1067,7 +1071,7 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     else:
         trace_args, trace_kwargs = args, None
     # The trace runs the model for real: keep a copy of parameters in case forward writes them.
-    saved = [(p, p._version, p.detach().clone()) for p in model.parameters()]
+    saved = [(p, p.detach().clone()) for p in model.parameters()]
     try:
         traced = torch.jit.trace(
             model,
@@ -1078,8 +1082,8 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         )
     finally:
         with torch.no_grad():
-            for param, version, value in saved:
-                if param._version != version:
+            for param, value in saved:
+                if not _same_values(param, value):
                     param.copy_(value)
     del saved
     graph = traced.graph.copy()
@@ -1168,21 +1172,24 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         for index, out in enumerate(outputs):
             ref[out.unique()] = (key, index)
 
-    returned = list(graph.return_node().inputs())
-    outs = []
-    for value in returned:
+    outs: list[tuple[str, tuple[str, int] | None, Any]] = []
+
+    def flatten(value: Any, path: str) -> None:
         producer = value.node()
-        if producer.kind() in ("prim::TupleConstruct", "prim::ListConstruct"):
+        kind = producer.kind()
+        if kind in ("prim::TupleConstruct", "prim::ListConstruct"):
             for i, item in enumerate(producer.inputs()):
-                outs.append((str(i), ref.get(item.unique()), None))
-        elif producer.kind() == "prim::DictConstruct":
+                flatten(item, f"{path}.{i}" if path else str(i))
+        elif kind == "prim::DictConstruct":
             items = list(producer.inputs())
             for k, v in zip(items[0::2], items[1::2], strict=False):
-                outs.append(
-                    (str(constants.get(k.unique(), k.debugName())), ref.get(v.unique()), None)
-                )
+                key = str(constants.get(k.unique(), k.debugName()))
+                flatten(v, f"{path}.{key}" if path else key)
         else:
-            outs.append(("", ref.get(value.unique()), None))
+            outs.append((path, ref.get(value.unique()), None))
+
+    for value in graph.return_node().inputs():
+        flatten(value, "")
     nodes += _output_nodes(out_group, outs)
     return _Captured(nodes)
 
@@ -1194,6 +1201,13 @@ def _jit_meta(value: Any) -> tuple[list[Shape], list[torch.dtype | None]]:
         scalar = value_type.scalarType()
         shape: Shape = tuple(sizes) if sizes is not None else None
         return [shape], [_JIT_DTYPES.get(scalar) if scalar else None]
+    for kind, dtype in (
+        (torch._C.IntType, torch.int64),
+        (torch._C.FloatType, torch.float64),
+        (torch._C.BoolType, torch.bool),
+    ):
+        if isinstance(value_type, kind):
+            return [()], [dtype]
     return [None], [None]
 
 
@@ -1391,7 +1405,12 @@ def _dtype_enum(dtype: torch.dtype | None) -> int:
 
 
 def _assign_names(nodes: Sequence[_Node]) -> dict[str, str]:
-    """Full ``scope/leaf`` names, unique and never equal to a scope of another node."""
+    """Full ``scope/leaf`` names, unique and never equal to a scope of another node.
+
+    Op names are numbered per scope (``linear``, ``linear_1``), not per graph, so the
+    same op has the same name in every layer: ``layers.0/self_attn/linear`` and
+    ``layers.7/self_attn/linear``.
+    """
     scopes: set[str] = set()
     for node in nodes:
         parts = [_clean(s) for s in node.scope]
@@ -1401,9 +1420,12 @@ def _assign_names(nodes: Sequence[_Node]) -> dict[str, str]:
     taken: set[str] = set()
     for node in nodes:
         prefix = "/".join(_clean(s) for s in node.scope)
-        base = f"{prefix}/{_clean(node.leaf)}" if prefix else _clean(node.leaf)
+        leaf = _clean(node.leaf)
+        if node.kind == _OP and not node.key.startswith("block:"):
+            leaf = re.sub(r"(?<=.)_\d+$", "", leaf)
+        base = f"{prefix}/{leaf}" if prefix else leaf
         name, n = base, 0
-        while name in taken or (name in scopes and node.key.split(":")[0] != "block"):
+        while name in taken or (name in scopes and not node.key.startswith("block:")):
             n += 1
             name = f"{base}_{n}"
         taken.add(name)

@@ -732,3 +732,22 @@ def test_rebound_state_is_restored(method: str) -> None:
     export_graph(model, x, methods=(method,))
     assert model.calls is calls and model.fc.bias is bias
     before.assert_same(model)
+
+
+@pytest.mark.parametrize("method", ["torch.fx", "torch.jit.trace"])
+@pytest.mark.parametrize("case", ZOO)
+def test_zoo_fallback_methods(case: Case, method: str) -> None:
+    """The fallbacks also give complete graphs where they can capture the model."""
+    torch.manual_seed(0)
+    model = case.build()
+    model.train(case.train)
+    example = case.example()
+    before = Snapshot.of(model)
+    try:
+        result = export_graph(model, example, methods=(method,))
+    except GraphExportError as err:
+        before.assert_same(model)
+        pytest.skip(f"{method} cannot capture this model: {err.attempts[0][1]}")
+    before.assert_same(model)
+    nodes = check_graph(result.graph_def)
+    assert sorted(n for n in nodes if n.startswith("output/")) == sorted(case.outputs)
