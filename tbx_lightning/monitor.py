@@ -179,7 +179,9 @@ class _Binner:
     def row_cpu(self, x: torch.Tensor, full: bool) -> torch.Tensor:
         # On the CPU a value check costs no transfer, so the common all-finite case takes
         # three fast passes and only a tensor with NaN/Inf pays for a mask.
-        sumsq_all = float(torch.linalg.vector_norm(x, dtype=torch.float32)) ** 2
+        # Half precision accumulates in float32; float64 keeps its own precision.
+        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        sumsq_all = float(torch.linalg.vector_norm(x, dtype=norm_dtype)) ** 2
         if not full:
             if math.isfinite(sumsq_all):
                 nonfinite = 0

@@ -630,3 +630,21 @@ def test_histograms_in_tensorboard(tmp_path: Path, tensorboard: Any) -> None:
         "/data/plugin/scalars/scalars", {"run": "run", "tag": "monitor/update_ratio/head"}
     )
     assert [step for _, step, _ in scalars_json] == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(torch.arange(10, dtype=torch.float64), id="tensor-float64"),
+        pytest.param(np.arange(10.0), id="numpy-float64"),
+        pytest.param(torch.arange(10, dtype=torch.int64), id="tensor-int64"),
+    ],
+)
+def test_log_histograms_takes_double_and_integer_inputs(tmp_path: Path, value: Any) -> None:
+    with RunWriter(tmp_path) as run:
+        log_histograms(run, {"h": value}, step=2)
+    (event,) = read(tmp_path).Histograms("h")
+    assert event.step == 2
+    assert event.histogram_value.num == 10
+    assert event.histogram_value.min == 0 and event.histogram_value.max == 9
+    assert event.histogram_value.sum == 45
