@@ -41,6 +41,7 @@ _EVENT = 2
 _RECORD = 3
 _PATCH = 4
 _FLUSH = 5
+_MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1  # an Event's step is an int64
 
 _FILE_COUNTER = itertools.count()
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
@@ -279,7 +280,7 @@ class RunWriter:
         """
         if self._closed or self._error is not None:
             self._check_open()
-        if type(step) is not int:
+        if type(step) is not int or not _MIN_STEP <= step <= _MAX_STEP:
             step = self._coerce_step(step)
         keys = tuple(metrics)
         values = list(metrics.values())
@@ -326,6 +327,13 @@ class RunWriter:
         for key in keys:
             if type(key) is not str or not key:
                 self._bad_tag(key)
+            try:
+                key.encode("utf-8")
+            except UnicodeEncodeError as error:  # else the writer thread fails on it later
+                raise ValueError(
+                    f"Metric name {key!r} cannot be written as UTF-8 (it holds a lone surrogate "
+                    "character): pass a valid string."
+                ) from error
         if len(self._checked_keys) < 4096:  # remember a few key sets: steady-state calls skip this
             self._checked_keys.add(keys)
 
@@ -335,6 +343,9 @@ class RunWriter:
             step = step.item()
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"`step` must be an int, got {type(step).__name__} {step!r}.")
+        if not _MIN_STEP <= int(step) <= _MAX_STEP:
+            # Beyond int64 the step would wrap around silently in the event file.
+            raise ValueError(f"`step` must fit in a signed 64-bit integer, got {step}.")
         return int(step)
 
     @staticmethod
