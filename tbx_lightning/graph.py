@@ -1072,6 +1072,11 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         trace_args, trace_kwargs = args, None
     # The trace runs the model for real: keep a copy of parameters in case forward writes them.
     saved = [(p, p.detach().clone()) for p in model.parameters()]
+    # LightningModule's `trainer` property raises when no Trainer is attached, unless this
+    # flag (set by Lightning's own to_torchscript) says a TorchScript conversion is running.
+    flagged = [m for m in model.modules() if getattr(m, "_jit_is_scripting", None) is False]
+    for module in flagged:
+        setattr(module, "_jit_is_scripting", True)  # noqa: B010
     try:
         traced = torch.jit.trace(
             model,
@@ -1081,6 +1086,8 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
             strict=False,
         )
     finally:
+        for module in flagged:
+            setattr(module, "_jit_is_scripting", False)  # noqa: B010
         with torch.no_grad():
             for param, value in saved:
                 if not _same_values(param, value):

@@ -751,3 +751,22 @@ def test_zoo_fallback_methods(case: Case, method: str) -> None:
     before.assert_same(model)
     nodes = check_graph(result.graph_def)
     assert sorted(n for n in nodes if n.startswith("output/")) == sorted(case.outputs)
+
+
+def test_lightning_module_with_data_dependent_flow_falls_back_to_jit() -> None:
+    import lightning as L
+
+    class Gated(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = DataDependent()
+            self.example_input_array = torch.randn(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    model = Gated()
+    result = export_graph(model, None)
+    assert result.method == "torch.jit.trace"
+    assert any(n.name.startswith("inner/up/") for n in result.graph_def.node)
+    assert model._jit_is_scripting is False
