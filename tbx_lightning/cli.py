@@ -43,6 +43,7 @@ __all__ = [
 ROOT_CONFIG = "train"
 DEFAULT_EXPERIMENT = "quickstart"
 RUNNERS = ("lightning", "accelerate")
+_COMMANDS = ("fit", "sweep", "hparams", "list", "-h", "--help", "--version")
 # Groups that are not part of the root config's defaults list.
 _NOT_COMPOSED = ("sweep",)
 
@@ -465,8 +466,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"Sweep {name}: {total} runs of {experiment}", flush=True)
     failed = 0
     experiment_dir = None
+    varying = [i for i in range(len(points[0])) if len({p[i] for p in points}) > 1]
     for index, (point, cfg) in enumerate(zip(points, configs, strict=True), start=1):
-        label = " ".join(point)
+        label = " ".join(point[i] for i in varying) or " ".join(point)
         print(f"[{index}/{total}] {label} ...", flush=True)
         try:
             result = _run(cfg)
@@ -619,9 +621,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     if not argv:
         argv = ["fit"]
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["fit", *argv])
+    if argv[0] not in _COMMANDS and not argv[0].startswith("-"):
+        argv = ["fit", *argv]  # `tbx-lightning quickstart lr=...` reads as `fit`
+    # Overrides may come before or after options (`fit quickstart --config-dir d a=1`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flags = [e for e in extra if e.startswith("-")]
+        if flags or getattr(args, "args", None) is None:
+            parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+        args.args = [*args.args, *extra]
     try:
         return int(args.func(args))
     except ConfigError as error:

@@ -29,6 +29,7 @@ from tbx_lightning.templates.runner import (
     CONFIG_KEY,
     BuildError,
     RunResult,
+    absolute,
     cpu_threads,
     hyperparameters,
     instantiate_node,
@@ -113,7 +114,7 @@ def _run(cfg: DictConfig) -> RunResult:
     )
     accelerator.init_trackers(str(logger_cfg.name), config=hyperparameters(cfg))
     tracker = accelerator.get_tracker("tbx", unwrap=False)
-    log_dir = str(tracker.log_dir)
+    log_dir = absolute(str(tracker.log_dir))
     started = time.time()
     metrics: dict[str, float] = {}
     error: BaseException | None = None
@@ -146,7 +147,7 @@ def _train(
     from tbx_lightning.monitor import ModelMonitor
 
     trainer_cfg = cfg.trainer
-    callbacks = cfg.get("callbacks") or {}
+    callbacks: Any = cfg.get("callbacks") or {}
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
     net, optimizer, train_loader, val_loader = accelerator.prepare(
         net, optimizer, train_loader, val_loader

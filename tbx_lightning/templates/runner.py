@@ -21,6 +21,7 @@ __all__ = [
     "CONFIG_KEY",
     "BuildError",
     "RunResult",
+    "absolute",
     "build_callbacks",
     "build_loggers",
     "cpu_threads",
@@ -92,6 +93,11 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
         if isinstance(node, DictConfig) and "_target_" in node:
             loggers.append(instantiate_node(cfg, f"logger.{name}"))
     return loggers
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (so printed commands work from anywhere); URLs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def experiment_dir_of(cfg: DictConfig) -> str:
@@ -193,8 +199,8 @@ def _run(cfg: DictConfig) -> RunResult:
         checkpoint = getattr(callback, "last_model_path", None) or getattr(
             callback, "best_model_path", None
         )
-    log_dir = str(logger.log_dir)
-    experiment_dir = str(logger.root_dir) if hasattr(logger, "root_dir") else log_dir
+    log_dir = absolute(str(logger.log_dir))
+    experiment_dir = absolute(str(logger.root_dir)) if hasattr(logger, "root_dir") else log_dir
     return RunResult(
         log_dir=log_dir,
         experiment_dir=experiment_dir,

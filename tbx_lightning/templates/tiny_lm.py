@@ -76,7 +76,9 @@ def vocab_batches() -> list[tuple[torch.Tensor, list[str]]]:
 def token_embeddings(pl_module: nn.Module, batch: tuple[torch.Tensor, Any]) -> torch.Tensor:
     """Rows of the model's token-embedding table for the ids in ``batch[0]``."""
     net = getattr(pl_module, "net", pl_module)
-    table: nn.Embedding = net.tok_emb
+    table = net.tok_emb
+    if not isinstance(table, nn.Embedding):
+        raise TypeError(f"Expected net.tok_emb to be an nn.Embedding, got {type(table).__name__}.")
     return table(batch[0].to(table.weight.device))
 
 

@@ -1,0 +1,369 @@
+"""The ``tbx-lightning`` command: fit, sweep, hparams, list, bad input, LightningCLI.
+
+Every run is a reduced quickstart (one epoch on a few dozen digits); results are
+read back with TensorBoard's EventAccumulator and the HParams plugin's parser.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import api_pb2, metadata
+
+from tbx_lightning import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "trainer.max_epochs=1",
+    "data.limit=48",
+    "data.batch_size=16",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "callbacks.training_monitor.hist_every_n_steps=1",
+]
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers.*",
+    "ignore:.*log_every_n_steps.*",
+    "ignore:.*isinstance.treespec, LeafSpec.*",
+)
+
+
+def _session(log_dir: Path) -> tuple[dict[str, Any], int]:
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    return values, end.status
+
+
+def _files(path: Path) -> list[Path]:
+    return [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+
+
+# ------------------------------------------------------------------------ fit
+def test_no_arguments_runs_quickstart_into_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["tbx-lightning"])
+    # The bare command is `fit quickstart`; the budget is cut through the environment-free
+    # route a user has too: overrides are not allowed without a subcommand, so patch compose.
+    real = cli.compose_config
+
+    def reduced(experiment: Any = None, overrides: Any = (), config_dir: Any = None) -> Any:
+        assert experiment is None and list(overrides) == []
+        return real(experiment, TINY, config_dir)
+
+    monkeypatch.setattr(cli, "compose_config", reduced)
+    assert cli.main() == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "quickstart" / "version_0"
+    assert (run / "config.yaml").is_file()
+    assert f"tensorboard --logdir {tmp_path / 'runs' / 'quickstart'}" in out
+    assert f"run directory: {run}" in out
+    _, status = _session(run)
+    assert status == api_pb2.STATUS_SUCCESS
+
+
+def test_print_config_shows_the_default_experiment(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["fit", "--print-config", "model.optimizer.lr=0.01"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.task_name == "quickstart"
+    assert cfg.paths.runs_dir == "runs"
+    assert cfg.model.optimizer.lr == 0.01
+    assert cfg.logger.tbx.save_dir == "runs"  # resolved from ${paths.runs_dir}
+
+
+# ------------------------------------------------------------------------ bad input
+BAD = [
+    pytest.param(
+        ["nope"],
+        r"Unknown experiment 'nope'; choose one of: finetune, quickstart, "
+        r"quickstart_accelerate, tiny_lm",
+        id="experiment",
+    ),
+    pytest.param(
+        ["model.optimizer.lrr=0.1"],
+        r"Unknown key 'model.optimizer.lrr': the keys under 'model.optimizer' are: "
+        r"_partial_, _target_, lr, weight_decay\. To add a new key, write \+model",
+        id="key",
+    ),
+    pytest.param(
+        ["modle.lr=0.1"],
+        r"Unknown key 'modle.lr': the keys at the top level are: .*model.*",
+        id="top-level-key",
+    ),
+    pytest.param(
+        ["model=resnet"],
+        r"Unknown option 'resnet' for config group 'model'; "
+        r"choose one of: digits_cnn, finetune, tiny_lm",
+        id="group-option",
+    ),
+    pytest.param(
+        ["trainer.max_epochs=ten"],
+        r"Wrong type for 'trainer.max_epochs': got 'ten' \(str\), expected int like "
+        r"the default 10",
+        id="type-int",
+    ),
+    pytest.param(
+        ["model.optimizer.lr=fast"],
+        r"Wrong type for 'model.optimizer.lr': got 'fast' \(str\), expected float",
+        id="type-float",
+    ),
+    pytest.param(
+        ["trainer.deterministic=3"],
+        r"Wrong type for 'trainer.deterministic': got 3 \(int\), expected bool",
+        id="type-bool",
+    ),
+    pytest.param(
+        ["model.optimizer.lr=0.1,0.2"],
+        r"lists several values: use `tbx-lightning sweep`",
+        id="sweep-in-fit",
+    ),
+    pytest.param(
+        ["runner=jax"], r"Unknown runner 'jax'; choose one of: lightning, accelerate", id="runner"
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD)
+def test_bad_input_exits_nonzero_naming_it_and_writes_nothing(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["fit", *args, f"paths.runs_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("tbx-lightning fit: error: ")
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(cli.ConfigError, match=message):
+        cli.compose_config(
+            args[0] if "=" not in args[0] else None,
+            [a for a in args if "=" in a],
+        )
+    assert _files(tmp_path) == []
+
+
+def test_bad_config_dir_and_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(cli.ConfigError, match=r"--config-dir .* has no train.yaml"):
+        cli.compose_config("quickstart", [], tmp_path)
+    with pytest.raises(cli.ConfigError, match=r"run that experiment first .*tbx-lightning fit"):
+        cli.compose_config("finetune", [f"paths.runs_dir={tmp_path}"])
+    assert _files(tmp_path) == []
+
+
+def test_own_config_dir_with_a_new_experiment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "configs"
+    shutil.copytree(ROOT / "configs", mine)
+    (mine / "experiment" / "wide.yaml").write_text(
+        "# @package _global_\n# Quickstart with a wider embedding.\n"
+        "defaults:\n  - quickstart\n\ntask_name: wide\nmodel:\n  net:\n    embed_dim: 128\n",
+        encoding="utf-8",
+    )
+    assert cli.main(["fit", "wide", "--config-dir", str(mine), "--print-config"]) == 0
+    cfg = OmegaConf.create(capsys.readouterr().out)
+    assert cfg.task_name == "wide" and cfg.model.net.embed_dim == 128
+    assert cli.main(["list", "--config-dir", str(mine)]) == 0
+    assert "wide" in capsys.readouterr().out
+    with pytest.raises(cli.ConfigError, match=r"Unknown experiment 'wide'"):
+        cli.compose_config("wide", [])
+
+
+# ------------------------------------------------------------------------ sweep + hparams
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    runs = tmp_path_factory.mktemp("sweep")
+    out = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = out
+    try:
+        code = cli.main(
+            [
+                "sweep",
+                "quickstart",
+                "model.optimizer.lr=0.01,0.001",
+                f"paths.runs_dir={runs}",
+                "--name",
+                "lr_sweep",
+                *TINY,
+            ]
+        )
+    finally:
+        sys.stdout = saved
+    return runs / "lr_sweep", code, out.getvalue()
+
+
+def test_sweep_runs_the_grid_into_one_directory(swept: tuple[Path, int, str]) -> None:
+    directory, code, out = swept
+    assert code == 0
+    assert "[1/2] model.optimizer.lr=0.01" in out and "[2/2] model.optimizer.lr=0.001" in out
+    assert f"tensorboard --logdir {directory}" in out
+    runs = sorted(directory.glob("version_*"))
+    assert [r.name for r in runs] == ["version_0", "version_1"]
+    lrs = [_session(r)[0]["model.optimizer.lr"] for r in runs]
+    assert lrs == pytest.approx([0.01, 0.001])
+    assert all(_session(r)[1] == api_pb2.STATUS_SUCCESS for r in runs)
+
+
+def test_hparams_prints_one_row_per_run(
+    swept: tuple[Path, int, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, _, _ = swept
+    assert cli.main(["hparams", str(directory), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [r["run"] for r in rows] == ["version_0", "version_1"]
+    # Only the key that differs, then last/best of each metric, status, seconds.
+    keys = [c for c in rows[0] if "/" not in c and c not in ("run", "status", "seconds")]
+    assert keys == ["model.optimizer.lr"]
+    assert [float(r["model.optimizer.lr"]) for r in rows] == [0.01, 0.001]
+    assert {"val/loss last", "val/loss best", "val/acc last", "val/acc best"} <= set(rows[0])
+    assert not any(c.startswith("monitor/") for c in rows[0])
+    assert [r["status"] for r in rows] == ["success", "success"]
+    assert all(float(r["seconds"]) >= 0 for r in rows)
+
+    assert cli.main(["hparams", str(directory), "--sort", "val/loss", "--format", "json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    best = [r["val/loss best"] for r in table]
+    assert best == sorted(best)
+
+    assert cli.main(["hparams", str(directory), "--all-keys", "--format", "markdown"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("| run |") and "| data.batch_size |" in text
+    assert cli.main(["hparams", str(directory)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["run", "model.optimizer.lr"] and len(lines) == 4
+
+
+def test_hparams_bad_input(
+    swept: tuple[Path, int, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, _, _ = swept
+    assert cli.main(["hparams", str(directory), "--sort", "val/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "--sort 'val/nope' is not a metric of these runs; choose one of:" in err
+    assert "val/loss" in err
+    assert cli.main(["hparams", str(directory / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_sweep_records_a_failed_run_and_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        [
+            "sweep",
+            "model.optimizer.lr=-1.0,0.01",
+            f"paths.runs_dir={tmp_path}",
+            "--name",
+            "with_failure",
+            *TINY,
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "[1/2] model.optimizer.lr=-1.0: failed" in out
+    assert "[2/2] model.optimizer.lr=0.01: success" in out
+    assert "1 succeeded, 1 failed" in out
+    runs = sorted((tmp_path / "with_failure").glob("version_*"))
+    statuses = [_session(r)[1] for r in runs]
+    assert statuses == [api_pb2.STATUS_FAILURE, api_pb2.STATUS_SUCCESS]
+
+
+def test_sweep_rejects_a_bad_point_before_running_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["sweep", "trainer.max_epochs=1,two", f"paths.runs_dir={tmp_path}"])
+    assert code == 2
+    assert "Wrong type for 'trainer.max_epochs'" in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_expand_grid_and_shipped_grids() -> None:
+    points = cli.expand_grid(["a=1,2", "b=x,y", "c=3"])
+    assert points == [
+        ["a=1", "b=x", "c=3"],
+        ["a=1", "b=y", "c=3"],
+        ["a=2", "b=x", "c=3"],
+        ["a=2", "b=y", "c=3"],
+    ]
+    experiment, params = cli._load_grid("quickstart_lr", cli.find_config_dir())
+    assert experiment == "quickstart"
+    assert len(cli.expand_grid(params)) == 6
+
+
+# ------------------------------------------------------------------------ LightningCLI
+def _load_example(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lightning_cli_config_becomes_hparams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning_cli.py"])
+    example = _load_example("lightning_cli")
+    config = tmp_path / "cli.yaml"
+    config.write_text(
+        "trainer:\n"
+        "  max_epochs: 1\n"
+        "  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n"
+        "  logger:\n"
+        "    class_path: tbx_lightning.TBXLogger\n"
+        f"    init_args: {{save_dir: '{tmp_path}', name: cli}}\n"
+        "model:\n"
+        "  channels: 8\n"
+        "  embed_dim: ${model.channels}\n"
+        "data:\n"
+        "  batch_size: 16\n"
+        "  limit: 32\n",
+        encoding="utf-8",
+    )
+    example.main(["fit", "--config", str(config), "--model.lr=0.02"])
+    run = tmp_path / "cli" / "version_0"
+    hparams, status = _session(run)
+    assert hparams["model.lr"] == pytest.approx(0.02)
+    assert hparams["model.embed_dim"] == 8  # the OmegaConf interpolation, resolved
+    assert hparams["trainer.max_epochs"] == 1
+    assert hparams["data.batch_size"] == 16
+    assert hparams["trainer.logger.class_path"] == "tbx_lightning.TBXLogger"
+    assert status == api_pb2.STATUS_SUCCESS
+    saved = OmegaConf.load(run / "config.yaml")
+    assert saved.model.lr == pytest.approx(0.02) and saved.data.limit == 32
+
+
+def test_lightning_cli_logger_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["lightning_cli.py"])
+    example = _load_example("lightning_cli")
+    example.main(
+        [
+            "fit",
+            "--trainer.logger=tbx_lightning.TBXLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.logger.name=flag",
+            "--trainer.max_epochs=1",
+            "--trainer.enable_progress_bar=false",
+            "--data.limit=32",
+        ]
+    )
+    hparams, _ = _session(tmp_path / "flag" / "version_0")
+    assert hparams["trainer.logger.class_path"] == "tbx_lightning.TBXLogger"
+    assert hparams["model.channels"] == 16
