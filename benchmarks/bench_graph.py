@@ -11,10 +11,14 @@ Prints, side by side on the same 24-layer ``nn.TransformerEncoder`` (width 128,
   ``collapse_repeated`` and ``max_depth``;
 - how time, nodes, bytes and peak Python memory grow with the number of layers.
 
-``export_graph`` can come out faster than plain ``torch.export``: it silences
-torch's own info/debug logging of fake-tensor and symbolic-shape machinery while
-capturing (failures are reported through ``GraphExport.attempts`` or
-``GraphExportError`` instead), and that logging costs more than the conversion.
+The conversion to a GraphDef costs a few percent of the export itself. While
+capturing, ``export_graph`` also silences torch's own logging of its fake-tensor
+and symbolic-shape machinery (failures are reported through
+``GraphExport.attempts`` or ``GraphExportError`` instead); on a loaded machine
+that logging can make plain ``torch.export`` the slower of the two.
+
+Measured on 2 CPU cores, torch 2.13 (best of 3): torch.export 0.75 s, export_graph
+0.76 s (ratio 1.01), 1,135 nodes / 256 kB; collapse_repeated 77 nodes / 17 kB.
 """
 
 from __future__ import annotations
