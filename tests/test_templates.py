@@ -318,3 +318,31 @@ def test_latest_checkpoint_names_the_run_to_start(tmp_path: Path) -> None:
         (folder / "last.ckpt").write_bytes(b"x")
     found = latest_checkpoint(str(tmp_path / "quickstart"))
     assert found.endswith(os.path.join("version_3", "checkpoints", "last.ckpt"))
+
+
+def _example(name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, CONFIG_DIR.parent / "examples" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_examples_write_runs(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    log_dir = _example("quickstart_lightning").main(max_epochs=1, save_dir=str(tmp_path))
+    torch.set_num_threads(before)
+    hparams, status = _session(_accumulator(log_dir))
+    assert hparams["model.lr"] == pytest.approx(3e-3) and status == api_pb2.STATUS_SUCCESS
+    assert _projector(log_dir).embeddings
+    log_dir = _example("accelerate_quickstart").main(
+        ["trainer.max_epochs=1", "data.limit=32", f"paths.runs_dir={tmp_path}"]
+    )
+    torch.set_num_threads(before)
+    acc = _accumulator(log_dir)
+    assert {"train/loss", "val/acc"} <= set(acc.Tags()["scalars"])
+    assert _session(acc)[0]["runner"] == "accelerate"
