@@ -207,6 +207,6 @@ def _run(cfg: DictConfig) -> RunResult:
         status=status,
         seconds=time.time() - started,
         metrics=_numbers(trainer.callback_metrics),
-        checkpoint=checkpoint or None,
+        checkpoint=absolute(checkpoint) if checkpoint else None,
         error=error,
     )
