@@ -333,7 +333,9 @@ class TBXLogger(TensorBoardLogger):
         if metrics is None and self._default_hp_metric:
             metrics = {"hp_metric": -1}
         self._hp.log(params, metrics, step=self._last_step if step is None else int(step))
-        save_hparams_to_yaml(_fs.join(self._fs, run.path, self.NAME_HPARAMS_FILE), self.hparams)
+        # A URL, not the bare path: Lightning picks the file system from the protocol.
+        hparams_file = _fs.url(self._fs, _fs.join(self._fs, run.path, self.NAME_HPARAMS_FILE))
+        save_hparams_to_yaml(hparams_file, self.hparams)
 
     @rank_zero_only
     def log_graph(self, model: nn.Module, input_array: Any = None) -> None:  # type: ignore[override]
