@@ -36,7 +36,6 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from tbx_lightning.templates.digits import DigitsCNN, DigitsDataModule, accuracy
-from tbx_lightning.templates.lightning_cli import TBXSaveConfigCallback
 
 
 class DigitsModel(pl.LightningModule):
@@ -72,7 +71,6 @@ def main(args: Sequence[str] | None = None) -> LightningCLI:
     return LightningCLI(
         DigitsModel,
         DigitsDataModule,
-        save_config_callback=TBXSaveConfigCallback,
         parser_kwargs={"parser_mode": "omegaconf"},
         args=list(args) if args is not None else None,
     )

@@ -177,6 +177,7 @@ class TBXLogger(TensorBoardLogger):
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._exception: BaseException | None = None
         self._last_step = 0
+        self._cli_logged = False
         self._experiment = None
         self.hparams: dict[str, Any] | Namespace = {}
 
@@ -332,10 +333,32 @@ class TBXLogger(TensorBoardLogger):
         }
         if metrics is None and self._default_hp_metric:
             metrics = {"hp_metric": -1}
-        self._hp.log(params, metrics, step=self._last_step if step is None else int(step))
+        step = self._last_step if step is None else int(step)
+        self._log_cli_config()
+        self._hp.log(params, metrics, step=step)
         # A URL, not the bare path: Lightning picks the file system from the protocol.
         hparams_file = _fs.url(self._fs, _fs.join(self._fs, run.path, self.NAME_HPARAMS_FILE))
         save_hparams_to_yaml(hparams_file, self.hparams)
+
+    def _log_cli_config(self) -> None:
+        """Under LightningCLI, logs the whole parsed config (trainer, model, data) once.
+
+        Lightning calls ``log_hyperparams`` only when the module or datamodule saved
+        hyperparameters, but it always calls ``log_graph`` at fit start; both land here.
+        """
+        if self._cli_logged or self._trainer_ref is None:
+            return
+        trainer = self._trainer_ref()
+        if trainer is None or "lightning.pytorch.cli" not in sys.modules:
+            return
+        from lightning.pytorch.cli import SaveConfigCallback
+
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, SaveConfigCallback):
+                self._cli_logged = True
+                assert self._hp is not None
+                self._hp.log(cli_hparams(callback.parser, callback.config), step=self._last_step)
+                return
 
     @rank_zero_only
     def log_graph(self, model: nn.Module, input_array: Any = None) -> None:  # type: ignore[override]
@@ -345,6 +368,8 @@ class TBXLogger(TensorBoardLogger):
         written only if ``log_graph=True`` and the model has ``example_input_array``.
         An explicit ``input_array`` always writes the graph.
         """
+        if self._run is not None:
+            self._log_cli_config()
         if input_array is None:
             if not self._log_graph:
                 return
@@ -442,6 +467,18 @@ class TBXLogger(TensorBoardLogger):
         state["_trainer_ref"] = None
         state["_exception"] = None
         return state
+
+
+# Keys of a parsed LightningCLI namespace that are CLI plumbing, not hyperparameters.
+_CLI_PLUMBING = ("config", "subcommand", "ckpt_path")
+
+
+def cli_hparams(parser: Any, config: Any) -> dict[str, Any]:
+    """A parsed LightningCLI config as a plain nested dict, without CLI plumbing keys."""
+    import yaml
+
+    dumped = yaml.safe_load(parser.dump(config, skip_none=False)) or {}
+    return {k: v for k, v in dumped.items() if k not in _CLI_PLUMBING}
 
 
 def _remove_if_only_header(fs: Any, run: RunWriter | None, log_dir: str) -> None:

@@ -493,11 +493,12 @@ class ModelMonitor:
         """
         sink = None
         if accelerator.is_main_process:
-            sink = accelerator.get_tracker("tbx", unwrap=True)
+            tracker = accelerator.get_tracker("tbx")
+            sink = getattr(tracker, "run_writer", None)
             if not isinstance(sink, MonitorSink):
                 raise TypeError(
-                    "accelerator.get_tracker('tbx', unwrap=True) did not return a RunWriter "
-                    f"(got {type(sink).__name__}): create the Accelerator with log_with='tbx' "
+                    "accelerator.get_tracker('tbx') is not a started TBXTracker "
+                    f"(got {type(tracker).__name__}): create the Accelerator with log_with='tbx' "
                     "and call accelerator.init_trackers(...) first."
                 )
         return cls(model, sink, **options)

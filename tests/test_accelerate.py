@@ -704,3 +704,24 @@ def test_two_processes_write_one_run_from_main(tmp_path: Path) -> None:
     row, status = session(acc)
     assert row == {"model.lr": 0.01, "model.layers": "[4, 2]"}
     assert status == "STATUS_SUCCESS"
+
+
+def test_model_monitor_from_accelerator_writes_into_the_run(tmp_path: Path) -> None:
+    from tbx_lightning.monitor import ModelMonitor
+
+    accelerator = Accelerator(log_with="tbx", project_dir=str(tmp_path))
+    accelerator.init_trackers("mon", config={"lr": 0.1})
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    monitor = ModelMonitor.from_accelerator(
+        accelerator, model, group_depth=1, hist_every_n_steps=1, norm_every_n_steps=1
+    )
+    loss = model(torch.randn(5, 4)).pow(2).mean()
+    accelerator.backward(loss)
+    monitor.after_backward(0)
+    optimizer.step()
+    accelerator.end_training()
+    acc = read(tmp_path / "mon" / "version_0")
+    assert {"monitor/grads/0", "monitor/grads/1"} <= set(acc.Tags()["histograms"])
+    assert acc.Histograms("monitor/grads/0")[0].histogram_value.num == 4 * 8 + 8

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import yaml
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, SaveConfigCallback
 
 __all__ = ["TBXSaveConfigCallback", "cli_hparams"]
 
-# Keys of the parsed namespace that are CLI plumbing, not hyperparameters.
-_PLUMBING = ("config", "subcommand", "ckpt_path")
-
-
-def cli_hparams(parser: LightningArgumentParser, config: Any) -> dict[str, Any]:
-    """The parsed LightningCLI config as a plain nested dict, without CLI plumbing keys."""
-    dumped = yaml.safe_load(parser.dump(config, skip_none=False)) or {}
-    return {k: v for k, v in dumped.items() if k not in _PLUMBING}
+from tbx_lightning.lightning import cli_hparams
 
 
 class TBXSaveConfigCallback(SaveConfigCallback):
