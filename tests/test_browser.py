@@ -1,0 +1,104 @@
+"""A real browser on a real TensorBoard: the HParams dashboard and the projector of quickstart runs.
+
+Screenshots go to tmp_path; with ``TBX_UPDATE_SCREENSHOTS=1`` they replace
+docs/screenshots/hparams.png and docs/screenshots/projector.png (see scripts/screenshots.sh).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import browser
+from tests.tbserver import TensorBoardServer
+
+ROOT = Path(__file__).resolve().parents[1]
+REASON = browser.available()
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.slow,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(REASON is not None, reason=REASON or ""),
+]
+RUNS = {"version_0": "model.optimizer.lr=0.003", "version_1": "model.optimizer.lr=0.01"}
+
+
+def _screenshot_path(tmp_path: Path, name: str) -> Path:
+    if os.environ.get("TBX_UPDATE_SCREENSHOTS") == "1":
+        folder = ROOT / "docs" / "screenshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / name
+    return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def quickstart(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[TensorBoardServer, Path]]:
+    """Two short quickstart runs trained by the ``tbx-lightning fit`` command, served by TensorBoard."""
+    work = tmp_path_factory.mktemp("quickstart")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for override in RUNS.values():
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tbx_lightning.cli",
+                "fit",
+                "quickstart",
+                f"paths.runs_dir={work / 'runs'}",
+                "trainer.max_epochs=2",
+                override,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=work,
+            timeout=150,
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    logdir = work / "runs" / "quickstart"
+    server = TensorBoardServer(logdir)
+    try:
+        server.wait_for_runs(len(RUNS))
+        yield server, logdir
+    finally:
+        server.stop()
+
+
+def test_hparams_dashboard_shows_config_keys_and_metric_columns(
+    quickstart: tuple[TensorBoardServer, Path], tmp_path: Path
+) -> None:
+    server, _ = quickstart
+    with browser.browser_page(tmp_path / "profile", width=1600, height=900) as page:
+        page.goto(server.url + "/#hparams", wait_until="domcontentloaded")
+        for text in ("model.optimizer.lr", "model.net.channels", "trainer.max_epochs", "seed"):
+            browser.find_text(page, text)
+        for metric in ("val/acc", "val/loss", "train/loss"):
+            browser.find_text(page, metric)
+        for run in RUNS:
+            browser.find_text(page, run)
+        page.screenshot(path=str(_screenshot_path(tmp_path, "hparams.png")))
+
+
+def test_projector_shows_the_embedding_points(
+    quickstart: tuple[TensorBoardServer, Path], tmp_path: Path
+) -> None:
+    server, logdir = quickstart
+    config = (logdir / "version_0" / "projector_config.pbtxt").read_text()
+    points, dim = (int(n) for n in re.findall(r"tensor_shape: (\d+)", config)[:2])
+    with browser.browser_page(tmp_path / "profile") as page:
+        page.goto(server.url + "/#projector", wait_until="domcontentloaded")
+        # The projector has read the tensor bytes and the metadata when it shows the count.
+        browser.find_text(page, f"Points: {points}", timeout=120)
+        browser.find_text(page, f"Dimension: {dim}")
+        canvases = sum(frame.locator("canvas").count() for frame in page.frames)
+        assert canvases >= 1
+        page.wait_for_timeout(1500)  # let the point cloud settle for the picture
+        page.screenshot(path=str(_screenshot_path(tmp_path, "projector.png")))
