@@ -51,6 +51,8 @@ HP_RUNS: dict[str, tuple[dict[str, Any], str, float]] = {
 TEXT = "**bold** text with `code` and ünïcode"
 IMAGE = (np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3) * 3) % 255
 HIST_VALUES = np.linspace(-1.0, 1.0, 1001)
+EMBEDDING = torch.arange(15, dtype=torch.float32).reshape(5, 3) / 7
+LABELS = ["cat", "dog", "tab\there", "new\nline", "ünï"]
 
 
 def _write_runs(root: Path) -> None:
@@ -74,6 +76,18 @@ def _write_runs(root: Path) -> None:
         run.log_scalars({"after_media": 1.0}, step=4)
 
     from tbx_lightning.graph import write_graph
+    from tbx_lightning.projector import log_embedding
+
+    with RunWriter(root / "projector", flush_secs=0.2) as run:
+        log_embedding(
+            run,
+            "words",
+            EMBEDDING,
+            metadata=LABELS,
+            label_img=torch.rand(len(LABELS), 3, 4, 6),
+            step=2,
+        )
+        run.log_scalars({"loss": 1.0}, step=0)
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     with RunWriter(root / "graph", flush_secs=0.2) as run:
@@ -88,7 +102,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServ
     _write_runs(root)
     tb = TensorBoardServer(root)
     try:
-        tb.wait_for_runs(3 + len(HP_RUNS))
+        tb.wait_for_runs(4 + len(HP_RUNS))
         yield tb
     finally:
         tb.stop()
@@ -96,7 +110,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServ
 
 def test_runs_are_listed(server: TensorBoardServer) -> None:
     runs = set(server.get_json("/data/runs"))
-    assert runs == {"scalars", "media", "graph", *HP_RUNS}
+    assert runs == {"scalars", "media", "graph", "projector", *HP_RUNS}
 
 
 def test_scalars_route_returns_every_step_and_value(server: TensorBoardServer) -> None:
@@ -239,3 +253,27 @@ def test_plugins_listing_is_json(server: TensorBoardServer) -> None:
     listing = server.get_json("/data/plugins_listing")
     for plugin in ("scalars", "hparams", "text", "images", "histograms", "graphs"):
         assert listing[plugin]["enabled"] is True, json.dumps(listing[plugin])
+
+
+def test_projector_routes_serve_tensor_bytes_metadata_and_sprite(server: TensorBoardServer) -> None:
+    from PIL import Image
+
+    assert "projector" in server.get_json("/data/plugin/projector/runs")
+    info = server.get_json("/data/plugin/projector/info", {"run": "projector"})
+    (entry,) = info["embeddings"]
+    name = entry["tensorName"]
+    assert name == "words:00000002"
+    assert [int(n) for n in entry["tensorShape"]] == [5, 3]
+    tensor = server.get_bytes("/data/plugin/projector/tensor", {"run": "projector", "name": name})
+    np.testing.assert_array_equal(
+        np.frombuffer(tensor, dtype="<f4").reshape(5, 3), EMBEDDING.numpy()
+    )
+    metadata = server.get_bytes(
+        "/data/plugin/projector/metadata", {"run": "projector", "name": name}
+    ).decode()
+    assert metadata.splitlines() == ["cat", "dog", "tab\\there", "new\\nline", "ünï"]
+    sprite = server.get_bytes(
+        "/data/plugin/projector/sprite_image", {"run": "projector", "name": name}
+    )
+    side = int(entry["sprite"]["singleImageDim"][0])
+    assert Image.open(io.BytesIO(sprite)).size == (3 * side, 2 * side)  # 3 columns, 2 rows
