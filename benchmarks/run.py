@@ -88,8 +88,18 @@ def scalar_table(calls: int, repeats: int) -> list[tuple[str, float, float]]:
 
     floor: list[Any] = []
     cases: list[tuple[str, Callable[[str], Any], Callable[..., None], Callable[[Any], None]]] = [
-        ("list.append (floor)", lambda d: floor, lambda w, m, s: w.append((s, m)), lambda w: w.clear()),
-        ("tbx_lightning RunWriter", RunWriter, lambda w, m, s: w.log_scalars(m, s), lambda w: w.close()),
+        (
+            "list.append (floor)",
+            lambda d: floor,
+            lambda w, m, s: w.append((s, m)),
+            lambda w: w.clear(),
+        ),
+        (
+            "tbx_lightning RunWriter",
+            RunWriter,
+            lambda w, m, s: w.log_scalars(m, s),
+            lambda w: w.close(),
+        ),
         (
             "tbx_lightning TBXLogger",
             lambda d: TBXLogger(d),
@@ -113,7 +123,9 @@ def scalar_table(calls: int, repeats: int) -> list[tuple[str, float, float]]:
     ]
     rows = []
     for name, make, log, close in cases:
-        best = min((_time_writer(make, log, close, calls) for _ in range(repeats)), key=lambda r: r[0])
+        best = min(
+            (_time_writer(make, log, close, calls) for _ in range(repeats)), key=lambda r: r[0]
+        )
         rows.append((name, best[0], best[1]))
     return rows
 
@@ -141,7 +153,9 @@ def fit_table(steps: int, repeats: int) -> list[tuple[str, float]]:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    data = DataLoader(TensorDataset(torch.randn(steps * 4, 8), torch.randn(steps * 4, 1)), batch_size=4)
+    data = DataLoader(
+        TensorDataset(torch.randn(steps * 4, 8), torch.randn(steps * 4, 1)), batch_size=4
+    )
 
     def run(make_logger: Callable[[str], Any]) -> float:
         directory = tempfile.mkdtemp(prefix="tbx-fit-")
@@ -180,17 +194,22 @@ def main() -> None:
     args = parser.parse_args()
     calls, repeats, steps = (2_000, 1, 100) if args.quick else (20_000, 3, 400)
     torch.set_num_threads(1)
-    print(f"date {date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(
+        f"date {date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     print(f"torch {torch.__version__}; {calls} calls x {METRICS} scalars, best of {repeats}\n")
     rows = scalar_table(calls, repeats)
     lightning_caller = next(r[1] for r in rows if r[0] == "Lightning TensorBoardLogger")
     tbx_e2e = next(r[2] for r in rows if r[0] == "tensorboardX SummaryWriter")
-    print("| writer | caller us/scalar | end-to-end us/scalar | caller vs Lightning TB | e2e vs tensorboardX |")
+    print(
+        "| writer | caller us/scalar | end-to-end us/scalar "
+        "| caller speed-up vs Lightning TensorBoardLogger | end-to-end speed-up vs tensorboardX |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, caller, e2e in rows:
         print(
-            f"| {name} | {caller:.2f} | {e2e:.2f} | {lightning_caller / caller:.1f}x faster "
-            f"| {tbx_e2e / e2e:.1f}x faster |"
+            f"| {name} | {caller:.2f} | {e2e:.2f} | {lightning_caller / caller:.1f}x "
+            f"| {tbx_e2e / e2e:.1f}x |"
         )
     fit = fit_table(steps, repeats)
     base = fit[0][1]
