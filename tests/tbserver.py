@@ -18,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+ALL_STATUSES = ("STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING")
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -84,6 +86,27 @@ class TensorBoardServer:
         req.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
+
+    def hparams_experiment(self) -> Any:
+        """The HParams plugin's experiment: hparam and metric columns of all runs."""
+        return self.post_json("/data/plugin/hparams/experiment", {"experimentName": ""})
+
+    def session_groups(
+        self,
+        *,
+        col_params: list[dict[str, Any]] | None = None,
+        statuses: tuple[str, ...] = ALL_STATUSES,
+        slice_size: int = 100,
+    ) -> list[Any]:
+        """The HParams plugin's rows (session groups), with every status allowed by default."""
+        body = {
+            "experimentName": "",
+            "allowedStatuses": list(statuses),
+            "colParams": col_params or [],
+            "startIndex": 0,
+            "sliceSize": slice_size,
+        }
+        return list(self.post_json("/data/plugin/hparams/session_groups", body)["sessionGroups"])
 
     def wait_for_runs(self, expected: int, timeout: float = 60.0) -> list[str]:
         """Polls ``/data/runs`` until at least ``expected`` runs are loaded."""

@@ -619,25 +619,11 @@ def test_hparams_plugin_shows_config_metrics_and_statuses(tmp_path: Path, tensor
         AcceleratorState._reset_state(True)
     server = tensorboard(tmp_path / "runs")
     assert sorted(server.wait_for_runs(2)) == ["sweep/version_0", "sweep/version_1"]
-    experiment = server.post_json("/data/plugin/hparams/experiment", {"experimentName": ""})
+    experiment = server.hparams_experiment()
     assert sorted(h["name"] for h in experiment["hparamInfos"]) == ["opt.betas", "opt.lr"]
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == ["train/loss"]
-    groups = server.post_json(
-        "/data/plugin/hparams/session_groups",
-        {
-            "experimentName": "",
-            "allowedStatuses": [
-                "STATUS_UNKNOWN",
-                "STATUS_SUCCESS",
-                "STATUS_FAILURE",
-                "STATUS_RUNNING",
-            ],
-            "colParams": [],
-            "startIndex": 0,
-            "sliceSize": 10,
-        },
-    )
-    by_run = {g["name"]: g for g in groups["sessionGroups"]}
+    groups = server.session_groups(slice_size=10)
+    by_run = {g["name"]: g for g in groups}
     first, second = by_run["sweep/version_0"], by_run["sweep/version_1"]
     assert first["hparams"] == {"opt.lr": 0.1, "opt.betas": "[0.9, 0.99]"}
     assert second["hparams"]["opt.lr"] == 0.01

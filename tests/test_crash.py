@@ -237,27 +237,10 @@ def test_tensorboard_shows_killed_run_running_and_interrupted_runs_failed(
     server = TensorBoardServer(crashed["logs"])
     try:
         server.wait_for_runs(3)
-        body = server.post_json(
-            "/data/plugin/hparams/session_groups",
-            {
-                "experimentName": "",
-                "allowedStatuses": [
-                    "STATUS_UNKNOWN",
-                    "STATUS_SUCCESS",
-                    "STATUS_FAILURE",
-                    "STATUS_RUNNING",
-                ],
-                "colParams": [{"hparam": "lr"}],
-                "startIndex": 0,
-                "sliceSize": 10,
-            },
-        )
+        groups = server.session_groups(col_params=[{"hparam": "lr"}], slice_size=10)
     finally:
         server.stop()
-    status = {
-        group["name"].split("/")[0]: group["sessions"][0]["status"]
-        for group in body["sessionGroups"]
-    }
+    status = {group["name"].split("/")[0]: group["sessions"][0]["status"] for group in groups}
     assert status == {
         "sigkill": "STATUS_RUNNING",
         "sigterm": "STATUS_FAILURE",

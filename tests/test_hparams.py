@@ -231,7 +231,7 @@ def test_hparams_plugin_shows_all_keys_metrics_and_statuses(tmp_path: Path, tens
                 hp.finish(status)
     server = tensorboard(tmp_path)
     server.wait_for_runs(3)
-    experiment = server.post_json("/data/plugin/hparams/experiment", {"experimentName": ""})
+    experiment = server.hparams_experiment()
     assert {h["name"] for h in experiment["hparamInfos"]} == {
         "model.lr",
         "model.depth",
@@ -245,21 +245,7 @@ def test_hparams_plugin_shows_all_keys_metrics_and_statuses(tmp_path: Path, tens
         "only_run_1",
         "only_run_2",
     }
-    groups = server.post_json(
-        "/data/plugin/hparams/session_groups",
-        {
-            "experimentName": "",
-            "allowedStatuses": [
-                "STATUS_UNKNOWN",
-                "STATUS_SUCCESS",
-                "STATUS_FAILURE",
-                "STATUS_RUNNING",
-            ],
-            "colParams": [],
-            "startIndex": 0,
-            "sliceSize": 100,
-        },
-    )["sessionGroups"]
+    groups = server.session_groups()
     by_name = {g["name"]: g for g in groups}
     assert {name: g["sessions"][0]["status"] for name, g in by_name.items()} == {
         "version_0": "STATUS_SUCCESS",

@@ -240,28 +240,14 @@ def test_hparams_dashboard_over_several_fits(tmp_path: Path, tensorboard) -> Non
 
     server = tensorboard(tmp_path / "sweep")
     server.wait_for_runs(3)
-    experiment = server.post_json("/data/plugin/hparams/experiment", {"experimentName": ""})
+    experiment = server.hparams_experiment()
     # fail_at is None in two runs (left out there) and 1 in the third: still a column.
     assert {h["name"] for h in experiment["hparamInfos"]} == {"lr", "width", "fail_at"}
     assert {"train/loss", "val/loss", "epoch"} <= {
         m["name"]["tag"] for m in experiment["metricInfos"]
     }
     assert "hp_metric" not in {m["name"]["tag"] for m in experiment["metricInfos"]}
-    groups = server.post_json(
-        "/data/plugin/hparams/session_groups",
-        {
-            "experimentName": "",
-            "allowedStatuses": [
-                "STATUS_UNKNOWN",
-                "STATUS_SUCCESS",
-                "STATUS_FAILURE",
-                "STATUS_RUNNING",
-            ],
-            "colParams": [],
-            "startIndex": 0,
-            "sliceSize": 10,
-        },
-    )["sessionGroups"]
+    groups = server.session_groups(slice_size=10)
     rows = {g["name"]: (g["hparams"], g["sessions"][0]["status"]) for g in groups}
     assert rows == {
         "version_0": ({"lr": 0.05, "width": 8.0}, "STATUS_SUCCESS"),

@@ -20,7 +20,7 @@ import torch
 
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import RunHParams
-from tests.tbserver import TensorBoardServer
+from tests.tbserver import ALL_STATUSES, TensorBoardServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -157,12 +157,7 @@ def test_hparams_session_groups_have_values_metrics_and_statuses(
 ) -> None:
     request = {
         "experimentName": "",
-        "allowedStatuses": [
-            "STATUS_UNKNOWN",
-            "STATUS_SUCCESS",
-            "STATUS_FAILURE",
-            "STATUS_RUNNING",
-        ],
+        "allowedStatuses": list(ALL_STATUSES),
         "colParams": [
             {"hparam": "model.lr"},
             {"hparam": "model.act"},
