@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from accelerate.tracking import GeneralTracker, on_main_process
+
+try:
+    from accelerate.tracking import GeneralTracker, on_main_process
+except ImportError as error:  # pragma: no cover - exercised in a subprocess without accelerate
+    raise ImportError(
+        "tbx_lightning.TBXTracker needs Accelerate: pip install 'tbx-lightning[accelerate]'"
+    ) from error
 
 from tbx_lightning import _fs
 from tbx_lightning._writer import RunWriter

@@ -635,6 +635,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"tbx-lightning {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] not in _TEMPLATE_PACKAGES:
+            raise
+        print(
+            f"tbx-lightning {args.command}: error: the experiment templates need {error.name!r}, "
+            "which is not installed: pip install 'tbx-lightning[templates]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+# What the `templates` extra brings; a missing one gets the install command, not a traceback.
+_TEMPLATE_PACKAGES = {"hydra", "sklearn", "lightning", "accelerate", "tensorboard"}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -257,3 +257,86 @@ def test_run_dir_explicit_versions(tmp_path: Path) -> None:
     assert version == "my-run" and log_dir.endswith(os.path.join("exp", "my-run", "train"))
     _, _, version = run_dir(tmp_path, "exp", None)
     assert version == 8
+
+
+@pytest.mark.parametrize(
+    "blocked,name,extra",
+    [
+        pytest.param("lightning", "TBXLogger", "lightning", id="lightning"),
+        pytest.param("lightning", "TrainingMonitor", "lightning", id="monitor-callback"),
+        pytest.param("lightning", "EmbeddingProjector", "lightning", id="projector-callback"),
+        pytest.param("accelerate", "TBXTracker", "accelerate", id="accelerate"),
+    ],
+)
+def test_missing_extra_names_the_install_command(blocked: str, name: str, extra: str) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.modules[{blocked!r}] = None\n"
+        "import tbx_lightning\n"
+        "try:\n"
+        f"    tbx_lightning.{name}\n"
+        "except ImportError as error:\n"
+        "    print(error)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert f"pip install 'tbx-lightning[{extra}]'" in out.stdout
+
+
+def test_cli_without_templates_extra_names_the_install_command(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['hydra'] = None\n"
+        "from tbx_lightning.cli import main\n"
+        "sys.exit(main(['fit']))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 2, out.stderr
+    assert "pip install 'tbx-lightning[templates]'" in out.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tensor_metrics_cost_one_host_transfer(tmp_path: Path, monkeypatch) -> None:
+    calls = {"cpu": 0}
+    real_cpu = torch.Tensor.cpu
+
+    def counting_cpu(self: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls["cpu"] += 1
+        return real_cpu(self, *args, **kwargs)
+
+    def no_item(self: torch.Tensor) -> object:
+        raise AssertionError("log_scalars must not call .item() per metric")
+
+    with RunWriter(tmp_path) as run:
+        metrics = {f"m{i}": torch.tensor(float(i)) for i in range(10)}
+        monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
+        monkeypatch.setattr(torch.Tensor, "item", no_item)
+        run.log_scalars(metrics, 0)
+        monkeypatch.undo()
+    assert calls["cpu"] == 1
+    assert values(read(tmp_path), "m7") == [(0, 7.0)]
+
+
+def test_normal_exit_without_close_loses_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from tbx_lightning import RunWriter\n"
+        "run = RunWriter(sys.argv[1], flush_secs=3600)\n"
+        "for step in range(5000):\n"
+        "    run.log_scalars({'m': float(step)}, step)\n"
+        "run.experiment.add_text('t', 'last words', 5000)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=120)
+    acc = read(tmp_path)
+    assert values(acc, "m") == [(s, float(s)) for s in range(5000)]
+    assert acc.Tensors("t/text_summary")[0].step == 5000
