@@ -186,6 +186,9 @@ class RunWriter:
         purge_step: When resuming a run, TensorBoard hides events of this run at or
             after this step, so the resumed curve does not zig-zag.
         filename_suffix: Appended to the event file's name.
+        segment_bytes: Remote storage only: object stores cannot append, so the open
+            event file is uploaded whole at each flush; past this size it is closed and
+            the run goes on in a new file (TensorBoard reads them in name order).
 
     Example:
         >>> import tempfile
@@ -201,6 +204,7 @@ class RunWriter:
         *,
         flush_secs: float = 10.0,
         max_queue: int = 10_000,
+        segment_bytes: int = 8 * 1024 * 1024,
         purge_step: int | None = None,
         filename_suffix: str = "",
     ) -> None:
@@ -208,11 +212,15 @@ class RunWriter:
             raise ValueError(f"Expected `flush_secs` > 0, got {flush_secs!r}.")
         if max_queue < 1:
             raise ValueError(f"Expected `max_queue` >= 1, got {max_queue!r}.")
+        if segment_bytes < 1:
+            raise ValueError(f"Expected `segment_bytes` >= 1, got {segment_bytes!r}.")
         self.fs, self._path = _fs.resolve(log_dir)
         _fs.makedirs(self.fs, self._path)
         self.log_dir = _fs.url(self.fs, self._path)
         self.flush_secs = float(flush_secs)
         self.max_queue = int(max_queue)
+        self.segment_bytes = int(segment_bytes)
+        self._segment = 0
         self._wake_at = min(256, self.max_queue)
         self._queue: collections.deque[tuple[Any, ...]] = collections.deque()
         self._wake = threading.Event()
@@ -228,7 +236,8 @@ class RunWriter:
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
             f".{os.getpid()}.{next(_FILE_COUNTER)}{filename_suffix}"
         )
-        self._file = _EventFile(self.fs, _fs.join(self.fs, self._path, name))
+        self._first_file = _fs.join(self.fs, self._path, name)
+        self._file = _EventFile(self.fs, self._first_file)
         self._file.write(
             frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         )
@@ -593,9 +602,20 @@ class RunWriter:
                 self._file.close()
             else:
                 self._file.flush()
+                if not _fs.is_local(self.fs) and self._file.offset >= self.segment_bytes:
+                    self._next_segment()
             self._last_flush = time.monotonic()
         except Exception as error:
             self._error = error
+
+    def _next_segment(self) -> None:
+        """Closes the uploaded event file and goes on in a new one whose name sorts after it."""
+        self._file.close()
+        self._segment += 1
+        self._file = _EventFile(self.fs, f"{self._first_file}.seg{self._segment:06d}")
+        self._file.write(
+            frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        )
 
     def _check_file_present(self) -> None:
         """A deleted run directory would swallow writes into an unlinked file: say so instead."""

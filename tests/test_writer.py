@@ -340,3 +340,31 @@ def test_normal_exit_without_close_loses_nothing(tmp_path: Path) -> None:
     acc = read(tmp_path)
     assert values(acc, "m") == [(s, float(s)) for s in range(5000)]
     assert acc.Tensors("t/text_summary")[0].step == 5000
+
+
+def test_remote_event_files_roll_over_and_read_back_as_one_run(tmp_path: Path) -> None:
+    import fsspec
+
+    from tbx_lightning.hparams import RunHParams
+
+    fs = fsspec.filesystem("memory")
+    with RunWriter("memory://roll/version_0", segment_bytes=2_000) as run:
+        hp = RunHParams(run)
+        hp.log({"lr": 0.1})
+        for step in range(300):
+            run.log_scalars({"loss": float(step)}, step)
+            if step % 50 == 49:
+                run.flush()
+        hp.finish("success")
+    names = sorted(p for p in fs.ls("/roll/version_0", detail=False) if "tfevents" in p)
+    assert len(names) >= 3, names
+    # Each file ends at the first flush past the limit (the first also holds the HParams room).
+    assert all(len(fs.cat(n)) < 2_000 + 4_096 + 3_000 for n in names)
+    for name in names:
+        (tmp_path / name.rsplit("/", 1)[-1]).write_bytes(fs.cat(name))
+    acc = read(tmp_path)
+    assert values(acc, "loss") == [(s, float(s)) for s in range(300)]
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_end_info"]
+    assert metadata.parse_session_end_info_plugin_data(content).status == api_pb2.STATUS_SUCCESS
