@@ -38,6 +38,9 @@ from tbx_lightning.hparams import RunHParams, to_container
 __all__ = ["TBXLogger"]
 
 _WRITER_KWARGS = {"flush_secs", "max_queue", "filename_suffix", "purge_step"}
+# SummaryWriter arguments that Lightning's logger passes on but that never act there: a
+# SummaryWriter given a log directory ignores ``comment``. Accepted so switching is one import.
+_NO_EFFECT_KWARGS = {"comment"}
 _STATE_KEY = "tbx_lightning.TBXLogger"
 
 
@@ -150,6 +153,8 @@ class TBXLogger(TensorBoardLogger):
         from lightning.pytorch.loggers.logger import Logger
 
         Logger.__init__(self)
+        for key in _NO_EFFECT_KWARGS & set(kwargs):
+            kwargs.pop(key)
         unknown = sorted(set(kwargs) - _WRITER_KWARGS)
         if unknown:
             raise TypeError(

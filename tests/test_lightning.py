@@ -130,6 +130,7 @@ def test_accepts_every_tensorboardlogger_argument(tmp_path: Path) -> None:
         prefix="pre",
         sub_dir="train",
         flush_secs=1,
+        comment="ignored, as in a SummaryWriter given a log directory",
     )
     tr = trainer(logger, max_epochs=1)
     tr.fit(Regressor(), loader())
