@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import operator
 import random
@@ -198,6 +199,10 @@ def export_graph(
             with (
                 _preserved_state(model),
                 _quiet_torch_logs(),
+                # A failed torch.export prints the partial graph it traced; the reason
+                # reaches the user through ``attempts`` instead.
+                contextlib.redirect_stdout(io.StringIO()),
+                contextlib.redirect_stderr(io.StringIO()),
                 warnings.catch_warnings(record=True) as caught,
             ):
                 warnings.simplefilter("always")

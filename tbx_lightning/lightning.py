@@ -9,6 +9,7 @@ touches files is overridden.
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import warnings
@@ -37,7 +38,13 @@ from tbx_lightning.hparams import RunHParams, to_container
 
 __all__ = ["TBXLogger"]
 
-_WRITER_KWARGS = {"flush_secs", "max_queue", "filename_suffix", "purge_step"}
+# Every keyword of RunWriter (flush_secs, max_queue, ...): read from its signature so a new
+# writer option is accepted here too (jsonargparse passes each one explicitly).
+_WRITER_KWARGS = {
+    name
+    for name, param in inspect.signature(RunWriter.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY
+}
 # SummaryWriter arguments that Lightning's logger passes on but that never act there: a
 # SummaryWriter given a log directory ignores ``comment``. Accepted so switching is one import.
 _NO_EFFECT_KWARGS = {"comment"}
@@ -121,6 +128,8 @@ class TBXLogger(TensorBoardLogger):
         prefix: Prepended to every metric name, joined with ``-``.
         sub_dir: Extra folder inside the version folder for this logger's events.
         strict_graph: Raise instead of warning when graph export fails.
+        graph_options: Passed to the graph exporter, e.g. ``{"collapse_repeated": True}``
+            or ``{"max_depth": 2}`` to keep the graph of a large model small.
         mask_secrets: Mask config keys that look like credentials.
         **kwargs: Writer options: ``flush_secs``, ``max_queue``, ``filename_suffix``,
             ``purge_step``.
@@ -146,6 +155,7 @@ class TBXLogger(TensorBoardLogger):
         sub_dir: str | os.PathLike[str] | None = None,
         *,
         strict_graph: bool = False,
+        graph_options: Mapping[str, Any] | None = None,
         mask_secrets: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -175,6 +185,7 @@ class TBXLogger(TensorBoardLogger):
         self._prefix = prefix
         self._kwargs = kwargs
         self._strict_graph = strict_graph
+        self._graph_options = dict(graph_options or {})
         self._mask_secrets = mask_secrets
         self._fs, self._root_path = _fs.resolve(self._root_dir)
         self._run: RunWriter | None = None
@@ -366,12 +377,16 @@ class TBXLogger(TensorBoardLogger):
                 return
 
     @rank_zero_only
-    def log_graph(self, model: nn.Module, input_array: Any = None) -> None:  # type: ignore[override]
+    def log_graph(  # type: ignore[override]
+        self, model: nn.Module, input_array: Any = None, **options: Any
+    ) -> None:
         """Exports the model graph (torch.export, then fx, then jit.trace).
 
         Called by Lightning at fit start with ``input_array=None``: then the graph is
         written only if ``log_graph=True`` and the model has ``example_input_array``.
-        An explicit ``input_array`` always writes the graph.
+        An explicit ``input_array`` always writes the graph. ``options`` (and the
+        logger's ``graph_options``) go to the exporter: ``max_depth``,
+        ``collapse_repeated``, ``methods``.
         """
         if self._run is not None:
             self._log_cli_config()
@@ -391,8 +406,15 @@ class TBXLogger(TensorBoardLogger):
         from tbx_lightning.graph import GraphExportError, write_graph
 
         try:
-            write_graph(self.experiment, model, input_array, step=self._last_step)
-        except GraphExportError as error:
+            write_graph(
+                self.experiment,
+                model,
+                input_array,
+                step=self._last_step,
+                **{**self._graph_options, **options},
+            )
+        except (GraphExportError, TypeError, ValueError) as error:
+            # An input the exporter cannot use is a graph problem too: training goes on.
             self._graph_problem(str(error), error)
 
     def _graph_problem(self, message: str, error: BaseException | None = None) -> None:

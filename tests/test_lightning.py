@@ -258,3 +258,41 @@ def test_hparams_dashboard_over_several_fits(tmp_path: Path, tensorboard) -> Non
     for group in groups[:2]:
         metrics = {m["name"]["tag"]: m for m in group["metricValues"]}
         assert metrics["train/loss"]["trainingStep"] == 3
+
+
+def test_graph_options_reach_the_exporter(tmp_path: Path) -> None:
+    pytest.importorskip("tbx_lightning.graph")
+    sizes = {}
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    for name, options in (("full", None), ("shallow", {"max_depth": 1})):
+        logger = TBXLogger(tmp_path, name=name, log_graph=True, graph_options=options)
+        logger.log_graph(encoder, torch.zeros(2, 3, 8))
+        logger.finalize("success")
+        graph = read(logger.log_dir).Graph()
+        sizes[name] = len(graph.node)
+        if options:
+            assert all(node.name.count("/") <= 1 for node in graph.node), [
+                n.name for n in graph.node
+            ]
+    assert sizes["shallow"] < sizes["full"]
+
+
+def test_unusable_example_input_warns_and_training_goes_on(tmp_path: Path) -> None:
+    import numpy as np
+
+    model = Regressor()
+    model.example_input_array = np.zeros((2, 4))  # not a tensor, tuple or dict
+    logger = TBXLogger(tmp_path, log_graph=True)
+    with pytest.warns(UserWarning, match="Model graph not logged: .*ndarray"):
+        trainer(logger, max_epochs=1).fit(model, loader())
+    assert status_of(read(logger.log_dir)) == api_pb2.STATUS_SUCCESS
+
+
+def test_every_writer_option_is_accepted_through_jsonargparse(tmp_path: Path) -> None:
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(TBXLogger, "logger")
+    cfg = parser.parse_args([f"--logger.save_dir={tmp_path}", "--logger.segment_bytes=4096"])
+    logger = parser.instantiate_classes(cfg).logger
+    assert isinstance(logger, TBXLogger) and logger._kwargs["segment_bytes"] == 4096
