@@ -481,11 +481,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if result.status != "success":
             failed += 1
         detail = f"{type(result.error).__name__}: {result.error}" if result.error else ""
-        print(
-            f"[{index}/{total}] {label}: {result.status} in {result.seconds:.1f} s "
-            f"{_metric_text(result.metrics, 3)} {detail}-> {result.log_dir}".replace("  ->", " ->"),
-            flush=True,
-        )
+        parts = [f"{result.status} in {result.seconds:.1f} s", _metric_text(result.metrics, 3)]
+        parts += [detail, f"-> {result.log_dir}"]
+        # A leading newline: Lightning's progress bar may have left the cursor mid-line.
+        print(f"\n[{index}/{total}] {label}: " + " ".join(p for p in parts if p), flush=True)
     if experiment_dir is None:
         from tbx_lightning.templates.runner import experiment_dir_of
 

@@ -319,8 +319,8 @@ class ModelMonitor:
     group's exact element count. With probability at least ``1 - delta``, every bin's
     share of the group is then within ``sqrt(ln(2 * bins / delta) / (2 * k))`` of the
     exact share (Hoeffding, union bound over bins): about 0.0095 for ``k=65536``,
-    ``bins=64``, ``delta=0.001``. Minimum, maximum, sum, sum of squares, norms and
-    non-finite counts stay exact in sampled mode. The update ratio uses the same sample
+    ``bins=64``, ``delta=0.001``. Norms and non-finite counts stay exact in sampled
+    mode; the histogram's minimum, maximum, sum and sum of squares are the sample's. The update ratio uses the same sample
     when ``sample`` is set and an exact copy of the trainable weights otherwise (memory:
     one copy of the trainable parameters, held from ``after_backward`` to
     ``after_optimizer_step`` on scalar steps only).
@@ -601,8 +601,11 @@ class ModelMonitor:
             norms = {kind: m for kind, _, _, m in results if m is not None}
         if norm:
             scalars: dict[str, float | int | torch.Tensor] = {}
+            # Groups with no gradient at all (every grad None) get no gradient scalars: a
+            # 0.0 norm would read like a dead layer. Sharded: other ranks may hold some.
+            with_grads = None if self.sharded else [bool(t) for t in self._tensors("grads")]
             for kind, m in norms.items():
-                scalars.update(self._norm_scalars(kind, m))
+                scalars.update(self._norm_scalars(kind, m, with_grads))
             scalars.update(self._frozen())
             self.sink.log_scalars(scalars, step)
 
@@ -724,7 +727,10 @@ class ModelMonitor:
         return out
 
     def _norm_scalars(
-        self, kind: str, moments: torch.Tensor | np.ndarray
+        self,
+        kind: str,
+        moments: torch.Tensor | np.ndarray,
+        with_grads: list[bool] | None = None,
     ) -> dict[str, float | int | torch.Tensor]:
         label = "weight_norm" if kind == "weights" else "grad_norm"
         out: dict[str, float | int | torch.Tensor] = {}
@@ -733,9 +739,11 @@ class ModelMonitor:
         for i, g in enumerate(self._groups):
             if kind == "grads" and not self._trainable[i]:
                 continue  # frozen: monitor/frozen says so, there is no gradient to measure
+            if kind == "grads" and with_grads is not None and not with_grads[i]:
+                continue
             out[f"monitor/{label}/{g.name}"] = norms[i]
             out[f"monitor/nonfinite/{kind}/{g.name}"] = moments[i, _NONFINITE]
-        if kind == "grads":
+        if kind == "grads" and (with_grads is None or any(with_grads)):
             total = sumsq.sum()
             out["monitor/grad_norm_total/pre_clip"] = (
                 float(np.sqrt(total)) if isinstance(total, np.floating) else total.sqrt()

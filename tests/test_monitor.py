@@ -148,8 +148,9 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
     }
     expected = {f"monitor/{k}/{g}" for k in ("weight_norm", "frozen") for g in groups}
     expected |= {f"monitor/nonfinite/weights/{g}" for g in groups}
-    expected |= {f"monitor/grad_norm/{g}" for g in groups if g != "embed"}
-    expected |= {f"monitor/nonfinite/grads/{g}" for g in groups if g != "embed"}
+    # No gradient scalars for the frozen group, nor for `unused` (every grad is None).
+    expected |= {f"monitor/grad_norm/{g}" for g in trained}
+    expected |= {f"monitor/nonfinite/grads/{g}" for g in trained}
     expected |= {f"monitor/update_ratio/{g}" for g in groups if g != "embed"}
     expected |= {
         "monitor/grad_norm_total/pre_clip",
@@ -175,7 +176,6 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
 
     assert scalars(acc, "monitor/frozen/embed") == {0: 1.0, 1: 1.0}
     assert scalars(acc, "monitor/frozen/head") == {0: 0.0, 1: 0.0}
-    assert scalars(acc, "monitor/grad_norm/unused") == {0: 0.0, 1: 0.0}
     assert scalars(acc, "monitor/lr/group_0") == {0: pytest.approx(0.1), 1: pytest.approx(0.1)}
     assert scalars(acc, "monitor/momentum/group_0")[1] == pytest.approx(0.9)
     assert set(scalars(acc, "monitor/samples_per_sec")) == {1}  # step 0 starts the clock
@@ -648,3 +648,20 @@ def test_log_histograms_takes_double_and_integer_inputs(tmp_path: Path, value: A
     assert event.histogram_value.num == 10
     assert event.histogram_value.min == 0 and event.histogram_value.max == 9
     assert event.histogram_value.sum == 45
+
+
+def test_group_without_any_gradient_gets_no_gradient_scalars(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 1))
+    with RunWriter(tmp_path) as run:
+        monitor = ModelMonitor(
+            model, run, group_depth=1, hist_every_n_steps=1, norm_every_n_steps=1
+        )
+        model(torch.randn(3, 4)).sum().backward()
+        for param in model[1].parameters():
+            param.grad = None  # e.g. a branch the loss did not reach this step
+        monitor.after_backward(0)
+    tags = read(tmp_path).Tags()
+    assert "monitor/grad_norm/1" not in tags["scalars"]
+    assert "monitor/grads/1" not in tags["histograms"]
+    assert {"monitor/grad_norm/0", "monitor/grad_norm/2"} <= set(tags["scalars"])
+    assert "monitor/weight_norm/1" in tags["scalars"]
