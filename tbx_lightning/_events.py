@@ -80,9 +80,10 @@ class ScalarEncoder:
         for tag, value in zip(tags, values, strict=True):
             try:
                 packed = _PACK_F(value)
-            except OverflowError:
-                # Finite doubles beyond float32's range become +/-inf, as a cast would.
-                packed = _PACK_F(math.copysign(math.inf, value))
+            except (OverflowError, struct.error):
+                # Numbers beyond float32's range (doubles, huge ints) become +/-inf, as a
+                # cast would.
+                packed = _PACK_F(math.inf if value > 0 else -math.inf)
             parts.append(tag_prefix(tag) + packed)
         summary = b"".join(parts)
         event = (
@@ -104,8 +105,8 @@ def padded(event: bytes, total: int) -> bytes:
     room = total - len(event) - len(_PAD_FIELD_KEY)
     if room < 1:
         raise ValueError(f"event of {len(event)} bytes does not fit in {total} bytes")
-    # The length prefix of the padding takes 1-3 bytes; find the split that fits exactly.
-    for prefix_len in (1, 2, 3):
+    # The length prefix of the padding takes 1-5 bytes; find the split that fits exactly.
+    for prefix_len in (1, 2, 3, 4, 5):
         body = room - prefix_len
         if body >= 0 and len(varint(body)) == prefix_len:
             return event + _PAD_FIELD_KEY + varint(body) + b"\x00" * body

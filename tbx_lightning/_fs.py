@@ -32,10 +32,12 @@ _VERSION_RE = re.compile(r"^version_(\d+)$")
 def resolve(path: str | os.PathLike[str]) -> tuple[Any, str]:
     """Returns ``(filesystem, path_inside_it)`` for a local path or an fsspec URL.
 
-    Local paths are made absolute so that a later ``chdir`` cannot move a run.
+    Local paths have ``~`` and ``$VARS`` expanded and are made absolute, so that a
+    later ``chdir`` cannot move a run.
     """
     text = os.fspath(path)
     if "://" not in text:
+        text = os.path.expandvars(os.path.expanduser(text))
         return fsspec.filesystem("file"), os.path.abspath(text)
     fs, inner = fsspec.core.url_to_fs(text)
     if is_local(fs):

@@ -72,14 +72,24 @@ class _EventFile:
         self.fs = fs
         self.path = path
         self.offset = 0
-        self._handle = open(path, "ab") if _fs.is_local(fs) else None  # noqa: SIM115
+        # Unbuffered: every byte the OS accepted is counted in ``offset``, so a write that
+        # fails half-way (full disk) is resumed where it stopped, never written twice.
+        self._handle = open(path, "ab", buffering=0) if _fs.is_local(fs) else None  # noqa: SIM115
         self._buffer = bytearray()  # remote: the whole object, uploaded on each flush
         self._dirty = False
 
     def write(self, data: bytes) -> int:
+        """Appends ``data``; returns where it starts. A failure raises :class:`_WriteFailed`."""
         start = self.offset
         if self._handle is not None:
-            self._handle.write(data)
+            view = memoryview(data)
+            done = 0
+            try:
+                while done < len(view):
+                    done += self._handle.write(view[done:]) or 0
+            except OSError as error:
+                self.offset += done
+                raise _WriteFailed(done) from error
         else:
             self._buffer += data
             self._dirty = True
@@ -109,6 +119,22 @@ class _EventFile:
             self._handle.close()
             self._handle = None
 
+    def detach(self) -> None:
+        """Drops this file without writing (a forked child's copy of its parent's file)."""
+        if self._handle is not None:
+            self._handle.close()  # the child's duplicate descriptor; the parent's stays open
+            self._handle = None
+        self._buffer = bytearray()
+        self._dirty = False
+
+
+class _WriteFailed(Exception):
+    """A local write stopped after ``written`` bytes; the cause is ``__cause__``."""
+
+    def __init__(self, written: int) -> None:
+        super().__init__(written)
+        self.written = written
+
 
 class _QueueFileWriter(FileWriter):
     """tensorboardX's FileWriter interface, routed into the RunWriter's queue."""
@@ -130,6 +156,7 @@ class _QueueFileWriter(FileWriter):
             return
         if not event.wall_time:
             event.wall_time = self._default_metadata.get("walltime", time.time())
+        self._run.has_data = True
         self._run._put((_EVENT, event))
 
     def flush(self) -> None:
@@ -183,6 +210,8 @@ class RunWriter:
         flush_secs: Seconds between flushes of the event file to storage.
         max_queue: Pending calls at which ``log_scalars`` blocks until the writer
             thread catches up (data is never dropped).
+        max_queue_bytes: The same limit in (estimated) bytes of pending data, so a few
+            calls with thousands of keys or large images cannot hold unbounded memory.
         purge_step: When resuming a run, TensorBoard hides events of this run at or
             after this step, so the resumed curve does not zig-zag.
         filename_suffix: Appended to the event file's name.
@@ -204,6 +233,7 @@ class RunWriter:
         *,
         flush_secs: float = 10.0,
         max_queue: int = 10_000,
+        max_queue_bytes: int = 64 * 1024 * 1024,
         segment_bytes: int = 8 * 1024 * 1024,
         purge_step: int | None = None,
         filename_suffix: str = "",
@@ -212,6 +242,8 @@ class RunWriter:
             raise ValueError(f"Expected `flush_secs` > 0, got {flush_secs!r}.")
         if max_queue < 1:
             raise ValueError(f"Expected `max_queue` >= 1, got {max_queue!r}.")
+        if max_queue_bytes < 1:
+            raise ValueError(f"Expected `max_queue_bytes` >= 1, got {max_queue_bytes!r}.")
         if segment_bytes < 1:
             raise ValueError(f"Expected `segment_bytes` >= 1, got {segment_bytes!r}.")
         self.fs, self._path = _fs.resolve(log_dir)
@@ -219,6 +251,13 @@ class RunWriter:
         self.log_dir = _fs.url(self.fs, self._path)
         self.flush_secs = float(flush_secs)
         self.max_queue = int(max_queue)
+        self.max_queue_bytes = int(max_queue_bytes)
+        self._bytes_in = 0  # estimated bytes queued (callers) and taken (writer thread)
+        self._bytes_out = 0
+        self._forked = False
+        self._filename_suffix = filename_suffix
+        # True once scalars or SummaryWriter events were logged (records alone do not count).
+        self.has_data = False
         self.segment_bytes = int(segment_bytes)
         self._segment = 0
         self._wake_at = min(256, self.max_queue)
@@ -232,10 +271,7 @@ class RunWriter:
         self._encoder = ScalarEncoder()
         self._checked_keys: set[tuple[str, ...]] = set()
         self._experiment: _RunSummaryWriter | None = None
-        name = (
-            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-            f".{os.getpid()}.{next(_FILE_COUNTER)}{filename_suffix}"
-        )
+        name = self._file_name()
         self._first_file = _fs.join(self.fs, self._path, name)
         self._file = _EventFile(self.fs, self._first_file)
         self._file.write(
@@ -255,6 +291,49 @@ class RunWriter:
         )
         self._thread.start()
         _OPEN_WRITERS.add(self)
+
+    def _file_name(self) -> str:
+        return (
+            f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
+            f".{os.getpid()}.{next(_FILE_COUNTER)}{self._filename_suffix}"
+        )
+
+    def _restart_after_fork(self) -> None:
+        """In a forked child: a thread of its own and a file of its own.
+
+        The child inherits the parent's queue (the parent writes those items itself),
+        a dead writer thread and a descriptor that shares the parent's file offset. It
+        starts afresh in a new event file of the same run; records the parent wrote
+        (the HParams row and status) stay patchable, since the parent flushed them
+        before the fork.
+        """
+        with _FORK_LOCK:
+            if not self._forked:
+                return
+            self._forked = False
+            self._queue = collections.deque()
+            self._wake, self._room, self._lock = (
+                threading.Event(),
+                threading.Event(),
+                threading.Lock(),
+            )
+            self._bytes_in = self._bytes_out = 0
+            self._error, self._failed = None, []
+            self._file.detach()
+            name = self._file_name()
+            self._first_file = _fs.join(self.fs, self._path, name)
+            self._segment = 0
+            self._file = _EventFile(self.fs, self._first_file)
+            self._file.write(
+                frame(
+                    Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
+                )
+            )
+            self._last_flush = time.monotonic()
+            self._thread = threading.Thread(
+                target=self._run, name=f"tbx-run-writer:{name}", daemon=True
+            )
+            self._thread.start()
 
     # ------------------------------------------------------------------ caller side
     @property
@@ -301,6 +380,7 @@ class RunWriter:
                 break
         if keys not in self._checked_keys:
             self._check_keys(keys)
+        self.has_data = True
         if tensor_idx is None:
             self._put((_SCALARS, step, time.time(), keys, values))
             return
@@ -385,17 +465,26 @@ class RunWriter:
         return torch.stack(parts).cpu()
 
     def _put(self, item: tuple[Any, ...]) -> None:
+        if self._forked:
+            self._restart_after_fork()
         queue = self._queue
         queue.append(item)
+        self._bytes_in += _item_bytes(item)
         size = len(queue)
-        if size >= self._wake_at:
+        if size >= self._wake_at or self._bytes_in - self._bytes_out >= self.max_queue_bytes:
             self._wake.set()
-            if size >= self.max_queue:
+            if not self._has_room():
                 self._wait_for_room()
+
+    def _has_room(self) -> bool:
+        return (
+            len(self._queue) < self.max_queue
+            and self._bytes_in - self._bytes_out < self.max_queue_bytes
+        )
 
     def _wait_for_room(self) -> None:
         # Block the producer rather than drop data when storage is slower than training.
-        while len(self._queue) >= self.max_queue and self._thread.is_alive():
+        while not self._has_room() and self._thread.is_alive():
             self._room.clear()
             self._wake.set()
             self._room.wait(0.05)
@@ -417,7 +506,9 @@ class RunWriter:
         done = threading.Event()
         self._put((_RECORD, frame(padded(data, size)), holder, done, size))
         self._wake.set()
-        done.wait()
+        while not done.wait(0.1):
+            if not self._thread.is_alive():
+                raise RunWriterError(f"the writer thread of {self.log_dir!r} is not running")
         self._check_open(allow_closed=True)
         return holder[0]
 
@@ -434,6 +525,8 @@ class RunWriter:
         """Writes everything queued so far to storage before returning."""
         if self._closed:
             return
+        if self._forked:
+            self._restart_after_fork()
         pending, self._error = self._error, None  # a flush retries what a failed write left pending
         done = threading.Event()
         self._queue.append((_FLUSH, done))
@@ -447,10 +540,17 @@ class RunWriter:
 
     def close(self) -> None:
         """Drains the queue, flushes and closes the event file. Safe to call twice."""
+        if self._forked:  # a forked child that never logged: nothing of its own to write
+            self._closed = True
+            _OPEN_WRITERS.discard(self)
+            return
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+        if self._experiment is not None:
+            # tensorboardX keeps writers of its own for add_scalars: close them too.
+            self._experiment.close()
         self._wake.set()
         self._thread.join()
         _OPEN_WRITERS.discard(self)
@@ -484,29 +584,35 @@ class RunWriter:
     # ------------------------------------------------------------------ writer thread
     def _run(self) -> None:
         while True:
-            timeout = max(0.0, self.flush_secs - (time.monotonic() - self._last_flush))
-            self._wake.wait(min(timeout, 0.5))
+            if not self._queue:
+                timeout = max(0.0, self.flush_secs - (time.monotonic() - self._last_flush))
+                self._wake.wait(min(timeout, 0.5))
             self._wake.clear()
             closing = self._closed
-            self._drain()
-            if closing:
-                self._drain()
+            # A bounded batch: a producer as fast as the encoder must not keep the
+            # periodic flush (and the written bytes) waiting forever.
+            self._drain(len(self._queue))
+            if closing and not self._queue:
                 self._write_out(final=True)
                 return
             if time.monotonic() - self._last_flush >= self.flush_secs:
                 self._write_out()
 
-    def _drain(self) -> None:
+    def _drain(self, limit: int) -> None:
         queue = self._queue
         encode = self._encoder.encode
         chunks: list[bytes] = []
+        pending = 0
         if queue:
             try:  # before writing: events must not go into a file that was deleted meanwhile
                 self._check_file_present()
             except Exception as error:
                 self._error = error
-        while queue:
+        for _ in range(limit):
+            if not queue:
+                break
             item = queue.popleft()
+            self._bytes_out += _item_bytes(item)
             kind = item[0]
             try:
                 if kind == _SCALARS:
@@ -539,7 +645,15 @@ class RunWriter:
                     item[1].set()
                 elif kind == _RECORD and len(item) > 2:
                     item[3].set()
-            if len(queue) < self.max_queue // 2:
+            if chunks and len(chunks) - pending >= 256:
+                pending = len(chunks)
+                if sum(len(c) for c in chunks) >= _WRITE_BATCH_BYTES:
+                    try:
+                        self._write_chunks(chunks)
+                    except Exception as error:
+                        self._error = error
+                    pending = 0
+            if self._has_room():
                 self._room.set()
         try:
             self._write_chunks(chunks)
@@ -556,6 +670,13 @@ class RunWriter:
         chunks.clear()  # from here on the bytes live in ``data`` or ``self._failed``
         try:
             offset = self._file.write(data)
+        except _WriteFailed as failed:
+            # What reached the file stays; only the rest is retried, so no record is
+            # written twice and the file's offsets stay true.
+            self._failed = [data[failed.written :]]
+            error = failed.__cause__ if failed.__cause__ is not None else failed
+            self._error = error
+            raise error from None
         except Exception as error:
             self._failed = [data]
             self._error = error
@@ -667,6 +788,43 @@ def _scan_records(fs: Any, path: str, tags: list[str], found: dict[str, RecordHa
                     found[tag] = RecordHandle(path, offset, length)
                     del wanted[raw]
             offset += 12 + length + 4
+
+
+_WRITE_BATCH_BYTES = 1 << 20  # the writer thread writes at least every MiB it encodes
+_FORK_LOCK = threading.Lock()
+
+
+def _item_bytes(item: tuple[Any, ...]) -> int:
+    """A cheap estimate of the memory a queued item holds."""
+    kind = item[0]
+    if kind in (_SCALARS, _TENSOR_SCALARS):
+        return 200 + 56 * len(item[3])
+    if kind == _EVENT:
+        return 200 + int(item[1].ByteSize())
+    if kind == _RECORD:
+        return 200 + len(item[1])
+    if kind == _PATCH:
+        return 200 + len(item[2])
+    return 0  # flush markers are not counted on either side
+
+
+def _flush_before_fork() -> None:
+    # The child may patch records the parent wrote (the HParams row): put them on disk.
+    for writer in list(_OPEN_WRITERS):
+        if not writer._closed and not writer._forked and writer._thread.is_alive():
+            try:
+                writer.flush()
+            except Exception:  # never break the fork; the error stays for the parent's next call
+                continue
+
+
+def _mark_forked_in_child() -> None:
+    for writer in list(_OPEN_WRITERS):
+        writer._forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_flush_before_fork, after_in_child=_mark_forked_in_child)
 
 
 def _close_open_writers() -> None:

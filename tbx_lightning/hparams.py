@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import itertools
 import math
 import os
 import re
@@ -73,7 +72,13 @@ STATUSES: dict[str, int] = {
 }
 
 _SECRET_WORDS = {"password", "passwd", "secret", "token", "apikey", "credential", "credentials"}
-_SECRET_PAIRS = {("api", "key"), ("access", "key"), ("secret", "key"), ("private", "key")}
+_SECRET_PAIRS = {
+    ("api", "key"),
+    ("access", "key"),
+    ("secret", "key"),
+    ("private", "key"),
+    ("auth", "key"),
+}
 _SPLIT = re.compile(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])")
 _SHORT_LIST = 16
 _MAX_EXACT_INT = 2**53
@@ -84,12 +89,25 @@ class HParamsError(ValueError):
 
 
 def is_secret_key(key: str) -> bool:
-    """True when the last part of a dot path names a credential (``db.password``, ``hf_token``)."""
+    """True when the last part of a dot path names a credential.
+
+    The name must *end* in the word: ``db.password``, ``hf_token``, ``client_secret``,
+    ``aws.secret_access_key`` and ``apiKey`` are secrets; ``pad_token_id``,
+    ``token_dropout``, ``max_tokens`` and ``tokenizer`` are not.
+    """
     last = key.rsplit(".", 1)[-1]
     words = [w.lower() for w in _SPLIT.split(last) if w]
-    if any(w in _SECRET_WORDS for w in words):
+    if not words:
+        return False
+    if words[-1] in _SECRET_WORDS:
         return True
-    return any(pair in _SECRET_PAIRS for pair in itertools.pairwise(words))
+    return len(words) >= 2 and (words[-2], words[-1]) in _SECRET_PAIRS
+
+
+def _maskable(value: Any) -> bool:
+    # Numbers and flags are never credentials (``num_token = 3``); text and nested
+    # credential blocks are.
+    return value is not None and not isinstance(value, bool | int | float)
 
 
 def _omegaconf_error(error: OmegaConfBaseException) -> HParamsError:
@@ -142,7 +160,7 @@ def _mask(value: Any, path: str) -> Any:
         out = {}
         for key, item in value.items():
             child = f"{path}.{key}" if path else key
-            out[key] = MASK if is_secret_key(child) and item is not None else _mask(item, child)
+            out[key] = MASK if is_secret_key(child) and _maskable(item) else _mask(item, child)
         return out
     if isinstance(value, list):
         return [_mask(item, f"{path}.{i}") for i, item in enumerate(value)]
@@ -330,7 +348,9 @@ class RunHParams:
     def __init__(self, run: RunWriter, *, mask_secrets: bool = True) -> None:
         self.run = run
         self.mask_secrets = mask_secrets
-        self.config: dict[str, Any] = {}
+        # A run directory that already has a config (a resumed run, a DDP-spawn child, a
+        # writer reopened after close) keeps its keys: later calls add to them.
+        self.config: dict[str, Any] = self._stored_config()
         self.flat: dict[str, HParamValue] = {}
         self.status: str | None = None
         self.start_time: float | None = None
@@ -410,6 +430,14 @@ class RunHParams:
             assert self._end is not None
             self.run.patch_record(self._end, session_end_event(key, time.time()))
             self.status = key
+
+    def _stored_config(self) -> dict[str, Any]:
+        path = _fs.join(self.run.fs, self.run.path, "config.yaml")
+        try:
+            stored = yaml.safe_load(self.run.fs.cat_file(path))
+        except (FileNotFoundError, yaml.YAMLError):
+            return {}
+        return stored if isinstance(stored, dict) else {}
 
     def write_config_file(self, name: str, text: str) -> None:
         """Atomically (re)writes a text file in the run directory."""

@@ -176,7 +176,11 @@ class TBXLogger(TensorBoardLogger):
                 f"Expected `flush_secs` > 0, got {kwargs['flush_secs']!r}: set logger.flush_secs to a "
                 "positive number of seconds."
             )
-        self._root_dir = os.fspath(save_dir)
+        root_dir = os.fspath(save_dir)
+        if "://" not in root_dir:
+            # Expanded once, so the version is claimed where the run is written.
+            root_dir = os.path.expandvars(os.path.expanduser(root_dir))
+        self._root_dir = root_dir
         self._name = name or ""
         self._version: int | str | None = version
         self._sub_dir = None if sub_dir is None else os.fspath(sub_dir)
@@ -252,13 +256,21 @@ class TBXLogger(TensorBoardLogger):
     @rank_zero_experiment
     def experiment(self) -> SummaryWriter:
         """The tensorboardX ``SummaryWriter`` of the run (same event stream as the scalars)."""
-        return self.run_writer.experiment
+        run = self.run_writer
+        # Lightning reads ``experiment`` at the start of every fit/validate/test, before it
+        # restores a checkpoint: the moment to join that trainer (also when the writer was
+        # opened earlier, e.g. by log_hyperparams before fit, or for a second Trainer).
+        self._attach_to_trainer(limit=8)
+        return run.experiment
 
-    def _attach_to_trainer(self) -> None:
-        trainer = _find_trainer()
+    def _attach_to_trainer(self, limit: int = 40) -> None:
+        trainer = _find_trainer(limit)
         if trainer is None:
             return
+        if self._trainer_ref is not None and self._trainer_ref() is trainer:
+            return
         self._trainer_ref = weakref.ref(trainer)
+        self._cli_logged = False
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
         if not any(isinstance(cb, _RunState) and cb._logger() is self for cb in callbacks):
             callbacks.append(_RunState(self))
@@ -269,11 +281,15 @@ class TBXLogger(TensorBoardLogger):
             self._version = version
             return
         placeholder = None
+        carried: dict[str, Any] = {}
         if self._run is not None:
             if self._version == version:
                 return
             placeholder = self._run
             placeholder.close()
+            if not placeholder.has_data and self._hp is not None:
+                # Hyperparameters logged before fit belong to the resumed run.
+                carried = self._hp.config
         # The version may have been claimed (e.g. by ModelCheckpoint resolving its dirpath)
         # without a writer being opened: that folder is abandoned too.
         old_dir = self.log_dir if self._version is not None else None
@@ -282,6 +298,10 @@ class TBXLogger(TensorBoardLogger):
         self._kwargs = {**self._kwargs, "purge_step": step}
         self._run = RunWriter(self.log_dir, **self._kwargs)
         self._hp = RunHParams(self._run, mask_secrets=self._mask_secrets)
+        if carried:
+            self._hp.log(carried, step=step)
+            hparams_file = _fs.join(self._fs, self._run.path, self.NAME_HPARAMS_FILE)
+            save_hparams_to_yaml(_fs.url(self._fs, hparams_file), self.hparams)
         if old_root is not None and old_root != self._version_dir():
             self._move_checkpoint_dirs(old_root, self._version_dir())
         if old_dir is not None and old_dir != self.log_dir:
@@ -488,6 +508,9 @@ class TBXLogger(TensorBoardLogger):
         return max(versions) + 1 if versions else 0
 
     def __getstate__(self) -> dict[str, Any]:
+        if self._run is not None:
+            # A spawned process reopens the run: what this one logged must be on disk.
+            self._run.flush()
         state = self.__dict__.copy()
         state["_run"] = None
         state["_hp"] = None
@@ -518,8 +541,13 @@ def _remove_if_only_header(fs: Any, run: RunWriter | None, log_dir: str) -> None
             if not entries:
                 os.rmdir(log_dir)
             return
-        if entries == [os.path.basename(run.event_file)] and os.path.getsize(run.event_file) < 256:
-            os.remove(run.event_file)
+        if run.has_data:
+            return
+        # Only what a writer without data leaves: its event file(s) and config files.
+        ours = {os.path.basename(run.event_file), "config.yaml", "hparams.yaml"}
+        if set(entries) <= ours:
+            for entry in entries:
+                os.remove(os.path.join(log_dir, entry))
             os.rmdir(log_dir)
     except OSError:
         return

@@ -344,7 +344,18 @@ def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     yield mount, lambda: state.update(budget=10**9)
 
 
-def test_full_disk_raises_one_clear_error_and_loses_nothing(tiny_disk: tuple[Path, Any]) -> None:
+@pytest.mark.parametrize(
+    "flush_every",
+    [
+        pytest.param(50, id="small-batches"),
+        # One large write that the disk takes only part of: the rest must be retried
+        # without writing the accepted part twice.
+        pytest.param(None, id="one-large-batch"),
+    ],
+)
+def test_full_disk_raises_one_clear_error_and_loses_nothing(
+    tiny_disk: tuple[Path, Any], flush_every: int | None
+) -> None:
     disk, free_space = tiny_disk
     run = RunWriter(disk / "run", flush_secs=100)
     hp = RunHParams(run)
@@ -354,7 +365,9 @@ def test_full_disk_raises_one_clear_error_and_loses_nothing(tiny_disk: tuple[Pat
         for step in range(5_000):
             run.log_scalars({"loss": float(step), "a/longer/tag/for/bytes": 1.0}, step)
             logged.append(step)
-            if step % 50 == 0:
+            # Without flush_every: one flush of ~40 KB, more than the disk has free.
+            every = flush_every if flush_every is not None else 601
+            if step % every == 600 % every:
                 run.flush()
     # What reached the disk before is readable as it is.
     before = _steps(disk / "run", "loss")

@@ -134,14 +134,24 @@ def test_colliding_keys_are_reported() -> None:
         ("aws.secret_access_key", True),
         ("wandb.api_key", True),
         ("apiKey", True),
+        ("client_secret", True),
+        ("access_token", True),
         ("model.max_tokens", False),
         ("tokenizer", False),
         ("data.num_tokens", False),
+        ("model.pad_token_id", False),
+        ("model.token_dropout", False),
+        ("secret_sauce", False),
         ("lr", False),
     ],
 )
 def test_secret_key_detection(key: str, secret: bool) -> None:
     assert is_secret_key(key) is secret
+
+
+def test_numbers_under_secret_looking_keys_are_kept() -> None:
+    cfg = {"token": 3, "password": True, "db": {"credentials": {"user": "u", "key": "k"}}}
+    assert flatten(cfg) == {"token": 3, "password": True, "db.credentials": MASK}
 
 
 def test_secrets_masked_unless_opted_out() -> None:

@@ -296,3 +296,53 @@ def test_every_writer_option_is_accepted_through_jsonargparse(tmp_path: Path) ->
     cfg = parser.parse_args([f"--logger.save_dir={tmp_path}", "--logger.segment_bytes=4096"])
     logger = parser.instantiate_classes(cfg).logger
     assert isinstance(logger, TBXLogger) and logger._kwargs["segment_bytes"] == 4096
+
+
+def test_resume_when_hyperparameters_were_logged_before_fit(tmp_path: Path) -> None:
+    def fit(epochs: int, ckpt: str | None = None) -> TBXLogger:
+        logger = TBXLogger(tmp_path, name="early")
+        logger.log_hyperparams({"lr": 0.05, "note": "logged before fit"})
+        trainer(logger, max_epochs=epochs, callbacks=[ModelCheckpoint(save_last=True)]).fit(
+            Regressor(), loader(), ckpt_path=ckpt
+        )
+        logger.close()
+        return logger
+
+    first = fit(2)
+    fit(3, os.path.join(first.log_dir, "checkpoints", "last.ckpt"))
+    assert sorted(os.listdir(tmp_path / "early")) == ["version_0"]
+    acc = read(first.log_dir)
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(12))
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
+    assert {"lr", "note", "width"} <= set(start.hparams)
+    assert status_of(acc) == api_pb2.STATUS_SUCCESS
+
+
+def test_logging_after_close_keeps_earlier_hyperparameters(tmp_path: Path) -> None:
+    logger = TBXLogger(tmp_path)
+    logger.log_hyperparams({"model": {"depth": 2, "lr": 0.1}})
+    logger.close()
+    logger.log_hyperparams({"best": {"acc": 0.9}})
+    logger.finalize("success")
+    logger.close()
+    stored = yaml.safe_load(Path(logger.log_dir, "config.yaml").read_text())
+    assert stored == {"model": {"depth": 2, "lr": 0.1}, "best": {"acc": 0.9}}
+    start = metadata.parse_session_start_info_plugin_data(
+        read(logger.log_dir).PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
+    assert set(start.hparams) == {"model.depth", "model.lr", "best.acc"}
+
+
+def test_home_and_variables_in_save_dir_are_expanded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TBX_EXP", "exp1")
+    monkeypatch.chdir(tmp_path)
+    first = TBXLogger("~/runs/$TBX_EXP", name="x")
+    second = TBXLogger("~/runs/$TBX_EXP", name="x")
+    assert first.log_dir == str(tmp_path / "home" / "runs" / "exp1" / "x" / "version_0")
+    assert second.log_dir.endswith("version_1")
+    assert not (tmp_path / "~").exists()

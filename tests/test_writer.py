@@ -368,3 +368,110 @@ def test_remote_event_files_roll_over_and_read_back_as_one_run(tmp_path: Path) -
 
     content = acc.PluginTagToContent("hparams")["_hparams_/session_end_info"]
     assert metadata.parse_session_end_info_plugin_data(content).status == api_pb2.STATUS_SUCCESS
+
+
+def test_sustained_logging_is_flushed_on_time(tmp_path: Path) -> None:
+    """A producer as fast as the encoder must not hold back the periodic flush."""
+    import threading
+    import time
+
+    run = RunWriter(tmp_path, flush_secs=0.2)
+    stop = threading.Event()
+    sizes: list[int] = []
+
+    def produce() -> None:
+        step = 0
+        payload = {f"m{i}": 0.5 for i in range(10)}
+        while not stop.is_set():
+            run.log_scalars(payload, step)
+            step += 1
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        for _ in range(15):
+            time.sleep(0.2)
+            sizes.append(os.path.getsize(run.event_file))
+    finally:
+        stop.set()
+        producer.join()
+        run.close()
+    assert sizes[-1] > sizes[0] > 1_000, sizes  # the file grows while the producer runs
+
+
+def test_queue_is_bounded_in_bytes_too(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    from tbx_lightning import _writer
+
+    slow = _writer._EventFile.write
+
+    def stalled(self: object, data: bytes) -> int:
+        time.sleep(0.002)  # storage slower than the producer
+        return slow(self, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_writer._EventFile, "write", stalled)
+    keys = {f"layer{i}/grad_norm": 0.5 for i in range(500)}
+    item = 200 + 56 * len(keys)
+    budget = 10 * item
+    peak = 0
+    with RunWriter(tmp_path, max_queue_bytes=budget) as run:
+        for step in range(100):
+            run.log_scalars(keys, step)
+            peak = max(peak, run._bytes_in - run._bytes_out)
+    assert peak <= budget + item
+    assert len(read(tmp_path).Scalars("layer7/grad_norm")) == 100
+
+
+def test_add_scalars_writers_are_closed_with_the_run(tmp_path: Path) -> None:
+    run = RunWriter(tmp_path)
+    run.experiment.add_scalars("loss", {"train": 1.0, "val": 2.0}, 3)
+    run.close()
+    for sub, expected in (("train", 1.0), ("val", 2.0)):
+        # tensorboardX writes one folder per sub-tag; close() leaves them complete on disk.
+        assert values(read(tmp_path / "loss" / sub), "loss") == [(3, expected)]
+
+
+def test_huge_python_int_is_written_as_inf(tmp_path: Path) -> None:
+    with RunWriter(tmp_path) as run:
+        run.log_scalars({"loss": 0.5, "count": 10**400, "neg": -(10**400)}, 0)
+    acc = read(tmp_path)
+    assert values(acc, "loss") == [(0, 0.5)]
+    assert values(acc, "count") == [(0, math.inf)] and values(acc, "neg") == [(0, -math.inf)]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_writes_its_own_file_in_the_same_run(tmp_path: Path) -> None:
+    from tbx_lightning.hparams import RunHParams
+
+    run = RunWriter(tmp_path, flush_secs=3600)
+    hp = RunHParams(run)
+    hp.log({"lr": 0.1})
+    run.log_scalars({"parent": 1.0}, 0)
+    pid = os.fork()
+    if pid == 0:  # the child: log, update the row, finish, and leave without atexit
+        code = 0
+        try:
+            for step in range(100):
+                run.log_scalars({"child": float(step)}, step)
+            hp.log({"width": 8})
+            hp.finish("success")
+            run.close()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    run.log_scalars({"parent": 2.0}, 1)
+    run.close()
+    acc = read(tmp_path)
+    assert values(acc, "parent") == [(0, 1.0), (1, 2.0)]
+    assert values(acc, "child") == [(s, float(s)) for s in range(100)]
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    content = acc.PluginTagToContent("hparams")
+    start = metadata.parse_session_start_info_plugin_data(content["_hparams_/session_start_info"])
+    end = metadata.parse_session_end_info_plugin_data(content["_hparams_/session_end_info"])
+    assert set(start.hparams) == {"lr", "width"}
+    assert end.status == api_pb2.STATUS_SUCCESS
+    assert len([p for p in os.listdir(tmp_path) if "tfevents" in p]) == 2
