@@ -534,7 +534,7 @@ class RunWriter:
         while not done.wait(0.1):
             if not self._thread.is_alive():
                 break
-        if self._error is None and isinstance(pending, FileNotFoundError | RunWriterError):
+        if self._error is None and isinstance(pending, _REPORT_ONCE):
             self._error = pending  # a retry does not undo these: report them once
         self._check_open(allow_closed=True)
 
@@ -637,7 +637,11 @@ class RunWriter:
                     self._patch(item[1], item[2])
                 elif kind == _FLUSH:
                     self._write_chunks(chunks)
-                    self._write_out()
+                    if self._write_out() and not isinstance(self._error, _REPORT_ONCE):
+                        # Everything pending is on storage now: a write error that a retry
+                        # running meanwhile hit (say, just before space was freed) is
+                        # resolved and must not fail this flush.
+                        self._error = None
                     item[1].set()
             except Exception as error:  # keep the thread alive; report on the caller's side
                 self._error = error
@@ -714,7 +718,8 @@ class RunWriter:
                 break
         return found
 
-    def _write_out(self, *, final: bool = False) -> None:
+    def _write_out(self, *, final: bool = False) -> bool:
+        """Writes pending bytes and flushes; False (and ``_error`` set) on failure."""
         try:
             self._check_file_present()
             if self._failed:
@@ -728,6 +733,8 @@ class RunWriter:
             self._last_flush = time.monotonic()
         except Exception as error:
             self._error = error
+            return False
+        return not self._failed
 
     def _next_segment(self) -> None:
         """Closes the uploaded event file and goes on in a new one whose name sorts after it."""
@@ -790,6 +797,9 @@ def _scan_records(fs: Any, path: str, tags: list[str], found: dict[str, RecordHa
             offset += 12 + length + 4
 
 
+# Errors a retry cannot undo (a removed run directory, a lost record): reported once even
+# when the flush that follows succeeds.
+_REPORT_ONCE = (FileNotFoundError, RunWriterError)
 _WRITE_BATCH_BYTES = 1 << 20  # the writer thread writes at least every MiB it encodes
 _FORK_LOCK = threading.Lock()
 

@@ -475,3 +475,22 @@ def test_forked_child_writes_its_own_file_in_the_same_run(tmp_path: Path) -> Non
     assert set(start.hparams) == {"lr", "width"}
     assert end.status == api_pb2.STATUS_SUCCESS
     assert len([p for p in os.listdir(tmp_path) if "tfevents" in p]) == 2
+
+
+def test_flush_that_writes_everything_is_not_failed_by_an_older_retry(tmp_path: Path) -> None:
+    """A retry that failed just before space was freed must not fail the flush that succeeds."""
+    run = RunWriter(tmp_path, flush_secs=3600)
+    run.log_scalars({"m": 1.0}, 0)
+    real_flush = run._file.flush
+    stale = {"set": False}
+
+    def flush_after_a_failed_retry() -> None:
+        if not stale["set"]:
+            stale["set"] = True
+            run._error = OSError(28, "No space left on device")  # the older retry's error
+        real_flush()
+
+    run._file.flush = flush_after_a_failed_retry  # type: ignore[method-assign]
+    run.flush()  # does not raise: everything pending is on storage
+    run.close()
+    assert stale["set"] and values(read(tmp_path), "m") == [(0, 1.0)]
