@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,11 @@ def test_plugins_listing_is_json(server: TensorBoardServer) -> None:
 def test_projector_routes_serve_tensor_bytes_metadata_and_sprite(server: TensorBoardServer) -> None:
     from PIL import Image
 
-    assert "projector" in server.get_json("/data/plugin/projector/runs")
+    # The projector plugin reads run configs on a thread of its own: poll for the run.
+    deadline = time.monotonic() + 60
+    while "projector" not in server.get_json("/data/plugin/projector/runs"):
+        assert time.monotonic() < deadline, "the projector plugin never listed the run"
+        time.sleep(0.5)
     info = server.get_json("/data/plugin/projector/info", {"run": "projector"})
     (entry,) = info["embeddings"]
     name = entry["tensorName"]

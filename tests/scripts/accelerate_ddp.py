@@ -43,6 +43,10 @@ def train(out: str) -> None:
     rank = accelerator.process_index
     with open(os.path.join(out, f"done_{rank}.txt"), "w") as handle:
         handle.write(str(accelerator.num_processes))
+    # Leaving with the gloo group alive can abort a process at interpreter exit
+    # ("terminate called without an active exception"); close it as Accelerate advises.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
