@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 from tensorboardX import SummaryWriter
 from torch import nn
@@ -149,7 +148,6 @@ def main() -> None:
         "monitor's figure is computed, the size of its one packed transfer (moments and bins "
         "per group), which on the CPU is a no-op."
     )
-    _ = np  # numpy is what tensorboardX bins with
 
 
 if __name__ == "__main__":

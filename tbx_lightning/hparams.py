@@ -80,7 +80,6 @@ _SECRET_PAIRS = {
     ("auth", "key"),
 }
 _SPLIT = re.compile(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])")
-_SHORT_LIST = 16
 _MAX_EXACT_INT = 2**53
 
 
