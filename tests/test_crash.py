@@ -323,7 +323,9 @@ def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
         try:
             yield mount, filler.unlink
         finally:
-            subprocess.run(["umount", str(mount)], check=False)
+            subprocess.run(
+                ["umount", "-l", str(mount)], check=False
+            )  # lazy: also when a file stays open
         return
     # Simulation: writes beyond a byte budget fail with ENOSPC, like a full disk.
     import errno
