@@ -8,14 +8,12 @@ usual AWS environment variables. Nothing leaves the machine.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.tbserver import free_port
+from tests.tbserver import LoopbackProcess, free_port
 
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -25,44 +23,24 @@ CREDENTIALS = {
 }
 
 
-class S3Server:
+class S3Server(LoopbackProcess):
     """Starts ``moto.server`` on a free loopback port; ``stop()`` ends it."""
 
     def __init__(self, log_dir: str | Path, *, timeout: float = 30.0) -> None:
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self._log = open(Path(log_dir) / f"moto-{self.port}.log", "w")  # noqa: SIM115
-        env = dict(os.environ, **CREDENTIALS)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
+        port = free_port()
+        argv = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        super().__init__(
+            "moto",
+            argv,
+            port=port,
+            ready_path="/moto-api/",
+            log_dir=Path(log_dir),
+            env=dict(os.environ, **CREDENTIALS),
+            timeout=timeout,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moto server exited early, see {self._log.name}")
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=2).read()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError("moto server did not answer in time") from None
-                time.sleep(0.2)
+        self.endpoint = self.url
 
     def reset(self) -> None:
         """Deletes every bucket and object (moto's reset route)."""
         request = urllib.request.Request(self.endpoint + "/moto-api/reset", method="POST")
         urllib.request.urlopen(request, timeout=10).read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()

@@ -27,48 +27,72 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class TensorBoardServer:
+class LoopbackProcess:
+    """A server in a child process on a free 127.0.0.1 port; ``stop()`` ends it.
+
+    Waits until ``ready_path`` answers over HTTP, and fails with the log's name when
+    the process exits early or does not answer within ``timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        port: int,
+        ready_path: str,
+        log_dir: Path,
+        env: dict[str, str] | None = None,
+        timeout: float = 60.0,
+    ) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log = open(log_dir / f"{name}-{port}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{name} exited early, see {self._log.name}")
+            try:
+                urllib.request.urlopen(self.url + ready_path, timeout=5).read()
+                return
+            except (urllib.error.URLError, ConnectionError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"{name} did not answer in time") from None
+                time.sleep(0.25)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+class TensorBoardServer(LoopbackProcess):
     """Starts ``tensorboard`` on a free loopback port and stops it on ``stop()``."""
 
     def __init__(self, logdir: str | Path, *, timeout: float = 60.0) -> None:
         self.logdir = str(logdir)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        port = free_port()
         env = dict(os.environ)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        self._log = open(Path(self.logdir).parent / f"tensorboard-{self.port}.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tensorboard.main",
-                "--logdir",
-                self.logdir,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--load_fast",
-                "false",
-                "--reload_interval",
-                "1",
-            ],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
+        argv = [sys.executable, "-m", "tensorboard.main", "--logdir", self.logdir]
+        argv += ["--host", "127.0.0.1", "--port", str(port)]
+        argv += ["--load_fast", "false", "--reload_interval", "1"]
+        super().__init__(
+            "tensorboard",
+            argv,
+            port=port,
+            ready_path="/data/runs",
+            log_dir=Path(self.logdir).parent,
             env=env,
+            timeout=timeout,
         )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"tensorboard exited early, see {self._log.name}")
-            try:
-                self.get_bytes("/data/runs")
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise TimeoutError("tensorboard did not answer in time") from None
-                time.sleep(0.25)
 
     def get_bytes(self, route: str, params: dict[str, Any] | None = None) -> bytes:
         url = self.url + route
@@ -120,13 +144,3 @@ class TensorBoardServer:
                 return list(self.get_json("/data/runs"))
             time.sleep(0.5)
         raise TimeoutError(f"tensorboard loaded {runs}, expected {expected} runs")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log.close()
