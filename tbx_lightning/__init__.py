@@ -18,31 +18,49 @@ from tbx_lightning._version import __version__
 if TYPE_CHECKING:
     from tbx_lightning._lightning_monitor import TrainingMonitor
     from tbx_lightning._lightning_projector import EmbeddingProjector
-    from tbx_lightning._writer import RunWriter, RunWriterError
+    from tbx_lightning._writer import RunWriter
     from tbx_lightning.accelerate import TBXTracker
-    from tbx_lightning.hparams import HParamsError
+    from tbx_lightning.errors import (
+        BuildError,
+        ConfigError,
+        GraphExportError,
+        HParamsError,
+        RunWriterError,
+        TableError,
+        TBXError,
+    )
     from tbx_lightning.lightning import TBXLogger
     from tbx_lightning.monitor import ModelMonitor
 
 __all__ = [
+    "BuildError",
+    "ConfigError",
     "EmbeddingProjector",
+    "GraphExportError",
     "HParamsError",
     "ModelMonitor",
     "RunWriter",
     "RunWriterError",
+    "TBXError",
     "TBXLogger",
     "TBXTracker",
+    "TableError",
     "TrainingMonitor",
     "__version__",
 ]
 
 # name -> module that defines it; modules load on first attribute access.
 _LAZY = {
+    "BuildError": "tbx_lightning.errors",
+    "ConfigError": "tbx_lightning.errors",
     "EmbeddingProjector": "tbx_lightning._lightning_projector",
-    "HParamsError": "tbx_lightning.hparams",
+    "GraphExportError": "tbx_lightning.errors",
+    "HParamsError": "tbx_lightning.errors",
     "ModelMonitor": "tbx_lightning.monitor",
     "RunWriter": "tbx_lightning._writer",
-    "RunWriterError": "tbx_lightning._writer",
+    "RunWriterError": "tbx_lightning.errors",
+    "TBXError": "tbx_lightning.errors",
+    "TableError": "tbx_lightning.errors",
     "TBXLogger": "tbx_lightning.lightning",
     "TBXTracker": "tbx_lightning.accelerate",
     "TrainingMonitor": "tbx_lightning._lightning_monitor",

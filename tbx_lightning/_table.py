@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tbx_lightning.errors import TableError
+
 __all__ = ["RunRecord", "TableError", "read_runs", "render", "table_rows"]
 
 _DEFAULT_EXCLUDE = ("monitor/*", "hp_metric", "epoch", "_hparams_/*")
@@ -23,8 +25,6 @@ _MIN_WORDS = ("loss", "perplexity", "ppl", "error", "err", "mse", "mae", "rmse",
 FORMATS = ("table", "csv", "markdown", "json")
 
 
-class TableError(ValueError):
-    """The runs directory or an option of the ``hparams`` command is not usable."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tensorboardX.writer import FileWriter
 
 from tbx_lightning import _fs
 from tbx_lightning._events import ScalarEncoder, frame, padded
+from tbx_lightning.errors import RunWriterError
 
 __all__ = ["RunWriter", "RunWriterError"]
 
@@ -47,13 +48,6 @@ _FILE_COUNTER = itertools.count()
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
 
 
-class RunWriterError(RuntimeError):
-    """Writing a run failed (full disk, vanished directory, lost credentials).
-
-    Raised on the caller's next call after the background thread hit the error;
-    the events that could not be written are kept in memory and retried on the
-    next flush, so fixing the cause and calling ``flush()`` loses nothing.
-    """
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tbx_lightning.errors import ConfigError
+
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
@@ -48,8 +50,6 @@ _COMMANDS = ("fit", "sweep", "hparams", "list", "-h", "--help", "--version")
 _NOT_COMPOSED = ("sweep",)
 
 
-class ConfigError(ValueError):
-    """A config, override or option is not valid; the message says which and what is valid."""
 
 
 # ---------------------------------------------------------------------------- finding configs

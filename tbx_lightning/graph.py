@@ -46,6 +46,8 @@ from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboardX.proto.types_pb2 import DataType
 from tensorboardX.proto.versions_pb2 import VersionDef
 
+from tbx_lightning.errors import GraphExportError
+
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
 
@@ -71,35 +73,6 @@ Shape = tuple[int | None, ...] | None
 """Output shape: one entry per dimension (``None`` for symbolic), or ``None`` if unknown."""
 
 
-class GraphExportError(RuntimeError):
-    """No capture method produced a graph of the model.
-
-    The message names the model class, each method tried with its one-line
-    error, and what to do about it.
-
-    Attributes:
-        model_class: Qualified class name of the model.
-        attempts: ``(method, one-line error)`` for each method tried.
-
-    Example:
-        >>> import torch
-        >>> class Gate(torch.nn.Module):
-        ...     def forward(self, x):
-        ...         return x if x.sum() > 0 else -x
-        >>> try:
-        ...     export_graph(Gate(), torch.ones(2), methods=("torch.export",))
-        ... except GraphExportError as err:
-        ...     print(err.attempts[0][0])
-        torch.export
-    """
-
-    def __init__(self, model_class: str, attempts: tuple[tuple[str, str], ...], hint: str) -> None:
-        lines = [f"Could not export a graph of {model_class}; every method failed:"]
-        lines += [f"  - {method}: {error}" for method, error in attempts]
-        lines.append(hint)
-        super().__init__("\n".join(lines))
-        self.model_class = model_class
-        self.attempts = attempts
 
 
 @dataclass(frozen=True)

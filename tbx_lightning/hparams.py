@@ -38,6 +38,7 @@ from tensorboardX.proto.plugin_hparams_pb2 import (
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
 from tbx_lightning import _fs
+from tbx_lightning.errors import HParamsError
 
 if TYPE_CHECKING:
     from tbx_lightning._writer import RecordHandle, RunWriter
@@ -83,8 +84,6 @@ _SPLIT = re.compile(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])")
 _MAX_EXACT_INT = 2**53
 
 
-class HParamsError(ValueError):
-    """A config cannot become hyperparameters; the message names the key path."""
 
 
 def is_secret_key(key: str) -> bool:

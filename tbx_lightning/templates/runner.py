@@ -17,6 +17,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from tbx_lightning.errors import BuildError
+
 __all__ = [
     "CONFIG_KEY",
     "BuildError",
@@ -34,8 +36,6 @@ __all__ = [
 CONFIG_KEY = "tbx_lightning_config"
 
 
-class BuildError(ValueError):
-    """A composed config could not be turned into objects (wrong argument, bad value)."""
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Every error tbx_lightning raises, under one base class.
+
+Catch :class:`TBXError` for anything the package raises on purpose. Each subclass
+also derives from the built-in exception that fits it (``ValueError`` for bad
+values, ``TypeError`` for wrong types, ``RuntimeError`` for failures at run time),
+so ``except ValueError`` written against the stock loggers keeps working.
+
+Example:
+    >>> from tbx_lightning import HParamsError, TBXError
+    >>> issubclass(HParamsError, TBXError) and issubclass(HParamsError, ValueError)
+    True
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BuildError",
+    "ConfigError",
+    "GraphExportError",
+    "HParamsError",
+    "RunWriterError",
+    "TBXError",
+    "TableError",
+]
+
+
+class TBXError(Exception):
+    """Base class of every error raised by tbx_lightning."""
+
+
+class RunWriterError(TBXError, RuntimeError):
+    """Writing a run failed (full disk, vanished directory, lost credentials).
+
+    Raised on the caller's next call after the background thread hit the error;
+    the events that could not be written are kept in memory and retried on the
+    next flush, so fixing the cause and calling ``flush()`` loses nothing.
+    """
+
+
+class HParamsError(TBXError, ValueError):
+    """A config cannot become hyperparameters; the message names the key path."""
+
+
+class GraphExportError(TBXError, RuntimeError):
+    """No capture method produced a graph of the model.
+
+    The message names the model class, each method tried with its one-line
+    error, and what to do about it.
+
+    Attributes:
+        model_class: Qualified class name of the model.
+        attempts: ``(method, one-line error)`` for each method tried.
+
+    Example:
+        >>> import torch
+        >>> from tbx_lightning.graph import export_graph
+        >>> class Gate(torch.nn.Module):
+        ...     def forward(self, x):
+        ...         return x if x.sum() > 0 else -x
+        >>> try:
+        ...     export_graph(Gate(), torch.ones(2), methods=("torch.export",))
+        ... except GraphExportError as err:
+        ...     print(err.attempts[0][0])
+        torch.export
+    """
+
+    def __init__(self, model_class: str, attempts: tuple[tuple[str, str], ...], hint: str) -> None:
+        lines = [f"Could not export a graph of {model_class}; every method failed:"]
+        lines += [f"  - {method}: {error}" for method, error in attempts]
+        lines.append(hint)
+        super().__init__("\n".join(lines))
+        self.model_class = model_class
+        self.attempts = attempts
+
+
+class ConfigError(TBXError, ValueError):
+    """A config, override or option is not valid; the message says which and what is valid."""
+
+
+class BuildError(TBXError, ValueError):
+    """A composed config could not be turned into objects (wrong argument, bad value)."""
+
+
+class TableError(TBXError, ValueError):
+    """The runs directory or an option of the ``hparams`` command is not usable."""
