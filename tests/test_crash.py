@@ -7,6 +7,7 @@ TensorBoard server's HParams routes.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -27,9 +28,11 @@ from tbx_lightning._writer import RunWriter, RunWriterError
 from tbx_lightning.hparams import SESSION_END_TAG, RunHParams
 from tests.tbserver import TensorBoardServer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[1]
+# Generous limits: these wait for a line or an exit, and three children share two loaded cores.
+CHILD_LIMIT = 300.0
 
 # A RunWriter process that logs forever and says which step was flushed last.
 WRITER_CHILD = """
@@ -51,7 +54,10 @@ while True:
 
 # A tiny Lightning fit; prints each step so the parent knows where it is.
 LIGHTNING_CHILD = """
-import sys, time
+import signal, sys, time
+# This child stands in for a user's terminal session: a parent started with SIGINT ignored
+# (a background job, nohup, `trap '' INT`) hands that on, and Ctrl+C would never arrive.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from lightning.pytorch import LightningModule, Trainer
@@ -101,7 +107,13 @@ print("DONE", flush=True)
 """
 
 
+def _as_background_job() -> None:
+    """What a shell gives a background job, ``nohup`` or ``trap '' INT``: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _spawn(script: Path, *args: str) -> subprocess.Popen[str]:
+    """Starts a child as a background job would, whatever shell started the tests."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(script), *args],
@@ -110,10 +122,22 @@ def _spawn(script: Path, *args: str) -> subprocess.Popen[str]:
         text=True,
         env=env,
         cwd=script.parent,
+        preexec_fn=_as_background_job,
     )
 
 
-def _wait_for(proc: subprocess.Popen[str], prefix: str, timeout: float = 90.0) -> list[str]:
+@contextlib.contextmanager
+def _busy_core() -> Iterator[None]:
+    """Another CPU-bound process beside the children, as on a shared CI machine."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def _wait_for(proc: subprocess.Popen[str], prefix: str, timeout: float = CHILD_LIMIT) -> list[str]:
     """Reads the child's output until a line starts with ``prefix``; returns the lines read."""
     lines: list[str] = []
     deadline = time.monotonic() + timeout
@@ -129,7 +153,7 @@ def _wait_for(proc: subprocess.Popen[str], prefix: str, timeout: float = 90.0) -
     raise AssertionError(f"no {prefix!r} line within {timeout} s:\n" + "".join(lines[-40:]))
 
 
-def _finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen[str], timeout: float = CHILD_LIMIT) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -172,31 +196,37 @@ def crashed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     lightning_script = base / "lightning_child.py"
     lightning_script.write_text(LIGHTNING_CHILD)
 
-    killed = _spawn(writer_script, str(logs / "sigkill"))
-    term = _spawn(lightning_script, str(logs / "sigterm"), "term")
-    intr = _spawn(lightning_script, str(logs / "sigint"), "int")
-    procs = [killed, term, intr]
-    try:
-        result: dict[str, Any] = {"logs": logs}
-        _wait_for(killed, "FLUSHED")
-        time.sleep(0.2)  # keep logging (and flushing) for a moment, then die mid-write
-        killed.send_signal(signal.SIGKILL)
-        result["sigkill"] = _finish(killed)
+    with _busy_core():
+        killed = _spawn(writer_script, str(logs / "sigkill"))
+        term = _spawn(lightning_script, str(logs / "sigterm"), "term")
+        intr = _spawn(lightning_script, str(logs / "sigint"), "int")
+        procs = [killed, term, intr]
+        try:
+            result: dict[str, Any] = {"logs": logs}
+            _wait_for(killed, "FLUSHED")
+            time.sleep(0.2)  # keep logging (and flushing) for a moment, then die mid-write
+            killed.send_signal(signal.SIGKILL)
+            result["sigkill"] = _finish(killed)
 
-        for name, proc, sig in (("sigterm", term, signal.SIGTERM), ("sigint", intr, signal.SIGINT)):
-            lines = _wait_for(proc, "STEP 15")
-            proc.send_signal(sig)
-            code, out = _finish(proc)
-            steps = [
-                int(line.split()[1]) for line in (*lines, *out.splitlines(True)) if "STEP" in line
-            ]
-            result[name] = (code, out, steps)
-        yield result
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            for name, proc, sig in (
+                ("sigterm", term, signal.SIGTERM),
+                ("sigint", intr, signal.SIGINT),
+            ):
+                lines = _wait_for(proc, "STEP 15")
+                proc.send_signal(sig)
+                code, out = _finish(proc)
+                steps = [
+                    int(line.split()[1])
+                    for line in (*lines, *out.splitlines(True))
+                    if "STEP" in line
+                ]
+                result[name] = (code, out, steps)
+            yield result
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
 
 
 def test_sigkill_leaves_events_up_to_the_last_flush(crashed: dict[str, Any]) -> None:
@@ -268,7 +298,7 @@ def test_resume_after_kill_continues_one_curve(tmp_path: Path) -> None:
     assert killed_steps[-1] >= 10
 
     second = _spawn(script, str(logs), "resume", str(last))
-    code, out = _finish(second, timeout=90)
+    code, out = _finish(second)
     assert code == 0 and "DONE" in out, out[-3000:]
 
     # One run directory, one curve: TensorBoard hides the killed process's steps after
