@@ -7,15 +7,15 @@ plain ``import tbx_lightning`` because the tracker registers itself the moment
 accelerate's tracking module is imported (see :mod:`tbx_lightning._registration`).
 """
 
-from __future__ import annotations
+# Only public names are bound here without an underscore: tests/test_public_api.py
+# checks that ``__all__`` is exactly that set.
+import importlib as _importlib
+import typing as _typing
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-from tbx_lightning._registration import install_accelerate_hook
+from tbx_lightning._registration import install_accelerate_hook as _install_accelerate_hook
 from tbx_lightning._version import __version__
 
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from tbx_lightning._lightning_monitor import TrainingMonitor
     from tbx_lightning._lightning_projector import EmbeddingProjector
     from tbx_lightning._writer import RunWriter
@@ -23,22 +23,31 @@ if TYPE_CHECKING:
     from tbx_lightning.errors import (
         BuildError,
         ConfigError,
+        ConfigTypeError,
         GraphExportError,
         HParamsError,
+        LoggedTypeError,
+        LoggedValueError,
+        RunNotStartedError,
         RunWriterError,
         TableError,
         TBXError,
     )
-    from tbx_lightning.lightning import TBXLogger
+    from tbx_lightning.lightning import RunStateCallback, TBXLogger
     from tbx_lightning.monitor import ModelMonitor
 
 __all__ = [
     "BuildError",
     "ConfigError",
+    "ConfigTypeError",
     "EmbeddingProjector",
     "GraphExportError",
     "HParamsError",
+    "LoggedTypeError",
+    "LoggedValueError",
     "ModelMonitor",
+    "RunNotStartedError",
+    "RunStateCallback",
     "RunWriter",
     "RunWriterError",
     "TBXError",
@@ -53,10 +62,15 @@ __all__ = [
 _LAZY = {
     "BuildError": "tbx_lightning.errors",
     "ConfigError": "tbx_lightning.errors",
+    "ConfigTypeError": "tbx_lightning.errors",
     "EmbeddingProjector": "tbx_lightning._lightning_projector",
     "GraphExportError": "tbx_lightning.errors",
     "HParamsError": "tbx_lightning.errors",
+    "LoggedTypeError": "tbx_lightning.errors",
+    "LoggedValueError": "tbx_lightning.errors",
     "ModelMonitor": "tbx_lightning.monitor",
+    "RunNotStartedError": "tbx_lightning.errors",
+    "RunStateCallback": "tbx_lightning.lightning",
     "RunWriter": "tbx_lightning._writer",
     "RunWriterError": "tbx_lightning.errors",
     "TBXError": "tbx_lightning.errors",
@@ -67,11 +81,11 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'tbx_lightning' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(_importlib.import_module(module), name)
     globals()[name] = value
     return value
 
@@ -80,4 +94,4 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-install_accelerate_hook()
+_install_accelerate_hook()

@@ -60,9 +60,13 @@ class _AccelerateTrackingFinder(importlib.abc.MetaPathFinder):
 
 
 def install_accelerate_hook() -> None:
-    """Registers now if accelerate.tracking is loaded, else once it is (idempotent)."""
+    """Registers now if accelerate.tracking is loaded, and again whenever it is (re)loaded.
+
+    The finder stays installed after the first registration: ``importlib.reload`` of
+    ``accelerate.tracking`` builds a fresh registry, and the tracker must be in it.
+    The finder looks at that one module name only and wraps nothing else. Idempotent.
+    """
     if _TARGET in sys.modules:
         _register_now()
-        return
     if not any(isinstance(f, _AccelerateTrackingFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _AccelerateTrackingFinder())

@@ -16,8 +16,12 @@ from __future__ import annotations
 __all__ = [
     "BuildError",
     "ConfigError",
+    "ConfigTypeError",
     "GraphExportError",
     "HParamsError",
+    "LoggedTypeError",
+    "LoggedValueError",
+    "RunNotStartedError",
     "RunWriterError",
     "TBXError",
     "TableError",
@@ -83,3 +87,30 @@ class BuildError(TBXError, ValueError):
 
 class TableError(TBXError, ValueError):
     """The runs directory or an option of the ``hparams`` command is not usable."""
+
+
+class ConfigTypeError(TBXError, TypeError):
+    """An option has the wrong type, or an unknown option name was passed (a typo)."""
+
+
+class LoggedValueError(TBXError, ValueError):
+    """A logged name, value or step cannot be written as given.
+
+    Raised for an empty name, two values that land on one tag
+    (``{"val": {"acc": 1}, "val/acc": 2}``), a step outside int64 or an image
+    whose shape does not fit its layout. The message names the key; nothing of
+    the call is written.
+    """
+
+
+class LoggedTypeError(TBXError, TypeError):
+    """A logged name, value or step has a type that cannot be written.
+
+    Raised for a value that is neither a number, a one-element tensor or array,
+    a string nor a dict of these, and for a step that is not an int (``1.5``,
+    ``"7"``, ``True``). The message names the key or the step.
+    """
+
+
+class RunNotStartedError(TBXError, RuntimeError):
+    """A tracker was used before its run was started (``init_trackers`` or ``start()``)."""

@@ -9,14 +9,12 @@ touches files is overridden.
 
 from __future__ import annotations
 
-import inspect
 import os
 import sys
-import warnings
 import weakref
 from argparse import Namespace
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -33,46 +31,47 @@ from tensorboardX import SummaryWriter
 from torch import Tensor, nn
 
 from tbx_lightning import _fs
+from tbx_lightning._lightning_trainer import find_trainer
 from tbx_lightning._writer import RunWriter
-from tbx_lightning.hparams import RunHParams, to_container
+from tbx_lightning.hparams import MASK, is_secret_key, to_container
+from tbx_lightning.run import Run, check_writer_options
 
-__all__ = ["TBXLogger"]
+if TYPE_CHECKING:
+    from tbx_lightning.graph import GraphExport
+    from tbx_lightning.projector import EmbeddingRecord
 
-# Every keyword of RunWriter (flush_secs, max_queue, ...): read from its signature so a new
-# writer option is accepted here too (jsonargparse passes each one explicitly).
-_WRITER_KWARGS = {
-    name
-    for name, param in inspect.signature(RunWriter.__init__).parameters.items()
-    if param.kind is inspect.Parameter.KEYWORD_ONLY
-}
+__all__ = ["RunStateCallback", "TBXLogger"]
+
 # SummaryWriter arguments that Lightning's logger passes on but that never act there: a
 # SummaryWriter given a log directory ignores ``comment``. Accepted so switching is one import.
 _NO_EFFECT_KWARGS = {"comment"}
 _STATE_KEY = "tbx_lightning.TBXLogger"
+# Lightning's own prefix for this warning: filters users already have keep matching.
+_NO_GRAPH_PREFIX = "Could not log computational graph to TensorBoard: "
 
 
 def _rank() -> int:
     return int(getattr(rank_zero_only, "rank", 0))
 
 
-def _find_trainer(limit: int = 40) -> Trainer | None:
-    """The Trainer whose call is on the stack (Lightning gives loggers no reference to it)."""
-    frame = sys._getframe(1)
-    for _ in range(limit):
-        if frame is None:
-            return None
-        for name in ("trainer", "self"):
-            candidate = frame.f_locals.get(name)
-            if isinstance(candidate, Trainer):
-                return candidate
-        frame = frame.f_back  # type: ignore[assignment]
-    return None
+class RunStateCallback(Callback):
+    """Keeps a :class:`TBXLogger` run across checkpoints and records why a fit stopped.
 
+    Stores the run's version in every checkpoint and, on ``fit(ckpt_path=...)``,
+    switches the logger to that run (with a purge step, so the curve goes on
+    without a zig-zag); records ``aborted`` for a fit stopped with Ctrl-C. The
+    logger adds it to the Trainer by itself; add it explicitly (``logger.callback()``)
+    together with ``TBXLogger(find_trainer=False)`` to do without the stack lookup
+    that finds the Trainer (see :mod:`tbx_lightning._lightning_trainer`).
 
-class _RunState(Callback):
-    """Stores the run's directory in checkpoints and restores it on ``fit(ckpt_path=...)``.
+    Args:
+        logger: The logger whose run this callback keeps.
 
-    The logger attaches it to the trainer on first use; users never add it.
+    Example:
+        >>> from lightning.pytorch import Trainer
+        >>> from tbx_lightning import TBXLogger
+        >>> logger = TBXLogger("runs", find_trainer=False)
+        >>> trainer = Trainer(logger=logger, callbacks=[logger.callback()])  # doctest: +SKIP
     """
 
     def __init__(self, logger: TBXLogger) -> None:
@@ -82,16 +81,27 @@ class _RunState(Callback):
     def state_key(self) -> str:
         return _STATE_KEY
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        logger = self._logger()
+        if logger is not None:
+            logger._join_trainer(trainer)
+
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         logger = self._logger()
-        if logger is not None and logger._version is not None:
+        if logger is None:
+            return
+        if logger._version is not None:
             checkpoint[_STATE_KEY] = {
                 "version": logger._version,
                 "name": logger.name,
                 "save_dir": logger.save_dir,
             }
+        if logger._mask_checkpoint_secrets:
+            for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+                if isinstance(checkpoint.get(key), Mapping):
+                    checkpoint[key] = _masked(checkpoint[key])
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
@@ -109,17 +119,49 @@ class _RunState(Callback):
             logger._exception = exception
 
 
+def _masked(value: Any) -> Any:
+    """A copy of a checkpoint's hyperparameters with credentials masked, same shape and types."""
+    try:
+        from tbx_lightning._secrets import mask_secrets_in
+    except ImportError:  # pragma: no cover - an hparams layer without the shape-keeping masker
+        return _mask_keys(value, "")
+    return mask_secrets_in(value)
+
+
+def _mask_keys(value: Any, path: str) -> Any:
+    if isinstance(value, Mapping):
+        items = {}
+        for key, item in value.items():
+            child = f"{path}.{key}" if path else str(key)
+            secret = is_secret_key(child) and isinstance(item, str)
+            items[key] = MASK if secret else _mask_keys(item, child)
+        try:
+            return cast(Any, type(value))(items)
+        except TypeError:
+            return items
+    if isinstance(value, list | tuple):
+        masked = [_mask_keys(item, f"{path}.{i}") for i, item in enumerate(value)]
+        return tuple(masked) if isinstance(value, tuple) else masked
+    return value
+
+
 class TBXLogger(TensorBoardLogger):
     """Lightning logger writing TensorBoard runs through tensorboardX.
 
-    Takes every argument of Lightning's ``TensorBoardLogger`` with the same meaning.
+    Takes every argument of Lightning's ``TensorBoardLogger`` with the same meaning
+    and the same defaults where they matter (experiment name ``lightning_logs``).
     Runs go to ``save_dir/name/version_N``; the version is claimed atomically when
-    first resolved. Hyperparameters become HParams columns keyed by their OmegaConf
-    dot paths, with ``config.yaml`` and ``hparams.yaml`` beside the events.
+    first resolved, and paths follow the ``name`` and ``version`` properties, so a
+    subclass that overrides them moves the run. Hyperparameters become HParams
+    columns keyed by their OmegaConf dot paths, with ``config.yaml`` and
+    ``hparams.yaml`` beside the events. Each fit ends by releasing the run's
+    writer thread and event file; a later call (``trainer.test``) reopens the run
+    in a new event file. Logging rules (values, steps, statuses) are those of
+    :mod:`tbx_lightning.run`, shared with ``TBXTracker``.
 
     Args:
         save_dir: Root directory (local path or fsspec URL such as ``s3://bucket/runs``).
-        name: Experiment name, a sub-folder of ``save_dir`` ("" for none).
+        name: Experiment name, a sub-folder of ``save_dir`` ("" or None for none).
         version: ``None`` claims the next ``version_N``; an int picks ``version_N``;
             a string is used as the folder name.
         log_graph: Export the model graph at fit start from ``example_input_array``.
@@ -127,12 +169,19 @@ class TBXLogger(TensorBoardLogger):
             placeholder; not needed here, every scalar is a metric column).
         prefix: Prepended to every metric name, joined with ``-``.
         sub_dir: Extra folder inside the version folder for this logger's events.
-        strict_graph: Raise instead of warning when graph export fails.
+        strict_graph: Raise :class:`~tbx_lightning.GraphExportError` instead of
+            warning when graph export fails.
         graph_options: Passed to the graph exporter, e.g. ``{"collapse_repeated": True}``
             or ``{"max_depth": 2}`` to keep the graph of a large model small.
-        mask_secrets: Mask config keys that look like credentials.
-        **kwargs: Writer options: ``flush_secs``, ``max_queue``, ``filename_suffix``,
-            ``purge_step``.
+        mask_secrets: Mask config keys that look like credentials in the HParams
+            table, ``config.yaml`` and ``hparams.yaml``.
+        mask_checkpoint_secrets: Also mask them in the ``hyper_parameters`` that
+            checkpoints keep (see docs/lightning.md for what that means for
+            ``load_from_checkpoint``).
+        find_trainer: Find the Trainer by looking up the call stack (Lightning gives
+            loggers none). With False, add ``logger.callback()`` to the Trainer.
+        **kwargs: Writer options: ``flush_secs``, ``max_queue``, ``max_queue_bytes``,
+            ``segment_bytes``, ``purge_step``, ``filename_suffix``.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -147,7 +196,7 @@ class TBXLogger(TensorBoardLogger):
     def __init__(
         self,
         save_dir: str | os.PathLike[str] = "runs",
-        name: str | None = "default",
+        name: str | None = "lightning_logs",
         version: int | str | None = None,
         log_graph: bool = False,
         default_hp_metric: bool = False,
@@ -157,6 +206,8 @@ class TBXLogger(TensorBoardLogger):
         strict_graph: bool = False,
         graph_options: Mapping[str, Any] | None = None,
         mask_secrets: bool = True,
+        mask_checkpoint_secrets: bool = False,
+        find_trainer: bool = True,
         **kwargs: Any,
     ) -> None:
         # Skip TensorBoardLogger.__init__: it would pick torch.utils.tensorboard.
@@ -165,17 +216,9 @@ class TBXLogger(TensorBoardLogger):
         Logger.__init__(self)
         for key in _NO_EFFECT_KWARGS & set(kwargs):
             kwargs.pop(key)
-        unknown = sorted(set(kwargs) - _WRITER_KWARGS)
-        if unknown:
-            raise TypeError(
-                f"TBXLogger got unexpected keyword argument(s) {unknown}: writer options are "
-                f"{sorted(_WRITER_KWARGS)}."
-            )
-        if "flush_secs" in kwargs and not kwargs["flush_secs"] > 0:
-            raise ValueError(
-                f"Expected `flush_secs` > 0, got {kwargs['flush_secs']!r}: set logger.flush_secs to a "
-                "positive number of seconds."
-            )
+        check_writer_options(
+            kwargs, owner="TBXLogger", where="logger.{option} (TBXLogger({option}=...))"
+        )
         root_dir = os.fspath(save_dir)
         if "://" not in root_dir:
             # Expanded once, so the version is claimed where the run is written.
@@ -191,12 +234,20 @@ class TBXLogger(TensorBoardLogger):
         self._strict_graph = strict_graph
         self._graph_options = dict(graph_options or {})
         self._mask_secrets = mask_secrets
+        self._mask_checkpoint_secrets = mask_checkpoint_secrets
+        self._find_trainer = find_trainer
         self._fs, self._root_path = _fs.resolve(self._root_dir)
-        self._run: RunWriter | None = None
-        self._hp: RunHParams | None = None
+        self._tbx_run = Run(
+            self._writer_dir,
+            writer_options=kwargs,
+            mask_secrets=mask_secrets,
+            strict_graph=strict_graph,
+            graph_options=self._graph_options,
+            owner="TBXLogger",
+            open_writer=self._open_writer,
+        )
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._exception: BaseException | None = None
-        self._last_step = 0
         self._cli_logged = False
         self._experiment = None
         self.hparams: dict[str, Any] | Namespace = {}
@@ -208,7 +259,8 @@ class TBXLogger(TensorBoardLogger):
 
     @property
     def root_dir(self) -> str:
-        return os.path.join(self._root_dir, self._name) if self._name else self._root_dir
+        name = self.name
+        return os.path.join(self.save_dir, name) if name else self.save_dir
 
     @property
     def save_dir(self) -> str:
@@ -218,19 +270,22 @@ class TBXLogger(TensorBoardLogger):
     def sub_dir(self) -> str | None:
         return self._sub_dir
 
+    def _experiment_root(self) -> str:
+        name = self.name
+        return _fs.join(self._fs, self._root_path, name) if name else self._root_path
+
     @property
     def version(self) -> int | str:
         """The run's version; claimed (created) on first access on global rank 0."""
         if self._version is None:
-            root = (
-                _fs.join(self._fs, self._root_path, self._name) if self._name else self._root_path
-            )
-            if _rank() == 0:
-                self._version = _fs.claim_version(self._fs, root)
-            else:
-                # Other ranks never create directories; Lightning broadcasts rank 0's paths.
-                versions = _fs.existing_versions(self._fs, root)
-                return max(versions) if versions else 0
+            with self._tbx_run.lock:  # threads racing on first use claim one version
+                if self._version is None:
+                    root = self._experiment_root()
+                    if _rank() != 0:
+                        # Other ranks never create directories; Lightning broadcasts rank 0's.
+                        versions = _fs.existing_versions(self._fs, root)
+                        return max(versions) if versions else 0
+                    self._version = _fs.claim_version(self._fs, root)
         return self._version
 
     @property
@@ -238,19 +293,34 @@ class TBXLogger(TensorBoardLogger):
         version = self.version
         folder = version if isinstance(version, str) else f"version_{version}"
         log_dir = os.path.join(self.root_dir, folder)
-        if self._sub_dir:
-            log_dir = os.path.join(log_dir, self._sub_dir)
+        sub_dir = self.sub_dir
+        if sub_dir:
+            log_dir = os.path.join(log_dir, sub_dir)
         return os.path.expandvars(os.path.expanduser(log_dir)) if "://" not in log_dir else log_dir
+
+    def _writer_dir(self) -> str:
+        return self.log_dir
+
+    def _open_writer(self, log_dir: str, purge_step: int | None) -> RunWriter:
+        # `**self._kwargs` as written here is how jsonargparse (LightningCLI) learns that
+        # every RunWriter option is an option of this logger. A purge step is the shared
+        # run's to give: once, at the first opening after a resume.
+        if purge_step is None and "purge_step" not in self._kwargs:
+            return RunWriter(log_dir, **self._kwargs)
+        return RunWriter(log_dir, **{**self._kwargs, "purge_step": purge_step})
 
     # ------------------------------------------------------------------ the writer
     @property
+    def _run(self) -> RunWriter | None:
+        """The open writer, or None (no call yet, or released at the end of a fit)."""
+        return self._tbx_run.current_writer
+
+    @property
     def run_writer(self) -> RunWriter:
-        """The RunWriter of this run (rank 0 only)."""
-        if self._run is None:
+        """The RunWriter of this run (rank 0 only); reopens the run after a fit released it."""
+        if not self._tbx_run.is_open:
             self._attach_to_trainer()
-            self._run = RunWriter(self.log_dir, **self._kwargs)
-            self._hp = RunHParams(self._run, mask_secrets=self._mask_secrets)
-        return self._run
+        return self._tbx_run.writer
 
     @property
     @rank_zero_experiment
@@ -263,54 +333,67 @@ class TBXLogger(TensorBoardLogger):
         self._attach_to_trainer(limit=8)
         return run.experiment
 
+    def callback(self) -> RunStateCallback:
+        """The callback that keeps this run across checkpoints, for ``Trainer(callbacks=[...])``.
+
+        Needed only with ``find_trainer=False``; otherwise the logger adds it by itself.
+        """
+        return RunStateCallback(self)
+
     def _attach_to_trainer(self, limit: int = 40) -> None:
-        trainer = _find_trainer(limit)
-        if trainer is None:
+        if not self._find_trainer:
             return
+        trainer = find_trainer(limit)
+        if trainer is not None:
+            self._join_trainer(trainer)
+
+    def _join_trainer(self, trainer: Trainer) -> None:
         if self._trainer_ref is not None and self._trainer_ref() is trainer:
             return
         self._trainer_ref = weakref.ref(trainer)
         self._cli_logged = False
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
-        if not any(isinstance(cb, _RunState) and cb._logger() is self for cb in callbacks):
-            callbacks.append(_RunState(self))
+        if not any(isinstance(cb, RunStateCallback) and cb._logger() is self for cb in callbacks):
+            callbacks.append(RunStateCallback(self))
 
     def _resume(self, version: int | str, step: int) -> None:
         """Switches to the checkpoint's run before anything of this fit is written."""
         if _rank() != 0:
             self._version = version
             return
-        placeholder = None
-        carried: dict[str, Any] = {}
-        if self._run is not None:
-            if self._version == version:
-                return
-            placeholder = self._run
-            placeholder.close()
-            if not placeholder.has_data and self._hp is not None:
-                # Hyperparameters logged before fit belong to the resumed run.
-                carried = self._hp.config
-        # The version may have been claimed (e.g. by ModelCheckpoint resolving its dirpath)
-        # without a writer being opened: that folder is abandoned too.
-        old_dir = self.log_dir if self._version is not None else None
-        old_root = self._version_dir() if self._version is not None else None
-        self._version = version
-        self._kwargs = {**self._kwargs, "purge_step": step}
-        self._run = RunWriter(self.log_dir, **self._kwargs)
-        self._hp = RunHParams(self._run, mask_secrets=self._mask_secrets)
-        if carried:
-            self._hp.log(carried, step=step)
-            hparams_file = _fs.join(self._fs, self._run.path, self.NAME_HPARAMS_FILE)
-            save_hparams_to_yaml(_fs.url(self._fs, hparams_file), self.hparams)
-        if old_root is not None and old_root != self._version_dir():
-            self._move_checkpoint_dirs(old_root, self._version_dir())
-        if old_dir is not None and old_dir != self.log_dir:
-            _remove_if_only_header(self._fs, placeholder, old_dir)
-            if old_root is not None and old_root != old_dir:
-                _remove_if_only_header(self._fs, None, old_root)
+        run = self._tbx_run
+        with run.lock:
+            placeholder = None
+            carried: dict[str, Any] = {}
+            if run.is_open:
+                if self._version == version:
+                    return
+                hparams = run.hparams
+                placeholder = run.release()
+                if placeholder is not None and not placeholder.has_data:
+                    # Hyperparameters logged before fit belong to the resumed run.
+                    carried = hparams.config
+            # The version may have been claimed (e.g. by ModelCheckpoint resolving its dirpath)
+            # without a writer being opened: that folder is abandoned too.
+            old_dir = self.log_dir if self._version is not None else None
+            old_root = self._version_dir() if self._version is not None else None
+            self._version = version
+            run.reopen(purge_step=step)
+            writer = run.writer
+            if carried:
+                run.hparams.log(carried, step=step)
+                hparams_file = _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE)
+                save_hparams_to_yaml(_fs.url(self._fs, hparams_file), self.hparams)
+            if old_root is not None and old_root != self._version_dir():
+                self._move_checkpoint_dirs(old_root, self._version_dir())
+            if old_dir is not None and old_dir != self.log_dir:
+                _remove_if_only_header(self._fs, placeholder, old_dir)
+                if old_root is not None and old_root != old_dir:
+                    _remove_if_only_header(self._fs, None, old_root)
 
     def _version_dir(self) -> str:
-        folder = self.version if isinstance(self.version, str) else f"version_{self.version}"
+        version = self.version
+        folder = version if isinstance(version, str) else f"version_{version}"
         return os.path.join(self.root_dir, folder)
 
     def _move_checkpoint_dirs(self, old_root: str, new_root: str) -> None:
@@ -324,29 +407,39 @@ class TBXLogger(TensorBoardLogger):
             ):
                 callback.dirpath = new_root + dirpath[len(old_root) :]
 
+    def _opened_run(self) -> Run:
+        """The shared run, its writer open (and this logger joined to the trainer)."""
+        if not self._tbx_run.is_open:
+            self._attach_to_trainer()
+        return self._tbx_run
+
     # ------------------------------------------------------------------- logging
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Logs scalars: numbers, one-element tensors, and dicts of those (as ``key/sub``)."""
-        if step is None:
-            step = self._last_step
-        self._last_step = int(step)
-        flat: Mapping[str, Any] = metrics
-        if self._prefix or any(isinstance(v, Mapping) for v in metrics.values()):
-            flat = self._flatten_metrics(metrics)
-        run = self._run if self._run is not None else self.run_writer
-        run.log_scalars(flat, self._last_step)
+        """Logs numbers as scalars and strings as text; dicts of any depth as ``a/b/c``.
 
-    def _flatten_metrics(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        flat: dict[str, Any] = {}
-        for key, value in metrics.items():
-            name = f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}" if self._prefix else key
-            if isinstance(value, Mapping):
-                for sub, item in value.items():
-                    flat[f"{name}/{sub}"] = item
-            else:
-                flat[name] = value
-        return flat
+        Without ``step`` (Lightning always passes one), values go one step past the
+        highest step logged so far. See :mod:`tbx_lightning.run` for the rules.
+        """
+        if self._prefix:
+            metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
+        self._opened_run().log(metrics, step)
+
+    @rank_zero_only
+    def log_text(self, values: Mapping[str, Any], step: int | None = None) -> None:
+        """Logs strings as text entries (TensorBoard's Text tab); dicts as ``a/b`` tags."""
+        self._opened_run().log_text(values, step)
+
+    @rank_zero_only
+    def log_images(
+        self, values: Mapping[str, Any], step: int | None = None, *, dataformats: str = "CHW"
+    ) -> None:
+        """Logs images: each value is one image, a batch, or a list of images.
+
+        Tensors or NumPy arrays (float in [0, 1] or uint8), PIL images (HWC), or lists
+        of these of one shape; ``dataformats`` is the layout of one image.
+        """
+        self._opened_run().log_images(values, step, dataformats=dataformats)
 
     @rank_zero_only
     def log_hyperparams(
@@ -360,20 +453,23 @@ class TBXLogger(TensorBoardLogger):
         May be called again (e.g. with the best metrics at the end): the run is
         updated in place, never split into a sub-run.
         """
-        run = self.run_writer
-        assert self._hp is not None  # created with the run writer
-        container = to_container(params, mask_secrets=self._mask_secrets)
-        self.hparams = {
-            **(self.hparams if isinstance(self.hparams, dict) else vars(self.hparams)),
-            **container,
-        }
-        if metrics is None and self._default_hp_metric:
-            metrics = {"hp_metric": -1}
-        step = self._last_step if step is None else int(step)
-        self._log_cli_config()
-        self._hp.log(params, metrics, step=step)
+        run = self._opened_run()
+        with run.lock:
+            writer = run.writer
+            container = to_container(params, mask_secrets=self._mask_secrets)
+            self.hparams = {
+                **(self.hparams if isinstance(self.hparams, dict) else vars(self.hparams)),
+                **container,
+            }
+            if metrics is None and self._default_hp_metric:
+                metrics = {"hp_metric": -1}
+            self._log_cli_config()
+            run.log_hyperparams(params, metrics, step)
+            self._save_hparams_file(writer)
+
+    def _save_hparams_file(self, writer: RunWriter) -> None:
         # A URL, not the bare path: Lightning picks the file system from the protocol.
-        hparams_file = _fs.url(self._fs, _fs.join(self._fs, run.path, self.NAME_HPARAMS_FILE))
+        hparams_file = _fs.url(self._fs, _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE))
         save_hparams_to_yaml(hparams_file, self.hparams)
 
     def _log_cli_config(self) -> None:
@@ -392,55 +488,43 @@ class TBXLogger(TensorBoardLogger):
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if isinstance(callback, SaveConfigCallback):
                 self._cli_logged = True
-                assert self._hp is not None
-                self._hp.log(cli_hparams(callback.parser, callback.config), step=self._last_step)
+                self._tbx_run.log_hyperparams(cli_hparams(callback.parser, callback.config))
                 return
 
     @rank_zero_only
     def log_graph(  # type: ignore[override]
-        self, model: nn.Module, input_array: Any = None, **options: Any
-    ) -> None:
-        """Exports the model graph (torch.export, then fx, then jit.trace).
+        self, model: nn.Module, input_array: Any = None, step: int | None = None, **options: Any
+    ) -> GraphExport | None:
+        """Exports the model graph (torch.export, then fx, then jit.trace); returns the export.
 
         Called by Lightning at fit start with ``input_array=None``: then the graph is
         written only if ``log_graph=True`` and the model has ``example_input_array``.
         An explicit ``input_array`` always writes the graph. ``options`` (and the
         logger's ``graph_options``) go to the exporter: ``max_depth``,
-        ``collapse_repeated``, ``methods``.
+        ``collapse_repeated``, ``methods``. A graph that cannot be exported warns and
+        returns None (training goes on); with ``strict_graph=True`` it raises
+        :class:`~tbx_lightning.GraphExportError`.
         """
-        if self._run is not None:
+        run = self._tbx_run
+        if run.is_open:
             self._log_cli_config()
         if input_array is None:
             if not self._log_graph:
-                return
+                return None
             input_array = getattr(model, "example_input_array", None)
             if input_array is None:
-                self._graph_problem(
-                    f"log_graph=True but {type(model).__name__}.example_input_array is not set: "
-                    "set it in the module's __init__ or call logger.log_graph(model, input_array)."
+                run.graph_problem(
+                    f"`example_input_array` of {type(model).__name__} is not set and no "
+                    "`input_array` was given: set it in the module's __init__ or call "
+                    "logger.log_graph(model, input_array).",
+                    model,
+                    prefix=_NO_GRAPH_PREFIX,
                 )
-                return
+                return None
         if isinstance(model, LightningModule):
             input_array = model._on_before_batch_transfer(input_array)
             input_array = model._apply_batch_transfer_handler(input_array)
-        from tbx_lightning.graph import GraphExportError, write_graph
-
-        try:
-            write_graph(
-                self.experiment,
-                model,
-                input_array,
-                step=self._last_step,
-                **{**self._graph_options, **options},
-            )
-        except (GraphExportError, TypeError, ValueError) as error:
-            # An input the exporter cannot use is a graph problem too: training goes on.
-            self._graph_problem(str(error), error)
-
-    def _graph_problem(self, message: str, error: BaseException | None = None) -> None:
-        if self._strict_graph:
-            raise RuntimeError(message) from error
-        warnings.warn(f"Model graph not logged: {message}", UserWarning, stacklevel=3)
+        return self._opened_run().log_graph(model, input_array, step, **options)
 
     @rank_zero_only
     def log_embedding(
@@ -453,27 +537,28 @@ class TBXLogger(TensorBoardLogger):
         label_img: Any = None,
         step: int | None = None,
         max_points: int | None = None,
-    ) -> Any:
-        """Writes an embedding for TensorBoard's projector (binary float32, labels, sprite)."""
-        from tbx_lightning.projector import log_embedding
+        seed: int = 0,
+    ) -> EmbeddingRecord:
+        """Writes an embedding for TensorBoard's projector (binary float32, labels, sprite).
 
-        return log_embedding(
-            self.run_writer,
+        See :func:`tbx_lightning.projector.log_embedding`; ``seed`` picks the points
+        kept when ``max_points`` subsamples.
+        """
+        return self._opened_run().log_embedding(
             tag,
             mat,
             metadata=metadata,
             metadata_header=metadata_header,
             label_img=label_img,
-            step=self._last_step if step is None else step,
+            step=step,
             max_points=max_points,
+            seed=seed,
         )
 
     @rank_zero_only
     def log_histograms(self, values: Mapping[str, Tensor], step: int | None = None) -> None:
         """Logs a histogram per tensor, binned on the tensor's device."""
-        from tbx_lightning.monitor import log_histograms
-
-        log_histograms(self.run_writer, values, self._last_step if step is None else int(step))
+        self._opened_run().log_histograms(values, step)
 
     # ------------------------------------------------------------------- lifecycle
     @rank_zero_only
@@ -483,37 +568,48 @@ class TBXLogger(TensorBoardLogger):
 
     @rank_zero_only
     def finalize(self, status: str) -> None:
-        """Records the run's status and flushes; the run stays open for ``test``/``validate``."""
-        if self._run is None:
-            return
-        if isinstance(self._exception, KeyboardInterrupt) and status == "failed":
-            status = "aborted"
-        self._exception = None
-        assert self._hp is not None
-        self._hp.finish(status)
-        self._run.flush()
+        """Records the run's status, writes ``hparams.yaml`` if missing, releases the writer.
+
+        Lightning calls it at the end of every fit/validate/test. The writer's thread
+        and event file end here; a later call (``trainer.test`` after ``fit``) reopens
+        the run in a new event file. Any status string is accepted: unknown ones are
+        recorded as ``unknown`` with the string kept (see :meth:`tbx_lightning.run.Run.finish`).
+        """
+        run = self._tbx_run
+        with run.lock:
+            if not run.is_open:
+                return
+            if isinstance(self._exception, KeyboardInterrupt) and status == "failed":
+                status = "aborted"
+            self._exception = None
+            writer = run.writer
+            try:
+                run.finish(status)
+                hparams_file = _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE)
+                if not self._fs.exists(hparams_file):
+                    # As the stock logger: every finished run has one, {} if nothing was saved.
+                    self._save_hparams_file(writer)
+            finally:
+                run.release()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        """Writes everything logged so far to storage (nothing to do when no writer is open)."""
+        self._tbx_run.flush()
 
     def close(self) -> None:
         """Closes the run's writer; a later log call opens a new event file in the same run."""
-        if self._run is not None:
-            run, self._run = self._run, None
-            run.close()
+        self._tbx_run.release()
 
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
         return None
 
     def _get_next_version(self) -> int:
-        root = _fs.join(self._fs, self._root_path, self._name) if self._name else self._root_path
-        versions = _fs.existing_versions(self._fs, root)
+        versions = _fs.existing_versions(self._fs, self._experiment_root())
         return max(versions) + 1 if versions else 0
 
     def __getstate__(self) -> dict[str, Any]:
-        if self._run is not None:
-            # A spawned process reopens the run: what this one logged must be on disk.
-            self._run.flush()
         state = self.__dict__.copy()
-        state["_run"] = None
-        state["_hp"] = None
         state["_trainer_ref"] = None
         state["_exception"] = None
         return state

@@ -86,9 +86,10 @@ def test_fit_then_test_in_one_run(tmp_path: Path) -> None:
     model = Regressor()
     tr = trainer(logger)
     tr.fit(model, loader(), loader())
+    # The fit released its writer; reading `experiment` reopens the run, which test() uses.
+    assert isinstance(logger.experiment, SummaryWriter)
     tr.test(model, loader())
     assert tr.log_dir == logger.log_dir == os.path.join(str(tmp_path), "exp", "version_0")
-    assert isinstance(logger.experiment, SummaryWriter)
     ckpts = os.listdir(os.path.join(logger.log_dir, "checkpoints"))
     assert ckpts == ["epoch=1-step=8.ckpt"]
     acc = read(logger.log_dir)
@@ -97,7 +98,9 @@ def test_fit_then_test_in_one_run(tmp_path: Path) -> None:
     assert len(acc.Scalars("test/loss")) == 1
     assert status_of(acc) == api_pb2.STATUS_SUCCESS
     events = [f for f in os.listdir(logger.log_dir) if f.startswith("events.out")]
-    assert len(events) == 1
+    # fit released its writer (thread and file) when it ended: test() went on in a second
+    # event file of the same run, as with Lightning's own TensorBoardLogger.
+    assert len(events) == 2
     stored = yaml.safe_load(Path(logger.log_dir, "hparams.yaml").read_text())
     assert stored == {"lr": 0.05, "width": 8, "fail_at": None}
     reloaded = Regressor.load_from_checkpoint(
@@ -111,8 +114,9 @@ def test_default_logger_writes_under_runs(tmp_path: Path, monkeypatch: pytest.Mo
     monkeypatch.chdir(tmp_path)
     logger = TBXLogger()
     trainer(logger, max_epochs=1).fit(Regressor(), loader())
-    assert logger.log_dir == os.path.join("runs", "default", "version_0")
-    assert (tmp_path / "runs" / "default" / "version_0" / "config.yaml").exists()
+    # The experiment name defaults to Lightning's `lightning_logs`, as TensorBoardLogger's.
+    assert logger.log_dir == os.path.join("runs", "lightning_logs", "version_0")
+    assert (tmp_path / "runs" / "lightning_logs" / "version_0" / "config.yaml").exists()
 
 
 def test_accepts_every_tensorboardlogger_argument(tmp_path: Path) -> None:
@@ -346,3 +350,94 @@ def test_home_and_variables_in_save_dir_are_expanded_once(
     assert first.log_dir == str(tmp_path / "home" / "runs" / "exp1" / "x" / "version_0")
     assert second.log_dir.endswith("version_1")
     assert not (tmp_path / "~").exists()
+
+
+# ----------------------------------------------------------------------------- the Trainer lookup
+def test_trainer_lookup_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails loudly when a Lightning release changes what the Trainer lookup relies on."""
+    import importlib
+    import inspect
+
+    import tbx_lightning.lightning as integration
+    from tbx_lightning import RunStateCallback
+    from tbx_lightning._lightning_trainer import SETUP_HOOK, find_trainer
+
+    module_name, function_name = SETUP_HOOK.rsplit(".", 1)
+    hook = getattr(importlib.import_module(module_name), function_name)
+    assert "trainer" in inspect.signature(hook).parameters
+    assert "logger.experiment" in inspect.getsource(hook)
+    found: list[Any] = []
+
+    def recording(limit: int = 40) -> Any:
+        # One frame deeper than the logger's own call: look one further.
+        result = find_trainer(limit + 1)
+        found.append(result)
+        return result
+
+    monkeypatch.setattr(integration, "find_trainer", recording)
+    logger = TBXLogger(tmp_path)
+    tr = trainer(logger, max_epochs=1)
+    tr.fit(Regressor(), loader())
+    assert found and found[0] is tr, "the Trainer was not found from Lightning's setup hook"
+    assert [type(cb) for cb in tr.callbacks].count(RunStateCallback) == 1
+
+
+def test_explicit_callback_instead_of_the_lookup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tbx_lightning.lightning as integration
+
+    def no_lookup(limit: int = 40) -> Any:
+        raise AssertionError("find_trainer=False must not look up the stack")
+
+    monkeypatch.setattr(integration, "find_trainer", no_lookup)
+    ckpt = ModelCheckpoint(every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    logger = TBXLogger(tmp_path, name="r", find_trainer=False)
+    trainer(logger, max_epochs=2, callbacks=[ckpt, logger.callback()]).fit(Regressor(), loader())
+    first_dir = logger.log_dir
+
+    resumed = TBXLogger(tmp_path, name="r", find_trainer=False)
+    trainer(resumed, max_epochs=3, callbacks=[resumed.callback()]).fit(
+        Regressor(), loader(), ckpt_path=os.path.join(first_dir, "checkpoints", "step=4.ckpt")
+    )
+    assert resumed.log_dir == first_dir
+    assert sorted(os.listdir(tmp_path / "r")) == ["version_0"]
+    assert [e.step for e in read(first_dir).Scalars("train/loss")] == list(range(12))
+
+
+# ----------------------------------------------------------------------------- checkpoint secrets
+class WithSecrets(LightningModule):
+    def __init__(
+        self, api_token: str = "tok-123", db: dict[str, str] | None = None, lr: float = 0.05
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Linear(4, 1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["default", "opt-in"])
+def test_checkpoint_hyperparameters_masked_on_request(tmp_path: Path, masked: bool) -> None:
+    logger = TBXLogger(tmp_path, mask_checkpoint_secrets=masked)
+    model = WithSecrets(db={"password": "pw-456", "host": "h"})
+    trainer(logger, max_epochs=1).fit(model, loader())
+    (ckpt,) = os.listdir(os.path.join(logger.log_dir, "checkpoints"))
+    path = os.path.join(logger.log_dir, "checkpoints", ckpt)
+    stored = torch.load(path, weights_only=False)["hyper_parameters"]
+    expected_token, expected_pw = ("********", "********") if masked else ("tok-123", "pw-456")
+    assert stored["api_token"] == expected_token
+    assert stored["db"] == {"password": expected_pw, "host": "h"}
+    assert stored["lr"] == 0.05
+    assert model.hparams.api_token == "tok-123", "the live module keeps its values"
+    # hparams.yaml (the run's copy) is masked either way.
+    assert "tok-123" not in Path(logger.log_dir, "hparams.yaml").read_text()
+    reloaded = WithSecrets.load_from_checkpoint(path)
+    assert reloaded.hparams.api_token == expected_token

@@ -1,0 +1,730 @@
+"""The run both integrations share: value and step rules, writer options, features.
+
+``TBXLogger`` (Lightning) and ``TBXTracker`` (Accelerate) are thin adapters of
+their host's lifecycle around one :class:`Run`. Every rule a user meets when
+logging is written here once, so the two integrations cannot drift:
+
+- **Values**: numbers (int, float, bool, NumPy numbers, one-element tensors and
+  arrays) become scalars, strings become text entries, dicts of any depth become
+  ``a/b/c`` tags. Two values landing on one tag (``{"val": {"acc": 1},
+  "val/acc": 2}``) are an error naming the tag, never a silent choice. NaN and
+  Inf are written as they are.
+- **Steps**: an ``int`` (or NumPy integer, or one-element integer tensor); any
+  other type (``1.5``, ``"7"``, ``True``) is a :class:`LoggedTypeError` naming the
+  value. Without a step, scalars and text logged with ``log``/``log_metrics`` go
+  one step past the highest step logged so far (0 first), so repeated calls draw
+  a curve; every other call (hyperparameter metrics, text, images, histograms,
+  embeddings, graphs) goes to the highest step logged so far (0 first), next to
+  the scalars it belongs to.
+- **Writer options**: the keyword-only options of :class:`~tbx_lightning.RunWriter`
+  (``flush_secs``, ``max_queue``, ``max_queue_bytes``, ``segment_bytes``,
+  ``purge_step``, ``filename_suffix``), checked once when the integration is built.
+- **Graphs**: a graph that cannot be exported warns and training goes on; with
+  ``strict_graph=True`` it raises :class:`GraphExportError`.
+- **Statuses**: any string. Known ones map to TensorBoard's statuses; any other is
+  recorded as ``STATUS_UNKNOWN`` and kept as given in a text entry ``run/status``.
+- **Threads**: every method may be called from several threads at once; opening
+  the writer and each call's step are decided under one lock.
+
+Example:
+    >>> import tempfile
+    >>> from tbx_lightning.run import Run
+    >>> run = Run(lambda: tempfile.mkdtemp(), owner="example")
+    >>> run.log({"train": {"loss": 0.5}, "note": "warm-up"})
+    0
+    >>> run.log({"train": {"loss": 0.4}})
+    1
+    >>> run.finish("success")
+    'success'
+    >>> _ = run.release()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import numbers
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from tbx_lightning._writer import RunWriter
+from tbx_lightning.errors import (
+    ConfigError,
+    ConfigTypeError,
+    GraphExportError,
+    LoggedTypeError,
+    LoggedValueError,
+    TBXError,
+)
+from tbx_lightning.hparams import STATUSES, RunHParams
+
+if TYPE_CHECKING:
+    from tbx_lightning.graph import GraphExport
+    from tbx_lightning.projector import EmbeddingRecord
+
+__all__ = [
+    "STATUS_TEXT_TAG",
+    "WRITER_OPTIONS",
+    "Run",
+    "check_step",
+    "check_writer_options",
+    "flatten_values",
+    "image_batch",
+    "status_key",
+]
+
+# Every keyword-only option of RunWriter: read from its signature, so a new writer option
+# is accepted by both integrations at once (jsonargparse passes each one explicitly).
+WRITER_OPTIONS: frozenset[str] = frozenset(
+    name
+    for name, param in inspect.signature(RunWriter.__init__).parameters.items()
+    if param.kind is inspect.Parameter.KEYWORD_ONLY
+)
+STATUS_TEXT_TAG = "run/status"
+_MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1
+_PIL_FORMAT = "HWC"
+_POSITIVE_INTS = ("max_queue", "max_queue_bytes", "segment_bytes")
+
+
+# ---------------------------------------------------------------------- writer options
+def check_writer_options(options: Mapping[str, Any], *, owner: str, where: str) -> dict[str, Any]:
+    """Checks writer options before anything is opened; returns them as a dict.
+
+    Args:
+        options: Option name -> value, as the user passed them.
+        owner: Who takes the options, for the messages (``"TBXLogger"``).
+        where: Where the user sets them, for the messages
+            (``"logger.flush_secs in the config"``).
+
+    Raises:
+        ConfigTypeError: an unknown option name, or a value of the wrong type.
+        ConfigError: a value out of range (``flush_secs`` <= 0, ``max_queue`` < 1).
+    """
+    unknown = sorted(set(options) - WRITER_OPTIONS)
+    if unknown:
+        raise ConfigTypeError(
+            f"{owner} got unexpected keyword argument(s) {unknown}: writer options are "
+            f"{sorted(WRITER_OPTIONS)}."
+        )
+    out = dict(options)
+    if "flush_secs" in out:
+        value = out["flush_secs"]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigTypeError(
+                f"`flush_secs` must be a number of seconds, got {type(value).__name__} "
+                f"{value!r}: set {where.format(option='flush_secs')}."
+            )
+        if not float(value) > 0 or not math.isfinite(value):
+            raise ConfigError(
+                f"Expected `flush_secs` > 0, got {value!r}: set "
+                f"{where.format(option='flush_secs')} to a positive number of seconds."
+            )
+    for name in _POSITIVE_INTS:
+        if name not in out:
+            continue
+        value = out[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ConfigTypeError(
+                f"`{name}` must be an int, got {type(value).__name__} {value!r}: set "
+                f"{where.format(option=name)}."
+            )
+        if int(value) < 1:
+            raise ConfigError(
+                f"Expected `{name}` >= 1, got {value!r}: set {where.format(option=name)}."
+            )
+    if out.get("purge_step") is not None:
+        out["purge_step"] = check_step(out["purge_step"], name="purge_step")
+    if "filename_suffix" in out and not isinstance(out["filename_suffix"], str):
+        raise ConfigTypeError(
+            f"`filename_suffix` must be a str, got {type(out['filename_suffix']).__name__}."
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- steps and values
+def check_step(step: Any, *, name: str = "step") -> int:
+    """The step as an int: ints, NumPy integers and one-element integer tensors pass.
+
+    Raises:
+        LoggedTypeError: any other type (``1.5``, ``"7"``, ``True``, a float tensor).
+        LoggedValueError: an int outside int64, which the event file cannot hold.
+    """
+    value = step
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
+        value = value.item()
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise LoggedTypeError(
+            f"`{name}` must be an int or None, got {type(step).__name__} {step!r}: pass a whole "
+            f"number, e.g. {name}=trainer.global_step."
+        )
+    if not _MIN_STEP <= int(value) <= _MAX_STEP:
+        raise LoggedValueError(f"`{name}` must fit in a signed 64-bit integer, got {value}.")
+    return int(value)
+
+
+def _is_scalar(key: str, value: Any) -> bool:
+    """True for values that become one scalar point; LoggedTypeError for tensors that cannot."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise LoggedTypeError(
+                f"Value {key!r} is a tensor of shape {tuple(value.shape)}: log one-element tensors "
+                "as scalars, or the whole tensor with `log_histograms({key: tensor})`."
+            )
+        if value.is_complex():
+            raise LoggedTypeError(
+                f"Value {key!r} is a complex tensor: log its real part or abs value."
+            )
+        return True
+    if isinstance(value, bool | np.bool_ | numbers.Real):
+        return True
+    return isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf"
+
+
+def flatten_values(
+    values: Mapping[Any, Any], *, prefix: str = ""
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Splits logged values into scalars and texts, nested dicts as ``a/b/c`` tags.
+
+    Args:
+        values: Name -> number, one-element tensor or array, str, or a dict of these.
+        prefix: Put before every tag, joined with ``/`` (``""`` for none).
+
+    Returns:
+        ``(scalars, texts)``, each tag -> value.
+
+    Raises:
+        LoggedTypeError: a name that is not a str, or a value of another type; the
+            message names the tag.
+        LoggedValueError: an empty name, or two values landing on one tag.
+
+    Example:
+        >>> flatten_values({"val": {"acc": 0.5, "loss": {"ce": 1.0}}, "note": "hi"})
+        ({'val/acc': 0.5, 'val/loss/ce': 1.0}, {'note': 'hi'})
+    """
+    if not isinstance(values, Mapping):
+        raise LoggedTypeError(
+            f"Logged values must be a dict of name -> value, got {type(values).__name__}: "
+            "wrap the value in a dict, e.g. {'loss': value}."
+        )
+    scalars: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    _flatten_into(values, prefix, scalars, texts, set())
+    return scalars, texts
+
+
+def _flatten_into(
+    values: Mapping[Any, Any],
+    prefix: str,
+    scalars: dict[str, Any],
+    texts: dict[str, str],
+    seen: set[int],
+) -> None:
+    if id(values) in seen:
+        raise LoggedValueError(
+            f"Logged dict {prefix!r} contains itself: log a copy without the cycle."
+        )
+    seen = seen | {id(values)}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise LoggedTypeError(
+                f"Logged names must be str, got {type(key).__name__} {key!r}"
+                + (f" under {prefix!r}" if prefix else "")
+                + ": convert the key with str()."
+            )
+        if not key:
+            raise LoggedValueError(
+                "Logged names must not be empty"
+                + (f" (an empty key under {prefix!r})" if prefix else "")
+                + ": give the value a name."
+            )
+        tag = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, Mapping):
+            _flatten_into(value, tag, scalars, texts, seen)
+            continue
+        if tag in scalars or tag in texts:
+            raise LoggedValueError(
+                f"Value {tag!r} is given twice in one call (a key containing '/' clashes with a "
+                "nested dict): rename one of them."
+            )
+        _check_utf8(tag, tag, "name")
+        if isinstance(value, str):
+            _check_utf8(tag, value, "text")
+            texts[tag] = value
+        elif _is_scalar(tag, value):
+            scalars[tag] = value
+        else:
+            raise LoggedTypeError(
+                f"Value {tag!r} has type {type(value).__name__}, which cannot be logged as a "
+                "value: log numbers (int, float, bool, one-element tensors or arrays), str (as "
+                "text) or dicts of these (as 'a/b' tags); use `log_images`, `log_histograms` or "
+                "`log_embedding` for images, tensors and embeddings."
+            )
+
+
+def _check_utf8(tag: str, text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise LoggedValueError(
+            f"The {what} of value {tag!r} cannot be written as UTF-8 (it holds a lone surrogate "
+            "character, as os.fsdecode or sys.argv can produce): pass a valid string, e.g. "
+            "text.encode('utf-8', 'replace').decode()."
+        ) from error
+
+
+# ---------------------------------------------------------------------- images
+def _image_array(key: str, image: Any, dataformats: str) -> tuple[np.ndarray, str]:
+    """One image as an array with its format: PIL images are HWC, others use ``dataformats``."""
+    if hasattr(image, "getbands") and hasattr(image, "size"):  # a PIL image, without importing PIL
+        return np.asarray(image), _PIL_FORMAT
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu().numpy()
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise LoggedTypeError(
+            f"Image {key!r} has type {type(image).__name__}: log a tensor, a NumPy array, a PIL "
+            "image, or a list of these."
+        )
+    return array, dataformats
+
+
+def _as_nchw(key: str, batch: np.ndarray, fmt: str) -> np.ndarray:
+    """A batch in ``fmt`` (``N`` + one image's layout) as NCHW with 1, 3 or 4 channels."""
+    if len(set(fmt)) != len(fmt) or set(fmt) - set("NCHW") or not {"H", "W"} <= set(fmt):
+        raise LoggedValueError(
+            f"dataformats={fmt[1:]!r} for image {key!r} is not a layout of H, W and optionally C: "
+            "use 'CHW', 'HWC' or 'HW'."
+        )
+    if "C" not in fmt:
+        batch, fmt = batch[:, None], "NC" + fmt[1:]
+    batch = batch.transpose([fmt.index(axis) for axis in "NCHW"])
+    if batch.shape[1] not in (1, 3, 4):
+        raise LoggedValueError(
+            f"Image {key!r} has {batch.shape[1]} channels in dataformats={fmt[1:]!r}: images have "
+            "1, 3 or 4 channels; pass the dataformats that matches the array ('CHW', 'HWC', 'HW')."
+        )
+    return batch
+
+
+def image_batch(key: str, images: Any, dataformats: str = "CHW") -> np.ndarray:
+    """Any accepted image value as one NCHW batch array.
+
+    ``images`` is one image, a batch (one more dimension than ``dataformats``) or a
+    list of images of one shape: tensors, NumPy arrays (float in [0, 1] or uint8)
+    or PIL images (always HWC).
+
+    Raises:
+        LoggedTypeError: a value that is not an image.
+        LoggedValueError: a shape that does not fit ``dataformats``, an empty list,
+            images of different shapes.
+    """
+    if not isinstance(dataformats, str):
+        raise LoggedTypeError(f"`dataformats` must be a str such as 'CHW', got {dataformats!r}.")
+    fmt = dataformats.upper()
+    if isinstance(images, list | tuple):
+        if not images:
+            raise LoggedValueError(f"Image list {key!r} is empty: log at least one image.")
+        parts = [_image_array(f"{key}[{i}]", image, fmt) for i, image in enumerate(images)]
+        formats = {part_fmt for _, part_fmt in parts}
+        if len(formats) > 1:
+            raise LoggedValueError(
+                f"Images of {key!r} mix PIL images (HWC) with arrays in {fmt}: convert them to one "
+                "layout, or pass dataformats matching all of them."
+            )
+        (one_fmt,) = formats
+        arrays = [array for array, _ in parts]
+        for i, array in enumerate(arrays):
+            if array.ndim != len(one_fmt):
+                raise LoggedValueError(
+                    f"Image {key}[{i}] has {array.ndim} dimensions, expected {len(one_fmt)} for "
+                    f"dataformats={one_fmt!r}."
+                )
+        shapes = {array.shape for array in arrays}
+        if len(shapes) > 1:
+            raise LoggedValueError(
+                f"Images of {key!r} have different shapes {sorted(shapes)}: resize them to one "
+                "shape to log them as one batch, or log them under separate keys."
+            )
+        return _as_nchw(key, np.stack(arrays), "N" + one_fmt)
+    array, one_fmt = _image_array(key, images, fmt)
+    if array.ndim == len(one_fmt):
+        return _as_nchw(key, array[None], "N" + one_fmt)
+    if array.ndim == len(one_fmt) + 1:
+        return _as_nchw(key, array, "N" + one_fmt)
+    raise LoggedValueError(
+        f"Image {key!r} has shape {tuple(array.shape)}, which fits neither one image nor a batch "
+        f"in dataformats={one_fmt!r}: pass dataformats ('CHW', 'HWC' or 'HW') that matches it."
+    )
+
+
+# ---------------------------------------------------------------------- statuses
+def status_key(status: Any) -> tuple[str, bool]:
+    """``(HParams status, known)`` for any status string; unknown ones map to ``"unknown"``."""
+    text = str(status)
+    key = text.lower()
+    if key in STATUSES:
+        return key, True
+    return "unknown", False
+
+
+# ---------------------------------------------------------------------- the run
+class Run:
+    """One TensorBoard run as both integrations see it: rules, options, features, lock.
+
+    The writer opens on first use, in the directory ``log_dir()`` returns then
+    (so an integration decides where the run lives, e.g. from properties a
+    subclass may override). :meth:`release` closes it (its thread and event file
+    end); a later call reopens the same run in a new event file, and the run's
+    HParams row and status are updated in place.
+
+    Args:
+        log_dir: Called once per opening, returns the run directory (path or URL).
+        writer_options: Options for :class:`~tbx_lightning.RunWriter`, checked with
+            :func:`check_writer_options` by the caller. ``purge_step`` applies to the
+            first opening only.
+        mask_secrets: Mask config keys that look like credentials.
+        strict_graph: Raise :class:`GraphExportError` when a graph cannot be
+            exported, instead of warning.
+        graph_options: Defaults for the graph exporter (``max_depth``, ...).
+        owner: The integration's name, for messages.
+        open_writer: Builds the writer from ``(log_dir, purge_step)``, for an
+            integration that keeps its own copy of the options; by default
+            ``RunWriter(log_dir, **writer_options)``.
+
+    Example:
+        >>> import tempfile
+        >>> run = Run(lambda: tempfile.mkdtemp(), owner="example")
+        >>> run.log({"loss": 1.0}, step=3)
+        3
+        >>> run.log_text({"note": "hello"})
+        3
+        >>> _ = run.release()
+    """
+
+    def __init__(
+        self,
+        log_dir: Callable[[], str],
+        *,
+        writer_options: Mapping[str, Any] | None = None,
+        mask_secrets: bool = True,
+        strict_graph: bool = False,
+        graph_options: Mapping[str, Any] | None = None,
+        owner: str = "run",
+        open_writer: Callable[[str, int | None], RunWriter] | None = None,
+    ) -> None:
+        self._log_dir = log_dir
+        self._open_writer = open_writer
+        self.writer_options = dict(writer_options or {})
+        self.mask_secrets = mask_secrets
+        self.strict_graph = strict_graph
+        self.graph_options = dict(graph_options or {})
+        self.owner = owner
+        self.lock = threading.RLock()
+        self._writer: RunWriter | None = None
+        self._hparams: RunHParams | None = None
+        self._step: int | None = None
+
+    # ------------------------------------------------------------------ writer
+    @property
+    def is_open(self) -> bool:
+        """True while a writer is open (between the first call and :meth:`release`)."""
+        return self._writer is not None
+
+    @property
+    def current_writer(self) -> RunWriter | None:
+        """The open writer, or None; never opens one."""
+        return self._writer
+
+    @property
+    def writer(self) -> RunWriter:
+        """The run's :class:`~tbx_lightning.RunWriter`, opened on first use."""
+        writer = self._writer
+        if writer is not None:
+            return writer
+        with self.lock:
+            if self._writer is None:
+                options = dict(self.writer_options)
+                if self._open_writer is not None:
+                    self._writer = self._open_writer(self._log_dir(), options.get("purge_step"))
+                else:
+                    self._writer = RunWriter(self._log_dir(), **options)
+                self._hparams = RunHParams(self._writer, mask_secrets=self.mask_secrets)
+                # A purge hides what an earlier process wrote past it: once per resume only.
+                self.writer_options.pop("purge_step", None)
+            return self._writer
+
+    @property
+    def hparams(self) -> RunHParams:
+        """The run's :class:`~tbx_lightning.hparams.RunHParams` (opens the writer)."""
+        with self.lock:
+            _ = self.writer
+            assert self._hparams is not None  # created with the writer
+            return self._hparams
+
+    def release(self) -> RunWriter | None:
+        """Closes the writer (thread and event file); returns it. Logging later reopens the run."""
+        with self.lock:
+            writer, self._writer, self._hparams = self._writer, None, None
+        if writer is not None:
+            writer.close()
+        return writer
+
+    def reopen(self, *, purge_step: int | None = None) -> None:
+        """Closes the writer; the next call opens a new one, with ``purge_step`` if given."""
+        with self.lock:
+            self.release()
+            if purge_step is not None:
+                self.writer_options["purge_step"] = check_step(purge_step, name="purge_step")
+            self._step = None
+
+    def flush(self) -> None:
+        """Writes everything logged so far to storage (nothing happens when no writer is open)."""
+        writer = self._writer
+        if writer is not None:
+            writer.flush()
+
+    # ------------------------------------------------------------------ steps
+    @property
+    def last_step(self) -> int | None:
+        """The highest step logged so far, or None before anything was logged."""
+        return self._step
+
+    def step_for(self, step: Any, *, advance: bool) -> int:
+        """``step`` checked, or for None the next step (``advance``) or the latest one."""
+        if step is not None:
+            return check_step(step)
+        if self._step is None:
+            return 0
+        return self._step + 1 if advance else self._step
+
+    def seen(self, step: int) -> None:
+        """Records that something was logged at ``step``."""
+        self._step = step if self._step is None else max(self._step, step)
+
+    # ------------------------------------------------------------------ values
+    def log(self, values: Mapping[Any, Any], step: Any = None, *, prefix: str = "") -> int | None:
+        """Logs numbers as scalars and strings as text; returns the step used (None if empty).
+
+        Nothing of the call is written when one value is rejected.
+        """
+        scalars, texts = flatten_values(values, prefix=prefix)
+        if not scalars and not texts:
+            if step is not None:
+                check_step(step)
+            return None
+        with self.lock, _logged_errors():
+            writer = self.writer
+            at = self.step_for(step, advance=True)
+            if scalars:
+                writer.log_scalars(scalars, at)
+            for tag, text in texts.items():
+                writer.experiment.add_text(tag, text, global_step=at)
+            self.seen(at)
+        return at
+
+    def log_text(self, values: Mapping[Any, Any], step: Any = None) -> int | None:
+        """Logs strings (dicts of them as ``a/b`` tags) as text entries; returns the step used."""
+        scalars, texts = flatten_values(values)
+        if scalars:
+            tag = next(iter(scalars))
+            raise LoggedTypeError(
+                f"Text {tag!r} is a number, not a str: log numbers with `log`/`log_metrics`, or "
+                "convert the value with str()."
+            )
+        if not texts:
+            return None
+        with self.lock:
+            writer = self.writer
+            at = self.step_for(step, advance=False)
+            for tag, text in texts.items():
+                writer.experiment.add_text(tag, text, global_step=at)
+            self.seen(at)
+        return at
+
+    def log_images(
+        self, values: Mapping[str, Any], step: Any = None, *, dataformats: str = "CHW"
+    ) -> int | None:
+        """Logs images (one image, a batch or a list of images per key); returns the step used."""
+        if not isinstance(values, Mapping):
+            raise LoggedTypeError(
+                f"Images must be a dict of name -> image, got {type(values).__name__}."
+            )
+        batches = {key: image_batch(key, images, dataformats) for key, images in values.items()}
+        if not batches:
+            return None
+        with self.lock:
+            experiment = self.writer.experiment
+            at = self.step_for(step, advance=False)
+            for key, batch in batches.items():
+                experiment.add_images(key, batch, global_step=at, dataformats="NCHW")
+            self.seen(at)
+        return at
+
+    def log_histograms(self, values: Mapping[str, Any], step: Any = None) -> int | None:
+        """Logs a histogram per tensor or array, binned on its device; returns the step used."""
+        from tbx_lightning.monitor import log_histograms
+
+        with self.lock, _logged_errors():
+            at = self.step_for(step, advance=False)
+            log_histograms(self.writer, values, at)
+            if values:
+                self.seen(at)
+        return at if values else None
+
+    def log_embedding(
+        self,
+        tag: str,
+        mat: Any,
+        *,
+        metadata: Any = None,
+        metadata_header: Any = None,
+        label_img: Any = None,
+        step: Any = None,
+        max_points: int | None = None,
+        seed: int = 0,
+    ) -> EmbeddingRecord:
+        """Writes an embedding for TensorBoard's projector.
+
+        Without ``step``: the highest step logged so far, or, when nothing was
+        logged yet, the next free step of ``tag``.
+        """
+        from tbx_lightning.projector import log_embedding
+
+        with self.lock, _logged_errors():
+            at = None if step is None and self._step is None else self.step_for(step, advance=False)
+            record = log_embedding(
+                self.writer,
+                tag,
+                mat,
+                metadata=metadata,
+                metadata_header=metadata_header,
+                label_img=label_img,
+                step=at,
+                max_points=max_points,
+                seed=seed,
+            )
+            if at is not None:
+                self.seen(at)
+        return record
+
+    def log_graph(
+        self, model: torch.nn.Module, input_array: Any, step: Any = None, **options: Any
+    ) -> GraphExport | None:
+        """Exports and writes the model graph; returns the export, or None when it failed.
+
+        A model that cannot be exported (or an input the exporter cannot use) warns
+        ``Model graph not logged: ...`` and returns None; with ``strict_graph`` it
+        raises :class:`GraphExportError`.
+        """
+        from tbx_lightning.graph import write_graph
+
+        with self.lock:
+            at = self.step_for(step, advance=False)
+            experiment = self.writer.experiment
+        try:
+            result = write_graph(
+                experiment, model, input_array, step=at, **{**self.graph_options, **options}
+            )
+        except (GraphExportError, TypeError, ValueError) as error:
+            if isinstance(error, TypeError) and _is_option_error(error, options):
+                raise
+            self.graph_problem(str(error), model, error)
+            return None
+        with self.lock:
+            self.seen(at)
+        return result
+
+    def graph_problem(
+        self, message: str, model: Any, error: BaseException | None = None, *, prefix: str = ""
+    ) -> None:
+        """Warns (or raises :class:`GraphExportError` under ``strict_graph``) that no graph was written."""
+        if self.strict_graph:
+            if isinstance(error, GraphExportError):
+                raise error
+            raise GraphExportError(
+                type(model).__qualname__,
+                (("input", message.splitlines()[0] if message else type(error).__name__),),
+                message,
+            ) from error
+        text = f"{prefix}{message}" if prefix else f"Model graph not logged: {message}"
+        warnings.warn(text, UserWarning, stacklevel=4)
+
+    # ------------------------------------------------------------------ hparams, status
+    def log_hyperparams(
+        self, params: Any, metrics: Mapping[str, Any] | None = None, step: Any = None
+    ) -> dict[str, Any]:
+        """Adds ``params`` to the HParams row and ``config.yaml``; ``metrics`` as scalars."""
+        scalars: dict[str, Any] = {}
+        if metrics:
+            scalars, texts = flatten_values(metrics)
+            if texts:
+                raise LoggedTypeError(
+                    f"Metric {next(iter(texts))!r} is a str: hyperparameter metrics are numbers."
+                )
+        with self.lock:
+            hparams = self.hparams
+            at = self.step_for(step, advance=False)
+            flat = hparams.log(params, scalars or None, step=at)
+            if scalars:
+                self.seen(at)
+        return flat
+
+    def finish(self, status: Any) -> str:
+        """Records the run's status; returns the HParams status recorded.
+
+        Any string is accepted: ``success``/``finished``, ``failed``/``failure``,
+        ``aborted``, ``interrupted``, ``running`` and ``unknown`` map to TensorBoard's
+        statuses (case-insensitive); any other string is recorded as ``unknown``, and
+        the string itself as a text entry under ``run/status``.
+        """
+        key, known = status_key(status)
+        with self.lock:
+            hparams = self.hparams
+            if not known:
+                at = self.step_for(None, advance=False)
+                self.writer.experiment.add_text(STATUS_TEXT_TAG, str(status), global_step=at)
+            hparams.finish(key)
+        return key
+
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        if self._writer is not None:
+            # A spawned process reopens the run: what this one logged must be on disk.
+            self._writer.flush()
+        state = self.__dict__.copy()
+        state["_writer"] = None
+        state["_hparams"] = None
+        state["lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.RLock()
+
+
+@contextlib.contextmanager
+def _logged_errors() -> Iterator[None]:
+    """Bad input found by a feature module (histograms, projector) as the package's errors."""
+    try:
+        yield
+    except TBXError:
+        raise
+    except TypeError as error:
+        raise LoggedTypeError(str(error)) from error
+    except ValueError as error:
+        raise LoggedValueError(str(error)) from error
+
+
+def _is_option_error(error: TypeError, options: Mapping[str, Any]) -> bool:
+    """A TypeError about an exporter option the caller mistyped: not a graph problem."""
+    text = str(error)
+    return "unexpected keyword argument" in text and any(name in text for name in options)
