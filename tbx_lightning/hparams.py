@@ -16,11 +16,10 @@ import dataclasses
 import enum
 import math
 import os
-import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -38,6 +37,7 @@ from tensorboardX.proto.plugin_hparams_pb2 import (
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 
 from tbx_lightning import _fs
+from tbx_lightning._secrets import MASK, Masker, is_secret_key, mask_secrets_in
 from tbx_lightning.errors import HParamsError
 
 if TYPE_CHECKING:
@@ -45,17 +45,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MASK",
+    "MAX_DEPTH",
     "STATUSES",
     "HParamValue",
     "HParamsError",
     "RunHParams",
     "flatten",
     "is_secret_key",
+    "mask_secrets_in",
     "to_container",
 ]
 
 HParamValue = bool | int | float | str
-MASK = "********"
 SESSION_START_TAG = "_hparams_/session_start_info"
 SESSION_END_TAG = "_hparams_/session_end_info"
 
@@ -72,40 +73,12 @@ STATUSES: dict[str, int] = {
     "unknown": Status.Value("STATUS_UNKNOWN"),
 }
 
-_SECRET_WORDS = {"password", "passwd", "secret", "token", "apikey", "credential", "credentials"}
-_SECRET_PAIRS = {
-    ("api", "key"),
-    ("access", "key"),
-    ("secret", "key"),
-    ("private", "key"),
-    ("auth", "key"),
-}
-_SPLIT = re.compile(r"[_\-\s]+|(?<=[a-z])(?=[A-Z])")
 _MAX_EXACT_INT = 2**53
 
-
-
-
-def is_secret_key(key: str) -> bool:
-    """True when the last part of a dot path names a credential.
-
-    The name must *end* in the word: ``db.password``, ``hf_token``, ``client_secret``,
-    ``aws.secret_access_key`` and ``apiKey`` are secrets; ``pad_token_id``,
-    ``token_dropout``, ``max_tokens`` and ``tokenizer`` are not.
-    """
-    last = key.rsplit(".", 1)[-1]
-    words = [w.lower() for w in _SPLIT.split(last) if w]
-    if not words:
-        return False
-    if words[-1] in _SECRET_WORDS:
-        return True
-    return len(words) >= 2 and (words[-2], words[-1]) in _SECRET_PAIRS
-
-
-def _maskable(value: Any) -> bool:
-    # Numbers and flags are never credentials (``num_token = 3``); text and nested
-    # credential blocks are.
-    return value is not None and not isinstance(value, bool | int | float)
+# Lightning writes hparams.yaml through OmegaConf, which takes about a dozen stack frames
+# per level: 64 levels already overflow Python's stack when the logger is called from a
+# deep stack (a Trainer's hooks). 32 leaves ample room; real configs nest a few levels.
+MAX_DEPTH = 32
 
 
 def _omegaconf_error(error: OmegaConfBaseException) -> HParamsError:
@@ -129,40 +102,167 @@ def _resolve_omegaconf(cfg: DictConfig | ListConfig) -> Any:
         raise _omegaconf_error(error) from error
     except RecursionError as error:
         raise HParamsError(
-            "Config has a cyclic interpolation (a key refers to itself through others): "
-            "break the cycle before logging hyperparameters."
+            "Config has a cyclic interpolation (a key refers to itself through others) or "
+            f"nests far deeper than {MAX_DEPTH} levels: break the cycle, or flatten the "
+            "config, before logging hyperparameters."
         ) from error
 
 
-def _to_plain(value: Any, path: str) -> Any:
-    """Nested dicts/lists of leaves from any supported config shape."""
-    if isinstance(value, DictConfig | ListConfig):
-        return _to_plain(_resolve_omegaconf(value), path)
-    if isinstance(value, argparse.Namespace):
-        value = vars(value)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-    if isinstance(value, Mapping):
+def _shown(path: str) -> str:
+    """A key path for a message: quoted, shortened in the middle when very long."""
+    if not path:
+        return "the config's root"
+    if len(path) > 240:
+        path = f"{path[:120]}...{path[-100:]}"
+    return f"'{path}'"
+
+
+def _escaped(text: str) -> str:
+    """``text`` as valid UTF-8: lone surrogates become ``\\udcXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _key_repr(key: Any) -> str:
+    if isinstance(key, enum.Enum):
+        return f"{type(key).__name__}.{key.name}"
+    try:
+        return repr(key)
+    except Exception:
+        return f"<{type(key).__name__}>"
+
+
+class _Plain:
+    """One conversion of a config to plain dicts, lists and leaves, with its checks.
+
+    Everything that could fail later (while writing the HParams records, config.yaml or
+    Lightning's hparams.yaml) is found here, before anything is stored: keys that
+    collide, containers that contain themselves or nest deeper than ``MAX_DEPTH``,
+    leaves whose text cannot be made. Text that UTF-8 cannot hold (lone surrogates) is
+    escaped and its key remembered in ``escaped``.
+    """
+
+    def __init__(self) -> None:
+        self.escaped: list[str] = []
+        self._active: dict[int, str] = {}
+
+    def convert(self, value: Any, path: str, depth: int) -> Any:
+        if isinstance(value, DictConfig | ListConfig):
+            return self.convert(_resolve_omegaconf(value), path, depth)
+        original = value
+        if isinstance(value, argparse.Namespace):
+            value = vars(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        if isinstance(value, Mapping | list | tuple):
+            return self._container(original, value, path, depth + 1)
+        return self._leaf(value, path)
+
+    def _container(self, original: Any, value: Any, path: str, depth: int) -> Any:
+        if id(original) in self._active:
+            raise HParamsError(
+                f"Config key {_shown(path)} holds {_shown(self._active[id(original)])} itself "
+                "(a self-referential dict or list): replace the reference with a copy or a "
+                "name before logging hyperparameters."
+            )
+        if depth > MAX_DEPTH:
+            raise HParamsError(
+                f"Config key {_shown(path)} is nested {depth} levels deep; hyperparameters may "
+                f"nest at most {MAX_DEPTH} levels: flatten that part of the config (or log it "
+                "as a string) before logging hyperparameters."
+            )
+        self._active[id(original)] = path
+        try:
+            if isinstance(value, Mapping):
+                return self._mapping(value, path, depth)
+            return [
+                self.convert(item, f"{path}.{i}" if path else str(i), depth)
+                for i, item in enumerate(value)
+            ]
+        finally:
+            del self._active[id(original)]
+
+    def _mapping(self, value: Mapping[Any, Any], path: str, depth: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
+        origin: dict[str, Any] = {}
         for key, item in value.items():
-            name = str(key.name if isinstance(key, enum.Enum) else key)
-            out[name] = _to_plain(item, f"{path}.{name}" if path else name)
+            name = self._name(key, path)
+            child = f"{path}.{name}" if path else name
+            if name in out:
+                where = f" under {_shown(path)}" if path else ""
+                raise HParamsError(
+                    f"Config keys {_key_repr(origin[name])} and {_key_repr(key)}{where} both "
+                    f"become the column '{child}': rename one of them (keys are compared as "
+                    "text, an Enum member by its name)."
+                )
+            origin[name] = key
+            out[name] = self.convert(item, child, depth)
         return out
-    if isinstance(value, list | tuple):
-        return [_to_plain(item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)]
-    return value
+
+    def _name(self, key: Any, path: str) -> str:
+        if isinstance(key, enum.Enum):
+            key = key.name
+        try:
+            name = str(key)
+        except Exception as error:
+            raise HParamsError(
+                f"A config key under {_shown(path)} (of type {type(key).__name__}) cannot be "
+                f"turned into text: {type(error).__name__}: {error}. Use str keys."
+            ) from error
+        if not _encodable(name):
+            name = _escaped(name)
+            self.escaped.append(f"{path}.{name}" if path else name)
+        return name
+
+    def _leaf(self, value: Any, path: str) -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            if _encodable(value):
+                return value
+            self.escaped.append(path)
+            return _escaped(value)
+        try:
+            text = _leaf(value)
+        except Exception as error:
+            raise HParamsError(
+                f"Config key {_shown(path)} holds a {type(value).__name__} that cannot be turned "
+                f"into text: {type(error).__name__}: {error}. Log a str, number or bool there "
+                "instead."
+            ) from error
+        if isinstance(text, str) and not _encodable(text):
+            # The object's own text (a path from a non-UTF-8 file name, ...) cannot be
+            # stored: keep its escaped text instead of the object.
+            self.escaped.append(path)
+            return _escaped(text)
+        return value
 
 
-def _mask(value: Any, path: str) -> Any:
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            child = f"{path}.{key}" if path else key
-            out[key] = MASK if is_secret_key(child) and _maskable(item) else _mask(item, child)
-        return out
-    if isinstance(value, list):
-        return [_mask(item, f"{path}.{i}") for i, item in enumerate(value)]
-    return value
+def _convert(
+    params: Any, *, mask_secrets: bool, known: Iterable[str] = ()
+) -> tuple[dict[str, Any], list[str], set[str]]:
+    """``to_container`` plus the keys whose text was escaped and the secret texts found."""
+    if params is None:
+        return {}, [], set(known)
+    converter = _Plain()
+    plain = converter.convert(params, "", 0)
+    if not isinstance(plain, dict):
+        raise HParamsError(
+            f"Hyperparameters must be a mapping, config, Namespace or dataclass, got "
+            f"{type(params).__name__}: wrap the value in a dict, e.g. {{'value': ...}}."
+        )
+    if not mask_secrets:
+        return plain, converter.escaped, set(known)
+    masker = Masker(known)
+    masker.collect(plain, "")
+    return masker.container(plain, ""), converter.escaped, masker.secrets
 
 
 def to_container(params: Any, *, mask_secrets: bool = True) -> dict[str, Any]:
@@ -170,22 +270,24 @@ def to_container(params: Any, *, mask_secrets: bool = True) -> dict[str, Any]:
 
     Accepts an OmegaConf DictConfig, a mapping (Lightning's ``AttributeDict``
     included), an ``argparse.Namespace`` or a dataclass instance; nested values may
-    be any of these. Keys that look like credentials are masked unless
-    ``mask_secrets=False``.
+    be any of these. Unless ``mask_secrets=False``, credentials are masked: the values
+    of keys that look like credentials, the password part of URLs, and the text of
+    those values wherever else it appears (see docs/robustness.md). Text that UTF-8
+    cannot hold (lone surrogates, as ``os.fsdecode`` makes from non-UTF-8 file names)
+    is escaped: ``'caf\\udce9'``. What is returned is safe for any YAML writer: no
+    cycles, at most ``MAX_DEPTH`` levels, valid UTF-8.
 
     Raises:
         HParamsError: a missing mandatory value (``???``), a broken or cyclic
-            interpolation; the message names the key path.
+            interpolation, two keys that become one column (``1`` and ``"1"``), a
+            self-referential container, nesting deeper than ``MAX_DEPTH``, a value
+            whose text cannot be made; the message names the key path.
+
+    Example:
+        >>> to_container({"db": {"password": "pw", "url": "s3://KEY:SECRET@bucket"}})
+        {'db': {'password': '********', 'url': 's3://KEY:********@bucket'}}
     """
-    if params is None:
-        return {}
-    plain = _to_plain(params, "")
-    if not isinstance(plain, dict):
-        raise HParamsError(
-            f"Hyperparameters must be a mapping, config, Namespace or dataclass, got "
-            f"{type(params).__name__}: wrap the value in a dict, e.g. {{'value': ...}}."
-        )
-    return _mask(plain, "") if mask_secrets else plain
+    return _convert(params, mask_secrets=mask_secrets)[0]
 
 
 def _leaf(value: Any) -> HParamValue | None:
@@ -356,6 +458,8 @@ class RunHParams:
         self._end: RecordHandle | None = None
         self._lock = threading.Lock()
         self._warned_full = False
+        self._secrets: set[str] = set()
+        self._warned_escaped: set[str] = set()
 
     def log(
         self,
@@ -367,12 +471,25 @@ class RunHParams:
         """Adds ``params`` to the run's hyperparameters (later calls update keys) and logs ``metrics``.
 
         Writes ``config.yaml`` (the resolved config) and the HParams records; the
-        first call marks the run as running.
+        first call marks the run as running. A config that cannot be stored raises
+        before anything is written, and the run takes the next valid call. Text that
+        UTF-8 cannot hold is stored escaped, with one warning per key and run.
+
+        Raises:
+            HParamsError: see :func:`to_container`; the message names the key path.
         """
-        container = to_container(params, mask_secrets=self.mask_secrets)
         with self._lock:
+            container, escaped, secrets = _convert(
+                params, mask_secrets=self.mask_secrets, known=self._secrets
+            )
             merged = _deep_merge(self.config, container)
+            if self.mask_secrets and secrets != self._secrets:
+                # A secret of this call may have been copied into a key of an earlier one.
+                masker = Masker(secrets)
+                merged = masker.container(merged, "")
             flat = flatten(merged, mask_secrets=False)
+            self._secrets = secrets
+            self._warn_escaped(escaped)
             self.config = merged
             self.write_config_file("config.yaml", config_yaml(merged))
             if self._start is None:
@@ -399,6 +516,22 @@ class RunHParams:
         if metrics:
             self.run.log_scalars(metrics, step)
         return dict(flat)
+
+    def _warn_escaped(self, keys: list[str]) -> None:
+        new = [key for key in dict.fromkeys(keys) if key not in self._warned_escaped]
+        if not new:
+            return
+        self._warned_escaped.update(new)
+        shown = ", ".join(f"'{key}'" for key in new[:10])
+        more = f" and {len(new) - 10} more" if len(new) > 10 else ""
+        warnings.warn(
+            f"Config key{'s' if len(new) > 1 else ''} {shown}{more} of {self.run.log_dir!r} "
+            f"{'hold' if len(new) > 1 else 'holds'} text that cannot be written as UTF-8 (a lone surrogate, as os.fsdecode, "
+            "sys.argv or os.environ make from bytes that are not UTF-8): stored escaped, e.g. "
+            "'caf\\udce9'. Decode such names with their real encoding to store them as they "
+            "are.",
+            stacklevel=3,
+        )
 
     def _patch_start(self, flat: dict[str, HParamValue]) -> None:
         assert self._start is not None and self.start_time is not None  # set together above
