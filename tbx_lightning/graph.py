@@ -13,10 +13,14 @@ module captures a PyTorch model with the first method that works, in order
    control flow (one branch only),
 
 and turns the captured graph into a ``GraphDef`` whose scopes follow the module
-hierarchy (``1/layers.0/self_attn/linear``), so the dashboard collapses and
-expands by module. The model is left exactly as it was: modes, parameters,
-gradients, buffers and random number generator states are restored, and no
-autograd graph is built.
+hierarchy, one level per module, containers included
+(``1/layers/0/self_attn/linear``), so the dashboard collapses and expands by
+module. Each method runs on the model as :mod:`tbx_lightning._graph_prepare`
+presents it: wrappers (``torch.compile``, peft, data parallel) skipped, one
+parameter per tensor input, outputs reduced to their tensors (caches and other
+values a graph cannot hold are left out and named in the notes). The model is
+left exactly as it was: modes, parameters, gradients, buffers and random number
+generator states are restored, and no autograd graph is built.
 """
 
 from __future__ import annotations
@@ -46,6 +50,13 @@ from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
 from tensorboardX.proto.types_pb2 import DataType
 from tensorboardX.proto.versions_pb2 import VersionDef
 
+from tbx_lightning._graph_prepare import (
+    CACHE_HINT,
+    capture_root,
+    mentions_cache,
+    one_line,
+    prepare,
+)
 from tbx_lightning.errors import GraphExportError
 
 if TYPE_CHECKING:
@@ -53,6 +64,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "METHODS",
+    "TEXT_TAG",
     "GraphExport",
     "GraphExportError",
     "export_graph",
@@ -67,12 +79,9 @@ TEXT_TAG = "graph/export"
 """Tag of the text summary that says which method produced the run graph."""
 
 _MAX_ATTR_CHARS = 240
-_MAX_ERROR_CHARS = 300
 
 Shape = tuple[int | None, ...] | None
 """Output shape: one entry per dimension (``None`` for symbolic), or ``None`` if unknown."""
-
-
 
 
 @dataclass(frozen=True)
@@ -131,17 +140,21 @@ def export_graph(
     Args:
         model: The module to capture. It is left as it was (training/eval modes,
             parameters, gradients, buffers, random number generator states).
+            ``torch.compile``, peft and data-parallel wrappers are skipped: scopes
+            and ``max_depth`` count from the model inside.
         example_input: One call's inputs: a tensor; a tuple or list of positional
             arguments; a dict of keyword arguments; or an ``(args, kwargs)`` pair
             (a 2-tuple of a tuple/list and a dict). ``None`` uses
             ``model.example_input_array`` (Lightning's convention). Tensors on
             another device than the model's (single) device are moved to it.
         methods: Capture methods to try, in order; a subset of :data:`METHODS`.
-        max_depth: Keep at most this many module scope levels; each deeper module
+        max_depth: Keep at most this many module scope levels (a container such
+            as ``layers`` is a level, ``layers/0`` the next); each deeper module
             becomes a single node (op type = module class). ``None`` keeps all.
-        collapse_repeated: Show each module whose graph repeats an earlier module's
-            (same class, same ops and shapes, e.g. ``layers.1`` ... ``layers.23``)
-            as a single node, keeping the first one expanded.
+        collapse_repeated: Show each module whose graph repeats an earlier sibling's
+            (same container or name family, same class, ops and shapes, e.g.
+            ``layers/1`` ... ``layers/23``) as a single node, keeping the first
+            one expanded.
 
     Returns:
         The graph, the method that produced it and the methods that failed before.
@@ -163,6 +176,7 @@ def export_graph(
         raise ValueError(f"`max_depth` must be None or an int >= 0, got {max_depth!r}")
     args, kwargs = _normalize_input(model, example_input)
     args, kwargs = _to_model_device(model, args, kwargs)
+    prepared = prepare(model, args, kwargs)
 
     attempts: list[tuple[str, str]] = []
     captured: _Captured | None = None
@@ -179,17 +193,22 @@ def export_graph(
                 warnings.catch_warnings(record=True) as caught,
             ):
                 warnings.simplefilter("always")
-                captured = _BUILDERS[method](model, args, kwargs)
+                captured = _BUILDERS[method](prepared.module, prepared.values, {})
         except Exception as err:  # every failure is reported, none dropped
             attempts.append((method, _one_line(err)))
             continue
         captured.notes.extend(_notes_from_warnings(method, caught))
         break
     if captured is None:
-        raise GraphExportError(_qualname(type(model)), tuple(attempts), _HINT)
+        hint = _HINT
+        if mentions_cache([error for _, error in attempts]):
+            hint = CACHE_HINT + hint
+        raise GraphExportError(_qualname(type(model)), tuple(attempts), hint)
+    output_note = prepared.output_note()
+    captured.notes[:0] = [*prepared.notes, *([output_note] if output_note else [])]
 
     nodes = captured.nodes
-    scope_types = _scope_types(model)
+    scope_types = _scope_types(prepared.root)
     if collapse_repeated:
         nodes = _collapse_repeated(nodes, scope_types)
     if max_depth is not None:
@@ -463,10 +482,7 @@ def _quiet_torch_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _one_line(err: BaseException) -> str:
-    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    line = f"{type(err).__name__}: {text}" if text else type(err).__name__
-    return line if len(line) <= _MAX_ERROR_CHARS else line[: _MAX_ERROR_CHARS - 3] + "..."
+_one_line = one_line
 
 
 def _notes_from_warnings(method: str, caught: list[warnings.WarningMessage]) -> list[str]:
@@ -526,20 +542,18 @@ def _module_path(path: str) -> str:
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     path = re.sub(r"\['([^']*)'\]", r".\1", path)
     path = re.sub(r"@\d+", "", path)
+    # A compiled submodule's own path adds a level the user never wrote.
+    path = re.sub(r"(?:^|\.)_orig_mod(?=\.|$)", "", path)
     return path.strip(".")
 
 
 def _scope(path: str) -> tuple[str, ...]:
-    """``1.layers.0.self_attn`` -> ``("1", "layers.0", "self_attn")``."""
-    segments: list[str] = []
-    for part in _module_path(path).split("."):
-        if not part:
-            continue
-        if part.isdigit() and segments:
-            segments[-1] = f"{segments[-1]}.{part}"
-        else:
-            segments.append(part)
-    return tuple(segments)
+    """``1.layers.0.self_attn`` -> ``("1", "layers", "0", "self_attn")``.
+
+    One segment per module level, containers included, so the dashboard groups the
+    items of a ``Sequential``/``ModuleList`` under it (``backbone/0``, ``backbone/1``).
+    """
+    return tuple(part for part in _module_path(path).split(".") if part)
 
 
 def _scope_types(model: torch.nn.Module) -> dict[tuple[str, ...], str]:
@@ -1048,11 +1062,16 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         trace_kwargs: dict[str, Any] | None = dict(bound.arguments)
     else:
         trace_args, trace_kwargs = args, None
+    root = capture_root(model)
     # The trace runs the model for real: keep a copy of parameters in case forward writes them.
     saved = [(p, p.detach().clone()) for p in model.parameters()]
     # LightningModule's `trainer` property raises when no Trainer is attached, unless this
     # flag (set by Lightning's own to_torchscript) says a TorchScript conversion is running.
-    flagged = [m for m in model.modules() if getattr(m, "_jit_is_scripting", None) is False]
+    flagged = [
+        m
+        for m in {id(m): m for m in (*model.modules(), *root.modules())}.values()
+        if getattr(m, "_jit_is_scripting", None) is False
+    ]
     for module in flagged:
         setattr(module, "_jit_is_scripting", True)  # noqa: B010
     try:
@@ -1076,6 +1095,7 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
 
     in_group, out_group = _io_groups(model)
     first, aliases = _param_nodes(model)
+    module_types = {name: type(m).__name__ for name, m in model.named_modules() if name}
     named = dict(model.named_parameters(remove_duplicate=False))
     named_buffers = dict(model.named_buffers(remove_duplicate=False))
     nodes: list[_Node] = []
@@ -1106,9 +1126,27 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         nodes.append(node)
         ref[value.unique()] = (node.key, 0)
 
+    # Tuples, lists and dicts built only to be returned are the output's structure,
+    # drawn as the output nodes' names, not ops.
+    packers: set[Any] = set()
+    pending = list(graph.return_node().inputs())
+    while pending:
+        producer = pending.pop().node()
+        if producer.kind() in (
+            "prim::TupleConstruct",
+            "prim::ListConstruct",
+            "prim::DictConstruct",
+        ):
+            users = [use.user for use in producer.output().uses()]
+            if all(u.kind() == "prim::Return" or u in packers for u in users):
+                packers.add(producer)
+                pending.extend(producer.inputs())
+
     for jit_node in graph.nodes():
         kind = jit_node.kind()
         outputs = list(jit_node.outputs())
+        if jit_node in packers:
+            continue
         if kind == "prim::Constant":
             if outputs:
                 with contextlib.suppress(Exception):
@@ -1143,6 +1181,9 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
             dtypes += d
         key = f"jit:{outputs[0].unique() if outputs else id(jit_node)}"
         leaf = kind.split("::")[-1]
+        attrs = {"constants": ", ".join(consts)[:_MAX_ATTR_CHARS]} if consts else {}
+        if path in module_types:
+            attrs["module"] = f"{path} ({module_types[path]})"
         node = _Node(
             key=key,
             scope=_scope(path),
@@ -1151,7 +1192,7 @@ def _build_jit(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
             inputs=_dedup(inputs),
             shapes=shapes,
             dtypes=dtypes,
-            attrs={"constants": ", ".join(consts)[:_MAX_ATTR_CHARS]} if consts else {},
+            attrs=attrs,
         )
         nodes.append(node)
         for index, out in enumerate(outputs):
@@ -1322,7 +1363,11 @@ def _collapse_repeated(
         group = members[scope]
         if sum(node.kind == _OP for node in group) < 2:
             continue
-        signature = _signature(scope, group, scope_types)
+        # Only siblings of one family repeat each other (``layers/0``, ``layers/1``;
+        # ``experts/0``, ``experts/3``; ``block1``, ``block2``): an equal-looking module
+        # elsewhere (a layer's norm and the final norm) is a different part of the model.
+        family = (scope[:-1], re.sub(r"\d+$", "", scope[-1]))
+        signature = (family, _signature(scope, group, scope_types))
         first = seen.setdefault(signature, scope)
         if first != scope and not _inside(scope, first):
             blocks[scope] = {"same_as": "/".join(first)}
@@ -1393,8 +1438,8 @@ def _assign_names(nodes: Sequence[_Node]) -> dict[str, str]:
     """Full ``scope/leaf`` names, unique and never equal to a scope of another node.
 
     Op names are numbered per scope (``linear``, ``linear_1``), not per graph, so the
-    same op has the same name in every layer: ``layers.0/self_attn/linear`` and
-    ``layers.7/self_attn/linear``.
+    same op has the same name in every layer: ``layers/0/self_attn/linear`` and
+    ``layers/7/self_attn/linear``.
     """
     scopes: set[str] = set()
     for node in nodes:

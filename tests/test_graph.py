@@ -211,7 +211,7 @@ ZOO = [
             _small_encoder,
             lambda: torch.randn(2, 6, 16),
             "torch.export",
-            ("layers.0/self_attn/", "layers.1/linear2/"),
+            ("layers/0/self_attn/", "layers/1/linear2/"),
             ("aten::scaled_dot_product_attention", "aten::layer_norm"),
             ("output/output",),
         ),
@@ -222,7 +222,7 @@ ZOO = [
             Decoder,
             lambda: (torch.randn(2, 5, 16), torch.randn(2, 7, 16)),
             "torch.export",
-            ("decoder/layers.0/self_attn/", "decoder/layers.1/multihead_attn/", "head/"),
+            ("decoder/layers/0/self_attn/", "decoder/layers/1/multihead_attn/", "head/"),
             ("aten::scaled_dot_product_attention", "aten::linear"),
             ("output/output",),
         ),
@@ -284,7 +284,7 @@ ZOO = [
             Frozen,
             lambda: torch.randn(4, 6),
             "torch.export",
-            ("backbone.0/", "backbone.1/", "head/"),
+            ("backbone/0/", "backbone/1/", "head/"),
             ("aten::linear", "aten::batch_norm"),
             ("output/output",),
         ),
@@ -295,7 +295,7 @@ ZOO = [
             lightning_module,
             lambda: None,
             "torch.export",
-            ("net.0/", "net.2/"),
+            ("net/0/", "net/2/"),
             ("aten::linear", "aten::gelu"),
             ("output/output",),
         ),
@@ -306,7 +306,7 @@ ZOO = [
             lambda: stock_model(layers=2, width=32),
             lambda: torch.randint(0, 1000, (2, 16)),
             "torch.export",
-            ("0/", "1/layers.0/self_attn/", "1/layers.1/norm2/", "2/"),
+            ("0/", "1/layers/0/self_attn/", "1/layers/1/norm2/", "2/"),
             ("aten::embedding", "aten::scaled_dot_product_attention", "aten::linear"),
             ("output/output",),
             train=False,
@@ -446,8 +446,8 @@ def test_stock_model_train_mode_names_shapes_and_dtypes() -> None:
     assert shapes(nodes["input/input"]) == [[2, 16]]
     assert nodes["input/input"].attr["dtype"].type == 9  # DT_INT64
     assert embedding.attr["dtype"].type == 1  # DT_FLOAT
-    assert shapes(nodes["1/layers.0/self_attn/in_proj_weight"]) == [[96, 32]]
-    attention = [n for n in nodes if n.startswith("1/layers.1/self_attn/scaled_dot_product")]
+    assert shapes(nodes["1/layers/0/self_attn/in_proj_weight"]) == [[96, 32]]
+    attention = [n for n in nodes if n.startswith("1/layers/1/self_attn/scaled_dot_product")]
     assert len(attention) == 1
     assert shapes(nodes[attention[0]]) == [[2, 4, 16, 8]]
     assert nodes[attention[0]].attr["module"].s == b"1.layers.1.self_attn (MultiheadAttention)"
@@ -470,9 +470,9 @@ def test_tied_weights_are_one_node() -> None:
 
 def test_frozen_parameters_say_so() -> None:
     nodes = check_graph(to_graph_def(Frozen(), torch.randn(4, 6)))
-    assert nodes["backbone.0/weight"].attr["requires_grad"].s == b"False"
+    assert nodes["backbone/0/weight"].attr["requires_grad"].s == b"False"
     assert nodes["head/weight"].attr["requires_grad"].s == b"True"
-    assert nodes["backbone.1/running_mean"].op == "Buffer"
+    assert nodes["backbone/1/running_mean"].op == "Buffer"
 
 
 def test_data_dependent_control_flow_falls_back_and_says_why(tmp_path: Path) -> None:
@@ -627,8 +627,9 @@ def encoder_graphs() -> Iterator[dict[str, GraphExport]]:
     yield {
         "full": export_graph(model, x),
         "repeated": export_graph(model, x, collapse_repeated=True),
-        "depth1": export_graph(model, x, max_depth=1),
-        "both": export_graph(model, x, collapse_repeated=True, max_depth=2),
+        # One scope level per module, containers included: 1/layers/0 is depth 3.
+        "depth2": export_graph(model, x, max_depth=2),
+        "both": export_graph(model, x, collapse_repeated=True, max_depth=3),
     }
 
 
@@ -637,31 +638,31 @@ def test_collapse_repeated_keeps_first_block(encoder_graphs: dict[str, GraphExpo
     nodes = check_graph(small.graph_def)
     assert small.num_nodes < full.num_nodes / 2
     assert small.graph_def.ByteSize() < full.graph_def.ByteSize() / 2
-    assert any(n.startswith("1/layers.0/self_attn/") for n in nodes), "first block expanded"
+    assert any(n.startswith("1/layers/0/self_attn/") for n in nodes), "first block expanded"
     for i in (1, 2, 3):
-        block = nodes[f"1/layers.{i}"]
+        block = nodes[f"1/layers/{i}"]
         assert block.op == "TransformerEncoderLayer"
-        assert block.attr["same_as"].s == b"1/layers.0"
+        assert block.attr["same_as"].s == b"1/layers/0"
         assert shapes(block) == [[2, 8, 32]]
-        assert not any(n.startswith(f"1/layers.{i}/") for n in nodes)
-    assert list(nodes["1/layers.2"].input) == ["1/layers.1"]
+        assert not any(n.startswith(f"1/layers/{i}/") for n in nodes)
+    assert list(nodes["1/layers/2"].input) == ["1/layers/1"]
     assert shapes(nodes["output/output"]) == [[2, 8, 1000]]
 
 
 def test_max_depth_limits_scopes(encoder_graphs: dict[str, GraphExport]) -> None:
-    nodes = check_graph(encoder_graphs["depth1"].graph_def)
-    assert max(name.count("/") for name in nodes) == 1
-    layer = nodes["1/layers.0"]
+    nodes = check_graph(encoder_graphs["depth2"].graph_def)
+    assert max(name.count("/") for name in nodes) == 2
+    layer = nodes["1/layers/0"]
     assert layer.op == "TransformerEncoderLayer"
     assert layer.attr["collapsed"].s == b"true"
     assert int(layer.attr["collapsed_ops"].s) > 10
     assert int(layer.attr["parameters"].s) == sum(
         p.numel() for p in nn.TransformerEncoderLayer(32, 4, 64).parameters()
     )
-    assert list(nodes["1/layers.1"].input) == ["1/layers.0"]
+    assert list(nodes["1/layers/1"].input) == ["1/layers/0"]
     both = check_graph(encoder_graphs["both"].graph_def)
-    assert max(name.count("/") for name in both) == 2
-    assert both["1/layers.3"].attr["same_as"].s == b"1/layers.0"
+    assert max(name.count("/") for name in both) == 3
+    assert both["1/layers/3"].attr["same_as"].s == b"1/layers/0"
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -696,10 +697,10 @@ def test_tensorboard_graphs_plugin_serves_the_run_graph(
     nodes = served("stock")
     assert nodes["0/embedding"].op == "aten::embedding"
     assert shapes(nodes["0/embedding"]) == [[2, 16, 32]]
-    self_attn = [n for n in nodes.values() if n.name.startswith("1/layers.0/self_attn/")]
+    self_attn = [n for n in nodes.values() if n.name.startswith("1/layers/0/self_attn/")]
     assert {"aten::linear", "aten::scaled_dot_product_attention"} <= {n.op for n in self_attn}
-    assert shapes(nodes["1/layers.1/norm2/weight"]) == [[32]]
-    assert nodes["1/layers.1/norm2/weight"].op == "Parameter"
+    assert shapes(nodes["1/layers/1/norm2/weight"]) == [[32]]
+    assert nodes["1/layers/1/norm2/weight"].op == "Parameter"
     assert shapes(nodes["output/output"]) == [[2, 16, 1000]]
     assert nodes["input/input"].op == "Input"
 
@@ -770,3 +771,171 @@ def test_lightning_module_with_data_dependent_flow_falls_back_to_jit() -> None:
     assert result.method == "torch.jit.trace"
     assert any(n.name.startswith("inner/up/") for n in result.graph_def.node)
     assert model._jit_is_scripting is False
+
+
+# ----------------------------------------------------------------------------- wrappers, kwargs, outputs
+
+
+class KwargsOnly(nn.Module):
+    """``forward(**kwargs)``, as LightningModules that wrap a Hugging Face model are written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = KwargsDict()
+
+    def forward(self, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_kwargs_only_forward_with_every_method(method: str) -> None:
+    model = KwargsOnly()
+    example = {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": torch.ones(2, 6)}
+    before = Snapshot.of(model)
+    result = export_graph(model, example, methods=(method,))
+    before.assert_same(model)
+    assert result.method == method
+    nodes = check_graph(result.graph_def)
+    assert {"input/input_ids", "input/attention_mask"} <= set(nodes)
+    assert {"output/logits", "output/hidden"} <= set(nodes)
+    assert shapes(nodes["output/logits"]) == [[2, 6, 3]]
+    assert any(n.startswith("inner/embed/") for n in nodes)
+    assert any(n.startswith("inner/proj/") for n in nodes)
+
+
+class Meta:
+    """A non-tensor value a model returns next to its tensors."""
+
+
+class WithMeta(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        return {"logits": self.fc(x), "meta": Meta(), "extra": None, "steps": [x.sum(), 3]}
+
+
+@pytest.mark.parametrize("method", ["torch.export", "torch.jit.trace"])
+def test_non_tensor_outputs_are_dropped_and_named(method: str, tmp_path: Path) -> None:
+    with SummaryWriter(str(tmp_path)) as writer:
+        result = write_graph(writer, WithMeta(), torch.randn(3, 4), methods=(method,))
+    nodes = check_graph(result.graph_def)
+    assert sorted(n for n in nodes if n.startswith("output/")) == [
+        "output/logits",
+        "output/steps.0",
+    ]
+    assert shapes(nodes["output/logits"]) == [[3, 2]]
+    assert result.notes[0] == (
+        "meta (Meta), steps.1 (int) dropped from the outputs: a graph shows tensors only, "
+        "the other outputs are kept"
+    )
+    assert "meta (Meta), steps.1 (int) dropped" in text_of(read_run(tmp_path), TEXT_TAG)
+
+
+def test_output_without_tensors_is_a_clear_failure() -> None:
+    class NoTensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> Meta:
+            return Meta()
+
+    with pytest.raises(
+        GraphExportError, match=r"output holds no tensor to draw \(got output \(Meta\)\)"
+    ):
+        export_graph(NoTensor(), torch.randn(2))
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        pytest.param(lambda m: torch.compile(m), id="torch.compile"),
+        pytest.param(lambda m: nn.DataParallel(m), id="DataParallel"),
+        pytest.param(lambda m: torch.compile(nn.DataParallel(m)), id="compiled-DataParallel"),
+    ],
+)
+def test_wrappers_are_skipped(wrap: Callable[[nn.Module], nn.Module]) -> None:
+    model = _cnn()
+    result = export_graph(wrap(model), torch.randn(2, 3, 8, 8), max_depth=0)
+    assert "wrapper skipped" in result.notes[0]
+    nodes = {n.name: n for n in result.graph_def.node}
+    assert nodes["0"].op == "Conv2d" and nodes["6"].op == "Linear"
+    full = check_graph(export_graph(wrap(model), torch.randn(2, 3, 8, 8)).graph_def)
+    assert "0/conv2d" in full and not any("_orig_mod" in n or n.startswith("module/") for n in full)
+
+
+def test_compiled_submodule_keeps_the_parent_scope() -> None:
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.compile(nn.Sequential(nn.Linear(3, 4), nn.ReLU()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    nodes = check_graph(to_graph_def(Holder(), torch.randn(2, 3)))
+    assert nodes["net/0/linear"].op == "aten::linear"
+    assert nodes["net/0/weight"].op == "Parameter"
+    assert not any("_orig_mod" in name for name in nodes)
+
+
+class Loud(nn.Module):
+    """Fails with a message holding a tensor printout, as jit.trace's own errors do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        raise ValueError(f"cannot use value {torch.arange(200.0).reshape(20, 10)} here: {h.shape}")
+
+
+def test_error_texts_hold_no_tensor_printouts() -> None:
+    with pytest.raises(GraphExportError) as info:
+        export_graph(Loud(), torch.randn(2, 4))
+    message = str(info.value)
+    assert "tensor(" not in message and "190." not in message
+    for method, error in info.value.attempts:
+        assert "\n" not in error and len(error) <= 300, (method, error)
+    assert info.value.attempts[-1][1].startswith("ValueError: cannot use value <tensor> here")
+    assert "use_cache" not in message
+
+
+# ----------------------------------------------------------------------------- container scopes
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_quickstart_cnn_keeps_containers_and_layer_types(method: str) -> None:
+    from tbx_lightning.templates.digits import DigitsClassifier, DigitsCNN
+
+    model = DigitsClassifier(net=DigitsCNN(channels=4, embed_dim=8), optimizer=torch.optim.SGD)
+    result = export_graph(model, None, methods=(method,))
+    nodes = check_graph(result.graph_def)
+    modules = dict(model.named_modules())
+    ops = [n for n in result.graph_def.node if n.op not in ("Input", "Output")]
+    for node in ops:
+        assert node.name.rpartition("/")[0].replace("/", ".") in modules, node.name
+    layers = {n.name.split("/")[2] for n in ops if n.name.startswith("net/backbone/")}
+    assert layers == {str(i) for i in range(9)}
+    assert {n.name.split("/")[2] for n in ops if n.name.startswith("net/head/")} == {"0", "1"}
+    # Each op names its layer: the module path and class on the node.
+    conv = [n for n in ops if n.name.startswith("net/backbone/0/") and n.op not in ("Parameter",)]
+    assert conv and conv[0].attr["module"].s.decode() == "net.backbone.0 (Conv2d)"
+    linear = [n for n in ops if n.name.startswith("net/head/1/") and n.op != "Parameter"]
+    assert linear[0].attr["module"].s.decode() == "net.head.1 (Linear)"
+    if method == "torch.export":
+        assert nodes["net/backbone/0/conv2d"].op == "aten::conv2d"
+        assert nodes["net/backbone/7/linear"].op == "aten::linear"
+    # max_depth gives one node per layer, its op the layer class, as in the stock trace.
+    depth = export_graph(model, None, methods=(method,), max_depth=2).graph_def
+    layer_ops = {n.name: n.op for n in depth.node if n.name.startswith("net/")}
+    assert layer_ops == {
+        f"net/{name.replace('.', '/')}": type(module).__name__
+        for name, module in model.net.named_modules()
+        if name.count(".") == 1
+    }
+    assert layer_ops["net/backbone/0"] == "Conv2d" and layer_ops["net/head/1"] == "Linear"
+    shallow = export_graph(model, None, methods=(method,), max_depth=1).graph_def
+    assert {n.name: n.op for n in shallow.node if n.name.startswith("net/")} == {
+        "net/backbone": "Sequential",
+        "net/head": "Sequential",
+    }
