@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from tbx_lightning.errors import ConfigError, LoggedTypeError, LoggedValueError
+
 try:
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.callbacks import Callback
@@ -83,7 +85,7 @@ class EmbeddingProjector(Callback):
         tag: Name of the embedding in the projector.
 
     Raises:
-        ValueError: At construction, for an inconsistent choice of options.
+        ConfigError: At construction, for an inconsistent choice of options (a ``ValueError``).
         RuntimeError: At the start of ``fit``, when no logger of the trainer has
             ``log_embedding`` (use :class:`~tbx_lightning.TBXLogger`), or the
             submodule does not exist.
@@ -120,35 +122,35 @@ class EmbeddingProjector(Callback):
         tag: str = "embeddings",
     ) -> None:
         if (module_name is None) == (embed_fn is None):
-            raise ValueError(
+            raise ConfigError(
                 "EmbeddingProjector needs exactly one of `module_name` (a submodule whose "
                 "output is hooked; '' for the whole model) and `embed_fn` (a function of "
                 "(pl_module, batch))."
             )
         if embed_fn is not None and forward_fn is not None:
-            raise ValueError(
+            raise ConfigError(
                 "`forward_fn` is used with `module_name` only; `embed_fn` runs the model itself."
             )
         if pool not in _POOLS:
-            raise ValueError(f"`pool` must be one of {_POOLS}, got {pool!r}.")
+            raise ConfigError(f"`pool` must be one of {_POOLS}, got {pool!r}.")
         if label_key is not None and label_fn is not None:
-            raise ValueError("Pass `label_key` or `label_fn`, not both.")
+            raise ConfigError("Pass `label_key` or `label_fn`, not both.")
         if image_key is not None and image_fn is not None:
-            raise ValueError("Pass `image_key` or `image_fn`, not both.")
+            raise ConfigError("Pass `image_key` or `image_fn`, not both.")
         if isinstance(dataloader, str) and dataloader not in _LOADERS:
-            raise ValueError(
+            raise ConfigError(
                 f"`dataloader` must be one of {_LOADERS} or an iterable of batches, got {dataloader!r}."
             )
         if every_n_epochs < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"`every_n_epochs` must be >= 0 (0 turns it off), got {every_n_epochs}."
             )
         if max_batches is not None and max_batches < 1:
-            raise ValueError(f"`max_batches` must be >= 1 or None, got {max_batches}.")
+            raise ConfigError(f"`max_batches` must be >= 1 or None, got {max_batches}.")
         if max_points is not None and max_points < 1:
-            raise ValueError(f"`max_points` must be >= 1 or None, got {max_points}.")
+            raise ConfigError(f"`max_points` must be >= 1 or None, got {max_points}.")
         if not isinstance(tag, str) or not tag:
-            raise ValueError(f"`tag` must be a non-empty str, got {tag!r}.")
+            raise ConfigError(f"`tag` must be a non-empty str, got {tag!r}.")
         self.module_name = module_name
         self.embed_fn = embed_fn
         self.forward_fn = forward_fn
@@ -291,7 +293,7 @@ class EmbeddingProjector(Callback):
             source = f"submodule {self.module_name!r}"
         tensor = _first_tensor(output)
         if tensor is None:
-            raise TypeError(
+            raise LoggedTypeError(
                 f"The output of {source} holds no tensor (got {type(output).__name__}): "
                 "embeddings must be a (B, D) tensor."
             )
@@ -316,7 +318,7 @@ class EmbeddingProjector(Callback):
         elif not isinstance(value, list):
             value = list(value)
         if len(value) != rows:
-            raise ValueError(
+            raise LoggedValueError(
                 f"Batch {index} has {rows} embeddings but {len(value)} labels: `label_key` / "
                 "`label_fn` must give one label per sample."
             )
@@ -331,7 +333,7 @@ class EmbeddingProjector(Callback):
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
         if value.shape[0] != rows:
-            raise ValueError(
+            raise LoggedValueError(
                 f"Batch {index} has {rows} embeddings but {value.shape[0]} images: `image_key` / "
                 "`image_fn` must give one image per sample."
             )
@@ -381,7 +383,7 @@ class EmbeddingProjector(Callback):
             loaders = list(loaders.values())
         if isinstance(loaders, (list, tuple)):
             if not 0 <= self.dataloader_idx < len(loaders):
-                raise ValueError(
+                raise LoggedValueError(
                     f"`dataloader_idx` is {self.dataloader_idx} but the trainer has "
                     f"{len(loaders)} {source} dataloaders."
                 )
@@ -393,7 +395,7 @@ def _pick(batch: Any, key: str | int | None, what: str) -> Any:
     try:
         return batch[key]
     except (KeyError, IndexError, TypeError) as error:
-        raise ValueError(
+        raise LoggedValueError(
             f"`{what}`={key!r} does not select anything in a batch of type "
             f"{type(batch).__name__} ({error}); set `{what}` or pass a function instead."
         ) from None

@@ -6,14 +6,17 @@ image, with paths relative to the config. This module writes, for every
 ``(tag, step)``::
 
     <run>/projector_config.pbtxt
-    <run>/projector/<safe-tag>/<step:08d>/tensors.bin    raw little-endian float32, N x D
-                                          metadata.tsv   one row per point
-                                          sprite.png     thumbnails in a grid
+    <run>/projector/<safe-tag>/<step:08d>.<random>/tensors.bin    raw little-endian float32
+                                                   metadata.tsv   header, one row per point
+                                                   sprite.png     thumbnails in a grid
+                                                   sample.json    seed and rows of a sample
 
 and one config entry whose ``tensor_name`` is ``"<tag>:<step:08d>"``, so every
-step of a tag is a separate tensor in the projector's drop-down. Every file goes
-through :mod:`tbx_lightning._fs`, so remote log directories work as the event
-files do.
+step of a tag is a separate tensor in the projector's drop-down. Every write of
+an entry goes to a new folder and the config is switched to it in one atomic
+replace, so an entry and its files change together or not at all (see
+:mod:`tbx_lightning._projector_files`). Every file goes through
+:mod:`tbx_lightning._fs`, so remote log directories work as the event files do.
 
 The tensor file is binary because the projector parses a tensor file as TSV text
 first and only reads it as float32 when that text is not valid UTF-8. Nearly all
@@ -25,11 +28,12 @@ values.
 
 from __future__ import annotations
 
-import codecs
+import functools
 import hashlib
 import json
 import math
 import numbers
+import operator
 import re
 import struct
 import threading
@@ -45,9 +49,12 @@ import torch.nn.functional as F
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 
 from tbx_lightning import _fs
+from tbx_lightning import _projector_files as files
+from tbx_lightning.errors import ConfigError, LoggedTypeError, LoggedValueError
 
 __all__ = [
     "CONFIG_FILENAME",
+    "LATEST_SUFFIX",
     "MAX_SPRITE_PX",
     "WARN_POINTS",
     "EmbeddingRecord",
@@ -66,17 +73,19 @@ MAX_SPRITE_PX = 8192
 WARN_POINTS = 100_000
 """Above this many points (and no ``max_points``) a warning suggests sampling."""
 
-_SUBDIR = "projector"
-_TENSOR_BIN = "tensors.bin"
-_TENSOR_TSV = "tensors.tsv"
+LATEST_SUFFIX = " (latest)"
+"""Added to the tag in the name of a tag's latest step once it has several.
+
+TensorBoard's projector lists tensors sorted by name (after those with metadata
+and those with more points) and opens on the first; ``" (latest):"`` sorts before
+``":"``, so the latest step is listed first and opened.
+"""
+
+_SUBDIR = files.SUBDIR
 _METADATA = "metadata.tsv"
 _SPRITE = "sprite.png"
-_OWN_FILES = (_TENSOR_BIN, _TENSOR_TSV, _METADATA, _SPRITE)
-
-# TensorBoard reads text files in 16 MiB blocks; a decode error inside the first
-# block makes it fall back to the binary reader. Probing a smaller prefix keeps
-# that true even if the block size shrinks.
-_UTF8_PROBE_BYTES = 1 << 20
+_SAMPLE = "sample.json"
+_INDEX_COLUMN = "index"
 
 # Characters JavaScript's String.prototype.trim() removes: the projector skips
 # metadata lines made only of these, which would shift every later row.
@@ -89,6 +98,7 @@ _BLANK_CHARS = frozenset(
 )
 _CELL_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _SAFE_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+_NAME_RE = re.compile(r"^(?P<tag>.*):(?P<step>\d{8,})\Z", re.DOTALL)
 _SPRITE_CHUNK_PX = 1 << 24  # pixels per resize chunk: bounds the float copy to ~64 MB a channel
 
 
@@ -99,7 +109,9 @@ class EmbeddingRecord:
     Attributes:
         tag: The tag as given.
         step: The step the embedding was written at (resolved when ``None`` was given).
-        tensor_name: The name the projector lists it under, ``"<tag>:<step:08d>"``.
+        tensor_name: The name the projector lists it under when it was written:
+            ``"<tag>:<step:08d>"``, or ``"<tag> (latest):<step:08d>"`` for the latest
+            of several steps (a later step takes that name over).
         folder: Path or URL of the folder holding this embedding's files.
         tensor_path: Path or URL of the tensor file.
         metadata_path: Path or URL of ``metadata.tsv``, or None without metadata.
@@ -111,6 +123,8 @@ class EmbeddingRecord:
         tensor_format: ``"float32"`` (raw little-endian) or ``"tsv"`` (text fallback).
         thumbnail_px: Side of one square sprite thumbnail in pixels, or None.
         replaced: True when an entry for this ``(tag, step)`` existed and was replaced.
+        seed: The seed of the ``max_points`` sample, or None when every row was kept.
+        sample_path: Path or URL of ``sample.json`` (seed and chosen rows), or None.
 
     Example:
         >>> import tempfile, torch
@@ -136,6 +150,8 @@ class EmbeddingRecord:
     tensor_format: str
     thumbnail_px: int | None
     replaced: bool
+    seed: int | None = None
+    sample_path: str | None = None
 
 
 # ---------------------------------------------------------------------- config proto
@@ -191,6 +207,7 @@ ProjectorConfig = _build_config_class()
 
 _LOCKS: dict[str, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
+_PARSED: dict[str, tuple[bytes, Any]] = {}  # config URL -> (file bytes, parsed config)
 
 
 def _run_lock(fs: Any, run_path: str) -> threading.Lock:
@@ -206,8 +223,8 @@ def read_config(fs: Any, run_path: str) -> Any:
     """Parses ``<run_path>/projector_config.pbtxt``; an empty config when there is none.
 
     Raises:
-        ValueError: The file exists but is not a valid projector config; it is
-            left untouched.
+        ConfigError: The file exists but is not a valid projector config; it is
+            left untouched. (A ``ValueError``.)
     """
     path = _fs.join(fs, run_path, CONFIG_FILENAME)
     config = ProjectorConfig()
@@ -215,21 +232,38 @@ def read_config(fs: Any, run_path: str) -> Any:
         data = fs.cat_file(path)
     except FileNotFoundError:
         return config
+    key = _fs.url(fs, path)
+    cached = _PARSED.get(key)
+    if cached is not None and cached[0] == data:  # parsing text is slow; bytes compare is not
+        config.CopyFrom(cached[1])
+        return config
     try:
         text_format.Parse(data.decode("utf-8"), config)
     except (text_format.ParseError, UnicodeDecodeError) as error:
-        raise ValueError(
+        raise ConfigError(
             f"{_fs.url(fs, path)} is not a valid projector config ({error}); it was left as it "
             "is. Fix or remove it, then log the embedding again."
         ) from error
+    _remember(key, data, config)
     return config
+
+
+def _remember(key: str, data: bytes, config: Any) -> None:
+    kept = ProjectorConfig()
+    kept.CopyFrom(config)
+    with _LOCKS_GUARD:
+        if len(_PARSED) >= 64:
+            _PARSED.clear()
+        _PARSED[key] = (data, kept)
 
 
 def tensor_name(tag: str, step: int) -> str:
     """The projector's name for ``tag`` at ``step``: ``"<tag>:<step:08d>"``.
 
     The zero padding keeps steps in order when names are sorted, and means a name
-    never ends in ``":0"``, which TensorBoard would strip.
+    never ends in ``":0"``, which TensorBoard would strip. The latest of several
+    steps of a tag is listed as ``"<tag> (latest):<step:08d>"`` instead (see
+    :data:`LATEST_SUFFIX`).
     """
     return f"{tag}:{step:08d}"
 
@@ -261,19 +295,25 @@ def log_embedding(
 ) -> EmbeddingRecord:
     """Writes an embedding matrix (and labels, and thumbnails) for TensorBoard's projector.
 
+    The matrix is streamed to the file from its own memory: a C-contiguous float32
+    CPU tensor or array is written without any copy, other dtypes, layouts and
+    devices are converted in chunks of about 8 MiB, so a 500 MiB matrix adds only
+    a few MiB to peak memory.
+
     Args:
         run: The :class:`~tbx_lightning.RunWriter` of the run (its ``fs`` and path are used).
         tag: Name of the embedding; ``/``, spaces and any Unicode are fine.
         mat: Tensor (any dtype that converts to float, any device) or array of shape ``(N, D)``.
         metadata: Labels, one per point: a sequence of values (one column); a
             sequence of rows with ``metadata_header`` (several columns); a mapping
-            of column name to values; or a 1-D / 2-D tensor or array. Tabs,
-            newlines and carriage returns inside labels are written as ``\\t``,
-            ``\\n``, ``\\r``; a row that would be blank (TensorBoard skips those)
-            is written with its cells quoted, e.g. ``""``.
-        metadata_header: Column names for several columns. With one column
-            TensorBoard takes no header (it names the column ``label``), so a
-            one-name header is accepted and not written.
+            of column name to values; or a 1-D / 2-D tensor or array. One column
+            is written as the columns ``label`` (or its one-name header) and
+            ``index`` (the row's position in ``mat``), so TensorBoard offers
+            "Label by" and "Color by" choices. Tabs, newlines and carriage
+            returns inside labels are written as ``\\t``, ``\\n``, ``\\r``; a row
+            that would be blank (TensorBoard skips those) is written with its
+            cells quoted, e.g. ``""``.
+        metadata_header: Column names, one per column (one name for one column).
         label_img: Thumbnails, ``(N, C, H, W)`` with C in 1, 3, 4, or ``(N, H, W)``;
             uint8, bool, integer or float. Floats in [0, 1] map to 0..255; other
             ranges are scaled by the batch's min and max. Non-square images are
@@ -281,34 +321,38 @@ def log_embedding(
             TensorBoard's 8192 px limit.
         step: Step of this embedding. ``None`` takes the next free step of the tag
             in this run (0 for a new tag). Logging the same ``(tag, step)`` again
-            replaces that entry and its files.
+            replaces that entry and its files, atomically.
         max_points: Keep at most this many rows, chosen by a seeded random sample
             (in their original order); metadata and images follow the same rows.
-            ``None`` keeps all and warns above 100,000 points.
+            The seed and the chosen rows are written to the entry's
+            ``sample.json``. ``None`` keeps all and warns above 100,000 points.
         seed: Seed of that sample.
 
     Returns:
         An :class:`EmbeddingRecord` describing what was written.
 
     Raises:
-        TypeError: ``tag``, ``step``, ``mat`` or ``max_points`` has the wrong type.
-        ValueError: Shapes or lengths do not fit (the message names both), or
-            a sprite cannot fit even at 1 px per image.
+        LoggedTypeError: ``tag``, ``step``, ``mat`` or ``max_points`` has the wrong
+            type (a ``TypeError``).
+        LoggedValueError: Shapes or lengths do not fit (the message names both), or
+            a sprite cannot fit even at 1 px per image (a ``ValueError``).
+        ConfigError: The run's projector config exists but does not parse.
     """
     if not isinstance(tag, str):
-        raise TypeError(f"`tag` must be a str, got {type(tag).__name__} {tag!r}.")
+        raise LoggedTypeError(f"`tag` must be a str, got {type(tag).__name__} {tag!r}.")
     if not tag:
-        raise ValueError("`tag` must not be empty: give the embedding a name.")
+        raise LoggedValueError("`tag` must not be empty: give the embedding a name.")
     if step is not None:
         step = _check_step(step)
     if max_points is not None and (
         isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral)
     ):
-        raise TypeError(f"`max_points` must be an int or None, got {max_points!r}.")
+        raise LoggedTypeError(f"`max_points` must be an int or None, got {max_points!r}.")
     if max_points is not None and max_points < 1:
-        raise ValueError(f"`max_points` must be >= 1 or None, got {max_points}.")
+        raise LoggedValueError(f"`max_points` must be >= 1 or None, got {max_points}.")
 
     total = _num_rows(mat)
+    source = files.check_matrix(mat)
     index = _sample_index(total, max_points, seed)
     if index is None and max_points is None and total > WARN_POINTS:
         warnings.warn(
@@ -323,14 +367,7 @@ def log_embedding(
     if label_img is not None:
         _check_image_count(label_img, total)
 
-    matrix = _to_float32(mat, index)
-    num_points, dim = matrix.shape
-    _warn_non_finite(tag, matrix)
-    tensor_bytes = matrix.tobytes()
-    tensor_format = "float32"
-    if _valid_utf8_prefix(tensor_bytes):
-        tensor_format = "tsv"
-        tensor_bytes = _tsv_matrix(matrix)
+    # Everything but the tensor is built before any file is touched.
     metadata_bytes = None
     if columns is not None:
         metadata_bytes = _metadata_tsv(header, columns, index)
@@ -338,6 +375,9 @@ def log_embedding(
     thumb = None
     if label_img is not None:
         sprite_bytes, thumb = _sprite_png(label_img, index)
+    sample_bytes = None
+    if index is not None:
+        sample_bytes = _sample_json(seed, max_points, total, index)
 
     fs = run.fs
     run_path: str = getattr(run, "path", None) or run._path
@@ -345,39 +385,51 @@ def log_embedding(
         config = read_config(fs, run_path)
         if step is None:
             step = _next_step(config, tag)
-        name = tensor_name(tag, step)
-        rel_folder = f"{_SUBDIR}/{safe_tag(tag)}/{step:08d}"
+        tag_dir = f"{_SUBDIR}/{safe_tag(tag)}"
+        rel_folder = f"{tag_dir}/{files.new_folder_name(step)}"
         folder = _fs.join(fs, run_path, *rel_folder.split("/"))
-        _fs.makedirs(fs, folder)
         written: dict[str, str] = {}
-        tensor_file = _TENSOR_BIN if tensor_format == "float32" else _TENSOR_TSV
-        for filename, data in (
-            (tensor_file, tensor_bytes),
-            (_METADATA, metadata_bytes),
-            (_SPRITE, sprite_bytes),
-        ):
-            if data is not None:
-                path = _fs.join(fs, folder, filename)
-                _fs.write_bytes_atomic(fs, path, data)
-                written[filename] = path
+        files.make_folder(fs, folder)
+        try:
+            tensor_path, stats = files.write_matrix(fs, folder, source, index)
+            for filename, data in (
+                (_METADATA, metadata_bytes),
+                (_SPRITE, sprite_bytes),
+                (_SAMPLE, sample_bytes),
+            ):
+                if data is not None:
+                    path = _fs.join(fs, folder, filename)
+                    files.write_new(fs, path, data)
+                    written[filename] = path
+        except BaseException:
+            files.remove_folder(fs, folder)  # never named by the config: nothing changes
+            raise
+        tensor_file = "tensors.tsv" if stats.tensor_format == "tsv" else "tensors.bin"
         entry = ProjectorConfig().embeddings.add()
-        entry.tensor_name = name
+        entry.tensor_name = tensor_name(tag, step)
         entry.tensor_path = f"{rel_folder}/{tensor_file}"
-        entry.tensor_shape.extend([num_points, dim])
+        entry.tensor_shape.extend([stats.rows, stats.dim])
         if metadata_bytes is not None:
             entry.metadata_path = f"{rel_folder}/{_METADATA}"
         if sprite_bytes is not None and thumb is not None:
             entry.sprite.image_path = f"{rel_folder}/{_SPRITE}"
             entry.sprite.single_image_dim.extend([thumb, thumb])
-        replaced = _put_entry(config, entry)
+        config, old = _put_entry(config, tag, step, entry)
+        name = next(e.tensor_name for e in config.embeddings if e.tensor_path == entry.tensor_path)
         config_path = _fs.join(fs, run_path, CONFIG_FILENAME)
-        _fs.write_text_atomic(fs, config_path, text_format.MessageToString(config, as_utf8=True))
-        # Files an earlier write of this (tag, step) left and this one does not use.
-        for filename in _OWN_FILES:
-            if filename not in written:
-                stale = _fs.join(fs, folder, filename)
-                if fs.exists(stale):
-                    fs.rm(stale)
+        # The switch: readers see the old entry and its files, or the new ones.
+        config_bytes = text_format.MessageToString(config, as_utf8=True).encode("utf-8")
+        _fs.write_bytes_atomic(fs, config_path, config_bytes)
+        _remember(_fs.url(fs, config_path), config_bytes, config)
+        _remove_unused(fs, run_path, config, old, tag_dir, step)
+
+    if stats.bad_rows:
+        warnings.warn(
+            f"Embedding {tag!r} has NaN or Inf in {stats.bad_rows} of {stats.rows} rows; they "
+            "are written as they are, but the projector's PCA and t-SNE break on them.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def url(key: str) -> str | None:
         return _fs.url(fs, written[key]) if key in written else None
@@ -387,57 +439,144 @@ def log_embedding(
         step=step,
         tensor_name=name,
         folder=_fs.url(fs, folder),
-        tensor_path=_fs.url(fs, written[tensor_file]),
+        tensor_path=_fs.url(fs, tensor_path),
         metadata_path=url(_METADATA),
         sprite_path=url(_SPRITE),
         config_path=_fs.url(fs, config_path),
-        num_points=num_points,
+        num_points=stats.rows,
         total_points=total,
-        dim=dim,
-        tensor_format=tensor_format,
+        dim=stats.dim,
+        tensor_format=stats.tensor_format,
         thumbnail_px=thumb,
-        replaced=replaced,
+        replaced=old is not None,
+        seed=seed if index is not None else None,
+        sample_path=url(_SAMPLE),
     )
 
 
-# ---------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------- config entries
 def _check_step(step: Any) -> int:
     if isinstance(step, torch.Tensor) and step.numel() == 1:
         step = step.item()
     if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"`step` must be an int or None, got {type(step).__name__} {step!r}.")
+        raise LoggedTypeError(f"`step` must be an int or None, got {type(step).__name__} {step!r}.")
     if step < 0:
-        raise ValueError(f"`step` must be >= 0, got {step}.")
+        raise LoggedValueError(f"`step` must be >= 0, got {step}.")
     return int(step)
 
 
+def _entry_folder(entry: Any) -> str | None:
+    """``projector/<safe-tag>/<folder>`` of an entry this module wrote, else None."""
+    parts = entry.tensor_path.split("/")
+    if len(parts) != 4 or parts[0] != _SUBDIR or files.folder_step(parts[2]) is None:
+        return None
+    return "/".join(parts[:3])
+
+
+def _entry_key(entry: Any) -> tuple[str, int] | None:
+    """``(tag, step)`` of an entry this module wrote (either name form), else None."""
+    folder = _entry_folder(entry)
+    match = _NAME_RE.match(entry.tensor_name)
+    if folder is None or match is None:
+        return None
+    _, slug, name = folder.split("/")
+    step = int(match.group("step"))
+    if files.folder_step(name) != step:
+        return None
+    tag = match.group("tag")
+    if safe_tag(tag) == slug:
+        return tag, step
+    if tag.endswith(LATEST_SUFFIX) and safe_tag(tag[: -len(LATEST_SUFFIX)]) == slug:
+        return tag[: -len(LATEST_SUFFIX)], step
+    return None
+
+
 def _next_step(config: Any, tag: str) -> int:
-    prefix = tag + ":"
-    steps = [
-        int(e.tensor_name[len(prefix) :])
-        for e in config.embeddings
-        if e.tensor_name.startswith(prefix) and e.tensor_name[len(prefix) :].isdigit()
-    ]
+    steps = [key[1] for key in map(_entry_key, config.embeddings) if key and key[0] == tag]
     return max(steps) + 1 if steps else 0
 
 
-def _put_entry(config: Any, entry: Any) -> bool:
-    """Replaces the entry with the same tensor name in place, or appends; True if replaced."""
-    for i, old in enumerate(config.embeddings):
-        if old.tensor_name == entry.tensor_name:
-            config.embeddings[i].CopyFrom(entry)
-            return True
-    config.embeddings.add().CopyFrom(entry)
-    return False
+def _put_entry(config: Any, tag: str, step: int, entry: Any) -> tuple[Any, Any | None]:
+    """The config with ``entry`` in place of ``(tag, step)``, and the entry it replaced.
+
+    Entries of other tools come first, as they were. Then this module's entries,
+    tags in the order they first appeared, each tag's steps latest first; the
+    latest of several steps is named ``"<tag> (latest):<step>"`` so that the
+    projector, which sorts names, lists and opens it first.
+    """
+    foreign: list[Any] = []
+    by_tag: dict[str, list[tuple[int, Any]]] = {}
+    old = None
+    for existing in config.embeddings:
+        key = _entry_key(existing)
+        if key is None:
+            foreign.append(existing)
+        elif key == (tag, step):
+            if old is None:
+                old = existing
+                by_tag.setdefault(tag, []).append((step, entry))
+        else:
+            by_tag.setdefault(key[0], []).append((key[1], existing))
+    if old is None:
+        by_tag.setdefault(tag, []).append((step, entry))
+
+    taken = {e.tensor_name for e in foreign}
+    for t, items in by_tag.items():
+        taken.update(tensor_name(t, s) for s, _ in items)
+    arranged = ProjectorConfig()
+    arranged.CopyFrom(config)
+    del arranged.embeddings[:]
+    for item in foreign:
+        arranged.embeddings.add().CopyFrom(item)
+    for t, items in by_tag.items():
+        items.sort(key=lambda pair: pair[0], reverse=True)
+        for position, (s, item) in enumerate(items):
+            added = arranged.embeddings.add()
+            added.CopyFrom(item)
+            name = tensor_name(t, s)
+            latest = f"{t}{LATEST_SUFFIX}:{s:08d}"
+            if position == 0 and len(items) > 1 and latest not in taken:
+                name = latest
+            added.tensor_name = name
+    return arranged, old
 
 
+def _remove_unused(
+    fs: Any, run_path: str, config: Any, old: Any | None, tag_dir: str, step: int
+) -> None:
+    """Deletes the replaced entry's folder and folders of killed writes of this step.
+
+    Runs after the config no longer names them; a failure leaves files behind
+    (with a warning) but never touches what the config names.
+    """
+    used = {_entry_folder(e) for e in config.embeddings}
+    stale = set()
+    if old is not None:
+        stale.add(_entry_folder(old))
+    parent = _fs.join(fs, run_path, *tag_dir.split("/"))
+    for name in files.list_folders(fs, parent):
+        if files.folder_step(name) == step:
+            stale.add(f"{tag_dir}/{name}")
+    for rel in sorted(f for f in stale - used if f):
+        try:
+            files.remove_folder(fs, _fs.join(fs, run_path, *rel.split("/")))
+        except OSError as error:
+            warnings.warn(
+                f"Could not delete the projector files of a replaced entry, {rel!r} ({error}); "
+                "the config no longer names them, so they can be deleted by hand.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+# ---------------------------------------------------------------------- rows and samples
 def _num_rows(mat: Any) -> int:
     shape = tuple(mat.shape) if hasattr(mat, "shape") else np.shape(mat)
     if len(shape) != 2:
         hint = " (use mat.reshape(-1, 1) for one value per point)" if len(shape) == 1 else ""
-        raise ValueError(f"`mat` must be 2-D (N, D), got shape {tuple(shape)}{hint}.")
+        raise LoggedValueError(f"`mat` must be 2-D (N, D), got shape {tuple(shape)}{hint}.")
     if shape[0] == 0 or shape[1] == 0:
-        raise ValueError(
+        raise LoggedValueError(
             f"`mat` must have at least one row and one column, got shape {tuple(shape)}."
         )
     return int(shape[0])
@@ -450,6 +589,20 @@ def _sample_index(total: int, max_points: int | None, seed: int) -> np.ndarray |
     return np.sort(rng.choice(total, size=max_points, replace=False))
 
 
+def _sample_json(seed: int, max_points: int | None, total: int, index: np.ndarray) -> bytes:
+    record = {
+        "seed": int(seed),
+        "max_points": max_points,
+        "total_points": total,
+        "method": (
+            "numpy.sort(numpy.random.default_rng(seed).choice(total_points, "
+            "size=max_points, replace=False))"
+        ),
+        "rows": index.tolist(),
+    }
+    return (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")
+
+
 def _rows_of(value: Any, index: np.ndarray | None) -> Any:
     """Selects the sampled rows of a tensor or array on its own device."""
     if index is None:
@@ -457,63 +610,6 @@ def _rows_of(value: Any, index: np.ndarray | None) -> Any:
     if isinstance(value, torch.Tensor):
         return value.index_select(0, torch.from_numpy(index).to(value.device))
     return value[index]
-
-
-def _to_float32(mat: Any, index: np.ndarray | None) -> np.ndarray:
-    """(N, D) little-endian float32, C-contiguous, in one copy where a copy is needed."""
-    if isinstance(mat, torch.Tensor):
-        if mat.is_complex():
-            raise TypeError(
-                "`mat` is a complex tensor: pass its real part, abs() or view_as_real()."
-            )
-        tensor = _rows_of(mat.detach(), index)
-        if tensor.is_conj():
-            tensor = tensor.resolve_conj()
-        if tensor.is_neg():
-            tensor = tensor.resolve_neg()
-        tensor = tensor.to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
-        array = tensor.numpy()
-    else:
-        array = np.asarray(mat)
-        if array.dtype.kind not in "biuf":
-            raise TypeError(
-                f"`mat` must hold real numbers, got an array of dtype {array.dtype}: convert it "
-                "to float first."
-            )
-        array = _rows_of(array, index)
-    return np.ascontiguousarray(array, dtype="<f4")
-
-
-def _warn_non_finite(tag: str, matrix: np.ndarray) -> None:
-    if np.isfinite(matrix.sum(dtype=np.float64)):  # NaN and Inf propagate into the sum
-        return
-    finite = np.isfinite(matrix)
-    if finite.all():
-        return
-    bad_rows = int((~finite.all(axis=1)).sum())
-    warnings.warn(
-        f"Embedding {tag!r} has NaN or Inf in {bad_rows} of {matrix.shape[0]} rows; they are "
-        "written as they are, but the projector's PCA and t-SNE break on them.",
-        UserWarning,
-        stacklevel=3,
-    )
-
-
-def _valid_utf8_prefix(data: bytes) -> bool:
-    """True when TensorBoard would take the file for text (and fail to parse it)."""
-    final = len(data) <= _UTF8_PROBE_BYTES
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    try:
-        decoder.decode(data[:_UTF8_PROBE_BYTES], final=final)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _tsv_matrix(matrix: np.ndarray) -> bytes:
-    # Nine significant digits identify every float32 exactly.
-    lines = ["\t".join(f"{v:.9g}" for v in row) for row in matrix.tolist()]
-    return ("\n".join(lines) + "\n").encode("ascii")
 
 
 # ---------------------------------------------------------------------- metadata
@@ -545,61 +641,63 @@ def _metadata_columns(
 ) -> tuple[list[str] | None, list[list[Any]]]:
     """Normalises every accepted metadata form to (header or None, columns of raw values)."""
     if isinstance(header, str):
-        raise TypeError(
+        raise LoggedTypeError(
             f"`metadata_header` must be a sequence of column names, got the str {header!r}: "
             f"pass [{header!r}]."
         )
     if header is not None:
         header = [_text(h) for h in header]
         if not header:
-            raise ValueError("`metadata_header` is empty: give one name per column.")
+            raise LoggedValueError("`metadata_header` is empty: give one name per column.")
         if len(set(header)) != len(header):
-            raise ValueError(f"`metadata_header` repeats a name: {header}; names must be unique.")
+            raise LoggedValueError(
+                f"`metadata_header` repeats a name: {header}; names must be unique."
+            )
     if isinstance(metadata, Mapping):
         names = [_text(k) for k in metadata]
         if header is not None and header != names:
-            raise ValueError(
+            raise LoggedValueError(
                 f"`metadata` is a mapping with columns {names} but `metadata_header` is "
                 f"{header}: pass one of them."
             )
         if not names:
-            raise ValueError("`metadata` is an empty mapping: give at least one column.")
+            raise LoggedValueError("`metadata` is an empty mapping: give at least one column.")
         columns = [_as_list(v, f"metadata[{k!r}]") for k, v in metadata.items()]
         for name, column in zip(names, columns, strict=True):
             if len(column) != total:
-                raise ValueError(
+                raise LoggedValueError(
                     f"`metadata` column {name!r} has {len(column)} rows but `mat` has {total} "
                     "points: give one value per point."
                 )
-        return (names if len(names) > 1 else None), columns
+        return names, columns
     values = _as_list(metadata, "metadata")
     if len(values) != total:
-        raise ValueError(
+        raise LoggedValueError(
             f"`metadata` has {len(values)} rows but `mat` has {total} points: give one "
             "label (or row) per point."
         )
     ncols = len(header) if header is not None else 1
     if not _is_row(values[0]):
         if ncols != 1:
-            raise ValueError(
+            raise LoggedValueError(
                 f"`metadata` is one column but `metadata_header` has {ncols} names: pass one "
                 "row per point with one value per column."
             )
-        return None, [values]
+        return header, [values]
     rows = [_as_list(r, "metadata row") for r in values]
     for i, row in enumerate(rows):
         if len(row) != ncols:
             if header is None:
-                raise ValueError(
+                raise LoggedValueError(
                     f"`metadata` row {i} has {len(row)} values: pass `metadata_header` with "
                     "one name per column, or a flat list for a single column."
                 )
-            raise ValueError(
+            raise LoggedValueError(
                 f"`metadata` row {i} has {len(row)} values but `metadata_header` has {ncols} "
                 "names: every row needs one value per column."
             )
     columns = [list(c) for c in zip(*rows, strict=True)]
-    return (header if ncols > 1 else None), columns
+    return header, columns
 
 
 def _as_list(value: Any, what: str) -> list[Any]:
@@ -608,10 +706,16 @@ def _as_list(value: Any, what: str) -> list[Any]:
     if isinstance(value, np.ndarray):
         return list(value.tolist())
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"`{what}` is a single string: pass a list with one label per point.")
+        raise LoggedTypeError(f"`{what}` is a single string: pass a list with one label per point.")
     if isinstance(value, Iterable):
         return list(value)
-    raise TypeError(f"`{what}` must be a sequence, got {type(value).__name__}.")
+    raise LoggedTypeError(f"`{what}` must be a sequence, got {type(value).__name__}.")
+
+
+@functools.lru_cache(maxsize=4)
+def _index_cells(count: int) -> list[str]:
+    """``"\\t<i>\\n"`` for every row: the same for every step of a tag, so made once."""
+    return [f"\t{i}\n" for i in range(count)]
 
 
 def _unblank(cells: Sequence[str]) -> str:
@@ -622,13 +726,28 @@ def _unblank(cells: Sequence[str]) -> str:
 def _metadata_tsv(
     header: list[str] | None, columns: list[list[Any]], index: np.ndarray | None
 ) -> bytes:
-    if index is not None:
-        picks = index.tolist()
+    """The metadata file: a header line, then one line per (sampled) point.
+
+    TensorBoard reads a file without a tab in its first line as one unnamed
+    column and then offers no "Label by" / "Color by" choice, so one column is
+    written with a second one, ``index``: each point's row in the given matrix
+    (which also records which rows a sample kept).
+    """
+    picks = index.tolist() if index is not None else None
+    if picks is not None:
         columns = [[column[i] for i in picks] for column in columns]
     texts = [_text_column(column) for column in columns]
-    lines = texts[0] if len(texts) == 1 else ["\t".join(row) for row in zip(*texts, strict=True)]
-    if header is not None:
-        lines = ["\t".join(_text_column(list(header))), *lines]
+    if len(texts) == 1:
+        name = header[0] if header else "label"
+        names = [name, _INDEX_COLUMN if name != _INDEX_COLUMN else "row"]
+        ends = _index_cells(len(texts[0])) if picks is None else [f"\t{i}\n" for i in picks]
+        # Never blank: the index column always holds digits.
+        body = "".join(map(operator.add, texts[0], ends))
+        return ("\t".join(_text_column(names)) + "\n" + body).encode("utf-8")
+    lines = ["\t".join(row) for row in zip(*texts, strict=True)]
+    if header is None:  # unreachable from the public forms; kept for safety
+        header = [f"column_{i}" for i in range(len(texts))]
+    lines = ["\t".join(_text_column(list(header))), *lines]
     for i, line in enumerate(lines):
         if (not line or line[0] in _BLANK_CHARS) and _JS_BLANK_LINE.match(line):
             lines[i] = _unblank(line.split("\t"))
@@ -642,29 +761,29 @@ def _image_tensor(label_img: Any) -> torch.Tensor:
     else:
         array = np.asarray(label_img)
         if array.dtype.kind not in "biuf":
-            raise TypeError(f"`label_img` must hold numbers, got dtype {array.dtype}.")
+            raise LoggedTypeError(f"`label_img` must hold numbers, got dtype {array.dtype}.")
         images = torch.from_numpy(np.ascontiguousarray(array))
     if images.is_complex():
-        raise TypeError("`label_img` is complex: pass real pixel values.")
+        raise LoggedTypeError("`label_img` is complex: pass real pixel values.")
     if images.ndim == 3:
         images = images.unsqueeze(1)
     if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
         hint = ""
         if images.ndim == 4 and images.shape[-1] in (1, 3, 4):
             hint = " For channels-last images pass label_img.permute(0, 3, 1, 2)."
-        raise ValueError(
+        raise LoggedValueError(
             f"`label_img` must be (N, C, H, W) with C in 1, 3, 4, or (N, H, W); got shape "
             f"{tuple(label_img.shape)}.{hint}"
         )
     if images.shape[2] == 0 or images.shape[3] == 0:
-        raise ValueError(f"`label_img` has empty images: shape {tuple(images.shape)}.")
+        raise LoggedValueError(f"`label_img` has empty images: shape {tuple(images.shape)}.")
     return images
 
 
 def _check_image_count(label_img: Any, total: int) -> None:
     count = len(label_img)
     if count != total:
-        raise ValueError(
+        raise LoggedValueError(
             f"`label_img` has {count} images but `mat` has {total} points: give one image per point."
         )
 
@@ -695,7 +814,7 @@ def _sprite_png(label_img: Any, index: np.ndarray | None) -> tuple[bytes, int]:
     nrow = math.ceil(n / ncol)
     thumb = min(side, MAX_SPRITE_PX // ncol)
     if thumb < 1:
-        raise ValueError(
+        raise LoggedValueError(
             f"{n:,} label images cannot fit a {MAX_SPRITE_PX} px sprite even at 1 px each: pass "
             f"max_points <= {MAX_SPRITE_PX**2:,}."
         )

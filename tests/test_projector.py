@@ -53,6 +53,12 @@ def lines(data: bytes) -> list[str]:
     return text[:-1].split("\n")
 
 
+def one_column(labels: list[str], rows: Any = None, name: str = "label") -> list[str]:
+    """Lines of a one-column metadata file: a header, then each label with its row index."""
+    rows = range(len(labels)) if rows is None else rows
+    return [f"{name}\tindex", *(f"{label}\t{row}" for label, row in zip(labels, rows, strict=True))]
+
+
 def ramp_images(n: int, channels: int, height: int, width: int) -> torch.Tensor:
     """Float images in [0, 1] where image i has the constant colour i / n (easy to check)."""
     level = torch.arange(n, dtype=torch.float32).div(max(n - 1, 1))
@@ -71,7 +77,9 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
             mat = torch.randn(37, 5, generator=gen)
             labels = [f"tok{i}_s{step}" for i in range(37)]
             rec = log_embedding(run, tag, mat, metadata=labels, step=step)
-            expected[f"steps{step}"] = Expected("main", rec.tensor_name, mat.numpy(), labels)
+            expected[f"steps{step}"] = Expected(
+                "main", rec.tensor_name, mat.numpy(), one_column(labels)
+            )
 
         # Low-precision and double inputs, each converted once to float32.
         for dtype in (torch.bfloat16, torch.float16, torch.float64):
@@ -90,7 +98,9 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
         second = torch.randn(6, 3, generator=gen)
         rec = log_embedding(run, "dup", second, metadata=list("uvwxyz"), step=1)
         assert rec.replaced
-        expected["dup"] = Expected("main", rec.tensor_name, second.numpy(), list("uvwxyz"))
+        expected["dup"] = Expected(
+            "main", rec.tensor_name, second.numpy(), one_column(list("uvwxyz"))
+        )
         expected["dup"].extra["folder"] = rec.folder
 
         # Several columns; tabs, newlines, carriage returns and blank labels.
@@ -115,11 +125,12 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
                 "plain\t1\tx",
             ],
         )
-        # One column with blank and whitespace labels.
+        # One column with blank and whitespace labels: the index column keeps every
+        # line non-blank, so the labels are written as they are.
         mat = torch.randn(4, 2, generator=gen)
         rec = log_embedding(run, "blank", mat, metadata=["", " ", "\u3000", "ok"])
         expected["blank"] = Expected(
-            "main", rec.tensor_name, mat.numpy(), ['""', '" "', '"\u3000"', "ok"]
+            "main", rec.tensor_name, mat.numpy(), one_column(["", " ", "\u3000", "ok"])
         )
 
         # Matrices whose float32 bytes are valid UTF-8: written as exact TSV text.
@@ -136,7 +147,12 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
         imgs = ramp_images(10, 3, 6, 10)
         rec = log_embedding(run, "img/color", mat, label_img=imgs, metadata=list(range(10)))
         expected["img_color"] = Expected(
-            "main", rec.tensor_name, mat.numpy(), [str(i) for i in range(10)], (40, 30), 10
+            "main",
+            rec.tensor_name,
+            mat.numpy(),
+            one_column([str(i) for i in range(10)]),
+            (40, 30),
+            10,
         )
         # Grey (N, H, W) uint8, taller than wide.
         grey = torch.arange(7, dtype=torch.uint8).mul(30).view(7, 1, 1).expand(7, 9, 5).contiguous()
@@ -165,7 +181,12 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
         again = pj._sample_index(50, 20, 5)
         assert again is not None
         expected["sampled"] = Expected(
-            "main", rec.tensor_name, mat.numpy()[again], [labels[i] for i in again], (20, 16), 4
+            "main",
+            rec.tensor_name,
+            mat.numpy()[again],
+            one_column([labels[i] for i in again], again.tolist()),
+            (20, 16),
+            4,
         )
         expected["sampled"].extra["index"] = again
 
@@ -210,7 +231,12 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
     mem = fsspec.filesystem("memory")
     mem.get("/projector-test/remote", str(logdir / "remote"), recursive=True)
     expected["remote"] = Expected(
-        "remote", rec.tensor_name, mat.numpy(), [f"r{i}" for i in range(12)], (20, 15), 5
+        "remote",
+        rec.tensor_name,
+        mat.numpy(),
+        one_column([f"r{i}" for i in range(12)]),
+        (20, 15),
+        5,
     )
 
     mem.rm("/projector-test", recursive=True)
@@ -277,8 +303,9 @@ def test_steps_and_tags_are_separate_tensors(served: tuple[TensorBoardServer, di
     names = list(info(server, "main"))
     assert names.count("dup:00000001") == 1
     assert expected["steps3"].name == "enc/tokens é 词:00000003"
-    assert expected["steps7"].name == "enc/tokens é 词:00000007"
-    assert {"auto:00000000", "auto:00000001", "after_restart:00000002"} <= set(names)
+    # The latest of several steps is named so that it sorts (and opens) first.
+    assert expected["steps7"].name == "enc/tokens é 词 (latest):00000007"
+    assert {"auto:00000000", "auto (latest):00000001", "after_restart:00000002"} <= set(names)
     assert len(names) == len(set(names))
     threads = info(server, "threads")
     assert sorted(threads) == sorted(pj.tensor_name(f"t{i}", 0) for i in range(8))
@@ -291,6 +318,8 @@ def test_replaced_entry_drops_its_stale_sprite(served: tuple[TensorBoardServer, 
     _, expected = served
     folder = Path(expected["dup"].extra["folder"])
     assert sorted(p.name for p in folder.iterdir()) == ["metadata.tsv", "tensors.bin"]
+    # The first write's folder (with its sprite) is gone: one folder for the one entry.
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]
 
 
 @pytest.mark.slow
@@ -360,10 +389,13 @@ def test_mapping_and_tensor_metadata(run: RunWriter) -> None:
     )
     assert rec.metadata_path is not None
     assert Path(rec.metadata_path).read_text() == "word\tcount\na\t1\nb\t2\nc\t3\n"
+    # One column gets a header and an index column, so TensorBoard offers choices.
     rec = log_embedding(run, "t", mat, metadata=torch.tensor([4, 5, 6]))
-    assert Path(str(rec.metadata_path)).read_text() == "4\n5\n6\n"
+    assert Path(str(rec.metadata_path)).read_text() == "label\tindex\n4\t0\n5\t1\n6\t2\n"
     rec = log_embedding(run, "h1", mat, metadata=["x", "y", "z"], metadata_header=["only"])
-    assert Path(str(rec.metadata_path)).read_text() == "x\ny\nz\n"  # one column: no header line
+    assert Path(str(rec.metadata_path)).read_text() == "only\tindex\nx\t0\ny\t1\nz\t2\n"
+    rec = log_embedding(run, "h2", mat, metadata={"index": ["x", "y", "z"]})
+    assert Path(str(rec.metadata_path)).read_text() == "index\trow\nx\t0\ny\t1\nz\t2\n"
 
 
 @pytest.mark.parametrize(
@@ -499,7 +531,7 @@ def test_remote_files_exist_in_memory_fs() -> None:
         rec = log_embedding(run, "m", torch.randn(3, 2), metadata=["a", "b", "c"], step=0)
     mem = fsspec.filesystem("memory")
     try:
-        assert mem.cat_file(rec.metadata_path) == b"a\nb\nc\n"
+        assert mem.cat_file(rec.metadata_path) == b"label\tindex\na\t0\nb\t1\nc\t2\n"
         assert b'tensor_name: "m:00000000"' in mem.cat_file(rec.config_path)
     finally:
         mem.rm("/projector-unit", recursive=True)
@@ -779,18 +811,16 @@ def test_callback_before_and_after_finetuning(fitted: tuple[TensorBoardServer, d
     fact = facts["finetune"]
     run = "finetune/version_0"
     final = fact["final_step"]
-    assert sorted(info(server, run)) == ["embeddings:00000000", f"embeddings:{final:08d}"]
+    latest = f"embeddings (latest):{final:08d}"
+    assert list(info(server, run)) == [latest, "embeddings:00000000"]  # latest first
     np.testing.assert_allclose(
         served_tensor(server, run, "embeddings:00000000"), fact["before"], rtol=1e-6
     )
-    np.testing.assert_allclose(
-        served_tensor(server, run, f"embeddings:{final:08d}"), fact["after"], rtol=1e-6
-    )
+    np.testing.assert_allclose(served_tensor(server, run, latest), fact["after"], rtol=1e-6)
     assert not np.allclose(fact["before"], fact["after"])
-    for step in (0, final):
-        name = f"embeddings:{step:08d}"
+    for name in ("embeddings:00000000", latest):
         meta = server.get_bytes(f"{PLUGIN}/metadata", {"run": run, "name": name})
-        assert lines(meta) == fact["labels"]
+        assert lines(meta) == one_column(fact["labels"])
         png = server.get_bytes(f"{PLUGIN}/sprite_image", {"run": run, "name": name})
         assert png_size(png) == (7 * 2, 6 * 2)  # 40 images of 2 x 2 px, 7 columns
 
@@ -800,10 +830,10 @@ def test_callback_every_epoch_with_embed_fn(fitted: tuple[TensorBoardServer, dic
     server, facts = fitted
     fact = facts["periodic"]
     assert fact["steps"] == [2, 4]  # after epochs 1 and 2; fit end is the same step: not repeated
-    names = sorted(info(server, "periodic"))
-    assert names == ["periodic/enc:00000002", "periodic/enc:00000004"]
-    served = served_tensor(server, "periodic", "periodic/enc:00000004")
-    meta = lines(server.get_bytes(f"{PLUGIN}/metadata", {"run": "periodic", "name": names[1]}))
+    names = list(info(server, "periodic"))
+    assert names == ["periodic/enc (latest):00000004", "periodic/enc:00000002"]
+    served = served_tensor(server, "periodic", names[0])
+    meta = lines(server.get_bytes(f"{PLUGIN}/metadata", {"run": "periodic", "name": names[0]}))
     assert meta[0] == "name\todd" and len(meta) == 21  # 3 batches of 8 -> 24, sampled to 20
     rows = [int(m.split("\t")[0][1:]) for m in meta[1:]]
     assert rows == sorted(rows) and max(rows) < 24
@@ -819,9 +849,10 @@ def test_callback_gathers_ddp_ranks_to_rank_zero(fitted: tuple[TensorBoardServer
     run = "ddp/version_0"
     (name,) = info(server, run)
     served = served_tensor(server, run, name)
-    meta = [
-        int(v) for v in lines(server.get_bytes(f"{PLUGIN}/metadata", {"run": run, "name": name}))
-    ]
+    meta_lines = lines(server.get_bytes(f"{PLUGIN}/metadata", {"run": run, "name": name}))
+    assert meta_lines[0] == "label\tindex"
+    meta = [int(v.split("\t")[0]) for v in meta_lines[1:]]
+    assert [int(v.split("\t")[1]) for v in meta_lines[1:]] == list(range(30))
     # Batches 0, 2, 4, 6 on rank 0 then 1, 3, 5, 7 on rank 1 (7 holds 2 samples): uneven, padded.
     order = [i for b in (0, 2, 4, 6, 1, 3, 5, 7) for i in range(4 * b, min(4 * b + 4, 30))]
     assert meta == order
