@@ -1,7 +1,12 @@
 """The HParams table in the terminal: runs, differing config keys, last/best metrics, status.
 
-Runs are read with TensorBoard's own ``EventAccumulator`` and HParams plugin parser,
-so the table shows what TensorBoard's HParams dashboard shows.
+A run's metrics come from its ``summary.json`` (see ``_summary``) when that covers
+exactly the event files the run has, at their current sizes, so the table costs
+O(runs) rather than O(logged points); its hyperparameters and status come from the
+HParams session records near the start of its event file, which are updated in
+place. Runs without a current summary are read with TensorBoard's own
+``EventAccumulator``, and both routes parse the records with TensorBoard's HParams
+plugin, so the table shows what TensorBoard's HParams dashboard shows.
 """
 
 from __future__ import annotations
@@ -10,21 +15,38 @@ import csv
 import fnmatch
 import io
 import json
-import math
 import os
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tbx_lightning import _fs
+from tbx_lightning._summary import TagStats, minimizes, read_summary
 from tbx_lightning.errors import TableError
 
-__all__ = ["RunRecord", "TableError", "read_runs", "render", "table_rows"]
+__all__ = [
+    "RunRecord",
+    "TableError",
+    "minimizes",
+    "read_run",
+    "read_run_dir",
+    "read_runs",
+    "render",
+    "table_rows",
+]
 
 _DEFAULT_EXCLUDE = ("monitor/*", "hp_metric", "epoch", "_hparams_/*")
-_MIN_WORDS = ("loss", "perplexity", "ppl", "error", "err", "mse", "mae", "rmse", "nll")
 FORMATS = ("table", "csv", "markdown", "json")
-
-
+_SESSION_MARK = b"_hparams_/session_"
+_HEADER = struct.Struct("<QI")
+# TensorBoard's HParams plugin: its name, data version and session record tags. The
+# plugin's protos are read directly; its ``metadata`` module would import TensorBoard's
+# TensorFlow stub, which costs more than reading a thousand summaries.
+_PLUGIN_NAME = "hparams"
+_PLUGIN_DATA_VERSION = 0
+_START_TAG = "_hparams_/session_start_info"
+_END_TAG = "_hparams_/session_end_info"
 
 
 @dataclass
@@ -36,8 +58,9 @@ class RunRecord:
         hparams: Its hyperparameters by dot path (from the session start record).
         status: ``success``, ``failure``, ``running``, ``unknown``.
         start_time: Session start, seconds since the epoch (None without HParams).
-        end_time: Session end, or the last event's time for a running run.
-        scalars: Every scalar tag, as ``(step, value)`` pairs in step order.
+        end_time: Session end; for a run still running (or killed), its last scalar's time.
+        stats: Per scalar tag: count, last, min and max (float32 values, as stored).
+        source: ``summary`` when the metrics came from the run's summary, else ``events``.
     """
 
     run: str
@@ -45,20 +68,15 @@ class RunRecord:
     status: str = "unknown"
     start_time: float | None = None
     end_time: float | None = None
-    scalars: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    stats: dict[str, TagStats] = field(default_factory=dict)
+    source: str = "events"
 
     @property
     def duration(self) -> float | None:
-        """Seconds from session start to end (or to the last event while running)."""
+        """Seconds from session start to end (or to the last scalar while running)."""
         if self.start_time is None or self.end_time is None:
             return None
         return max(0.0, self.end_time - self.start_time)
-
-
-def minimizes(metric: str) -> bool:
-    """Whether lower is better for a metric, judged by its name (loss, perplexity, error...)."""
-    words = metric.lower().replace("-", "_").replace("/", "_").split("_")
-    return any(word in _MIN_WORDS for word in words)
 
 
 def _hparam_value(value: Any) -> Any:
@@ -73,45 +91,33 @@ def _hparam_value(value: Any) -> Any:
     return None
 
 
-def _run_dirs(root: str) -> list[str]:
-    dirs = []
-    for current, _subdirs, files in os.walk(root):
-        if any("tfevents" in name for name in files):
-            dirs.append(current)
-    return sorted(dirs)
+def _plugin_data(content: bytes, which: str) -> Any:
+    """``session_start_info`` or ``session_end_info`` of a record's HParams plugin data."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    data = plugin_data_pb2.HParamsPluginData.FromString(content)
+    if data.version != _PLUGIN_DATA_VERSION or not data.HasField(which):
+        raise TableError(
+            f"An HParams record holds no {which} of plugin data version "
+            f"{_PLUGIN_DATA_VERSION} (found version {data.version}): was the run written "
+            "by a newer TensorBoard?"
+        )
+    return getattr(data, which)
 
 
-def read_run(path: str, root: str) -> RunRecord:
-    """Reads one run directory (its events files) into a :class:`RunRecord`."""
-    from tensorboard.backend.event_processing.event_accumulator import (
-        SCALARS,
-        TENSORS,
-        EventAccumulator,
-    )
-    from tensorboard.plugins.hparams import api_pb2, metadata
+def _apply_session(
+    record: RunRecord, start: bytes | None, end: bytes | None, last_wall: float | None
+) -> None:
+    """Fills hparams, status and times from the session records' plugin contents."""
+    from tensorboard.plugins.hparams import api_pb2
 
-    accumulator = EventAccumulator(path, size_guidance={SCALARS: 0, TENSORS: 0})
-    accumulator.Reload()
-    record = RunRecord(run=os.path.relpath(path, root))
-    last_wall = 0.0
-    for tag in accumulator.Tags().get("scalars", []):
-        events = accumulator.Scalars(tag)
-        record.scalars[tag] = [(e.step, float(e.value)) for e in events]
-        if events:
-            last_wall = max(last_wall, max(e.wall_time for e in events))
-    try:
-        content = accumulator.PluginTagToContent("hparams")
-    except KeyError:  # no HParams records in this run
-        content = {}
-    start = content.get(metadata.SESSION_START_INFO_TAG)
     if start is not None:
-        info = metadata.parse_session_start_info_plugin_data(start)
+        info = _plugin_data(start, "session_start_info")
         record.hparams = {key: _hparam_value(value) for key, value in info.hparams.items()}
         record.start_time = info.start_time_secs or None
-    end = content.get(metadata.SESSION_END_INFO_TAG)
     status = api_pb2.STATUS_UNKNOWN
     if end is not None:
-        end_info = metadata.parse_session_end_info_plugin_data(end)
+        end_info = _plugin_data(end, "session_end_info")
         status = end_info.status
         if end_info.end_time_secs:
             record.end_time = end_info.end_time_secs
@@ -121,13 +127,144 @@ def read_run(path: str, root: str) -> RunRecord:
         api_pb2.STATUS_RUNNING: "running",
     }
     record.status = names.get(status, "unknown")
-    if record.end_time is None and record.start_time is not None and last_wall:
+    # A run that is still running (or was killed) has run until its last point.
+    if (
+        record.start_time is not None
+        and last_wall
+        and (
+            record.end_time is None
+            or (record.status in ("running", "unknown") and last_wall > record.end_time)
+        )
+    ):
         record.end_time = last_wall
+
+
+def _event_files(path: str) -> list[str]:
+    """The names of a run directory's event files, in the order TensorBoard reads them."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    return sorted(name for name in names if "tfevents" in name)
+
+
+def _run_dirs(root: str) -> list[str]:
+    dirs = []
+    for current, _subdirs, files in os.walk(root):
+        if any("tfevents" in name for name in files):
+            dirs.append(current)
+    return sorted(dirs)
+
+
+def read_run(path: str, root: str) -> RunRecord:
+    """Reads one run directory from its event files into a :class:`RunRecord`."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        TENSORS,
+        EventAccumulator,
+    )
+
+    accumulator = EventAccumulator(path, size_guidance={SCALARS: 0, TENSORS: 0})
+    accumulator.Reload()
+    record = RunRecord(run=os.path.relpath(path, root), source="events")
+    last_wall = 0.0
+    for tag in accumulator.Tags().get("scalars", []):
+        events = accumulator.Scalars(tag)
+        if events:
+            record.stats[tag] = TagStats.of([float(e.value) for e in events])
+            last_wall = max(last_wall, max(e.wall_time for e in events))
+    try:
+        content = accumulator.PluginTagToContent("hparams")
+    except KeyError:  # no HParams records in this run
+        content = {}
+    _apply_session(
+        record,
+        content.get(_START_TAG),
+        content.get(_END_TAG),
+        last_wall,
+    )
     return record
 
 
-def read_runs(runs_dir: str | os.PathLike[str]) -> list[RunRecord]:
+def _records(handle: Any) -> Iterable[bytes]:
+    """The serialised events of a TFRecord file, up to the first incomplete record."""
+    read = handle.read
+    while True:
+        header = read(12)
+        if len(header) < 12:
+            return
+        length, _crc = _HEADER.unpack(header)
+        data = read(length + 4)
+        if len(data) < length + 4:
+            return
+        yield data[:length]
+
+
+def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, bytes | None]:
+    """The first session start and end records of a run, as TensorBoard keeps them.
+
+    Both are written once, near the start of the run's first event file, and updated
+    in place, so the scan usually stops after a few records.
+    """
+    from tensorboard.compat.proto import event_pb2
+
+    wanted = (_START_TAG, _END_TAG)
+    found: dict[str, bytes] = {}
+    for name in names:
+        with open(os.path.join(path, name), "rb") as handle:
+            for data in _records(handle):
+                if _SESSION_MARK not in data:
+                    continue
+                try:
+                    event = event_pb2.Event.FromString(data)
+                except Exception:  # a damaged record: TensorBoard skips it too
+                    continue
+                for value in event.summary.value:
+                    if (
+                        value.tag in wanted
+                        and value.tag not in found
+                        and value.HasField("metadata")
+                        and value.metadata.plugin_data.plugin_name == _PLUGIN_NAME
+                    ):
+                        found[value.tag] = value.metadata.plugin_data.content
+                if len(found) == len(wanted):
+                    return found[wanted[0]], found[wanted[1]]
+    return found.get(wanted[0]), found.get(wanted[1])
+
+
+def _current_summary(path: str, names: Sequence[str]) -> Any:
+    """The run's summary if it covers exactly these event files at their sizes, else None."""
+    fs, inner = _fs.resolve(path)
+    summary = read_summary(fs, inner)
+    if summary is None or [name for name, _ in summary.files] != list(names):
+        return None
+    for name, size in summary.files:
+        try:
+            if os.path.getsize(os.path.join(path, name)) != size:
+                return None
+        except OSError:
+            return None
+    return summary
+
+
+def read_run_dir(path: str, root: str, *, summaries: bool = True) -> RunRecord:
+    """One run: from its summary when that is current (see :mod:`_summary`), else its events."""
+    names = _event_files(path)
+    summary = _current_summary(path, names) if summaries else None
+    if summary is None:
+        return read_run(path, root)
+    record = RunRecord(run=os.path.relpath(path, root), stats=dict(summary.tags), source="summary")
+    start, end = _session_contents(path, names)
+    _apply_session(record, start, end, summary.last_time)
+    return record
+
+
+def read_runs(runs_dir: str | os.PathLike[str], *, summaries: bool = True) -> list[RunRecord]:
     """Every run (directory with an events file) under ``runs_dir``, in path order.
+
+    Args:
+        runs_dir: A run directory or a directory of runs.
+        summaries: Use runs' current summaries (False: read every run's events).
 
     Raises:
         TableError: ``runs_dir`` does not exist or holds no events file.
@@ -141,12 +278,12 @@ def read_runs(runs_dir: str | os.PathLike[str]) -> list[RunRecord]:
             f"No TensorBoard events files under {str(runs_dir)!r}: point RUNS_DIR at a "
             "directory that `tbx-lightning fit` or `sweep` wrote (e.g. runs/quickstart)."
         )
-    records = [read_run(path, root) for path in dirs]
-    return [r for r in records if r.hparams or r.scalars]
+    records = [read_run_dir(path, root, summaries=summaries) for path in dirs]
+    return [r for r in records if r.hparams or r.stats]
 
 
 def _select_metrics(records: Sequence[RunRecord], patterns: Sequence[str] | None) -> list[str]:
-    tags = sorted({tag for record in records for tag in record.scalars})
+    tags = sorted({tag for record in records for tag in record.stats})
     if patterns:
         return [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)]
     return [t for t in tags if not any(fnmatch.fnmatchcase(t, p) for p in _DEFAULT_EXCLUDE)]
@@ -162,13 +299,6 @@ def _differing_keys(records: Sequence[RunRecord]) -> list[str]:
         for key in keys
         if len({json.dumps(r.hparams.get(key, missing), default=str) for r in records}) > 1
     ]
-
-
-def _best(values: list[tuple[int, float]], metric: str) -> float | None:
-    finite = [v for _, v in values if math.isfinite(v)]
-    if not finite:
-        return None
-    return min(finite) if minimizes(metric) else max(finite)
 
 
 def table_rows(
@@ -190,7 +320,7 @@ def table_rows(
         TableError: ``sort`` names no metric of these runs.
     """
     chosen = _select_metrics(records, metrics)
-    all_tags = sorted({tag for record in records for tag in record.scalars})
+    all_tags = sorted({tag for record in records for tag in record.stats})
     if sort is not None and sort not in all_tags:
         raise TableError(
             f"--sort {sort!r} is not a metric of these runs; choose one of: "
@@ -209,9 +339,9 @@ def table_rows(
         for key in keys:
             row[key] = record.hparams.get(key)
         for metric in chosen:
-            values = record.scalars.get(metric, [])
-            row[f"{metric} last"] = values[-1][1] if values else None
-            row[f"{metric} best"] = _best(values, metric)
+            stats = record.stats.get(metric)
+            row[f"{metric} last"] = None if stats is None else stats.last
+            row[f"{metric} best"] = None if stats is None else stats.best(metric)
         row["status"] = record.status
         duration = record.duration
         row["seconds"] = None if duration is None else round(duration, 1)

@@ -3,7 +3,8 @@
 Commands::
 
     tbx-lightning fit [EXPERIMENT] [key=value ...]        # default: quickstart into ./runs
-    tbx-lightning sweep [EXPERIMENT] key=a,b,c other=x,y  # one run after another
+    tbx-lightning sweep [EXPERIMENT] key=a,b,c other=x,y  # a grid through Hydra's multirun
+    tbx-lightning sweep ... --jobs 4 | hydra/launcher=slurm | hydra/sweeper=search
     tbx-lightning hparams RUNS_DIR [--sort METRIC] [--format table|csv|markdown|json]
     tbx-lightning list                                    # experiments, groups, sweeps
 
@@ -20,7 +21,6 @@ import itertools
 import os
 import shlex
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,8 +48,8 @@ RUNNERS = ("lightning", "accelerate")
 _COMMANDS = ("fit", "sweep", "hparams", "list", "-h", "--help", "--version")
 # Groups that are not part of the root config's defaults list.
 _NOT_COMPOSED = ("sweep",)
-
-
+# Hydra's own groups (launchers, sweepers): picked with hydra/launcher=..., not composed.
+_HYDRA_GROUPS = ("launcher", "sweeper")
 
 
 # ---------------------------------------------------------------------------- finding configs
@@ -89,9 +89,27 @@ def list_options(config_dir: Path) -> dict[str, list[str]]:
     """Options of each config group: ``{"experiment": ["finetune", "quickstart", ...], ...}``."""
     groups: dict[str, list[str]] = {}
     for child in sorted(config_dir.iterdir()):
-        if child.is_dir() and not child.name.startswith((".", "_")):
+        if child.is_dir() and not child.name.startswith((".", "_", "hydra")):
             groups[child.name] = sorted(p.stem for p in child.glob("*.yaml"))
     return groups
+
+
+def hydra_options(config_dir: Path) -> dict[str, list[str]]:
+    """Options of Hydra's launcher and sweeper groups: ours in ``configs/hydra/`` and the plugins'."""
+    options: dict[str, list[str]] = {}
+    try:
+        from hydra.core.config_store import ConfigStore
+        from hydra.core.plugins import Plugins
+
+        Plugins.instance()  # registers the installed plugins' configs
+        repo: Any = ConfigStore.instance().repo.get("hydra", {})
+    except ImportError:
+        repo = {}
+    for group in _HYDRA_GROUPS:
+        names = {p.stem for p in (config_dir / "hydra" / group).glob("*.yaml")}
+        names |= {n.removesuffix(".yaml") for n in repo.get(group, {}) if n.endswith(".yaml")}
+        options[f"hydra/{group}"] = sorted(names)
+    return options
 
 
 # ---------------------------------------------------------------------------- composing
@@ -339,7 +357,10 @@ def expand_grid(params: dict[str, str] | Sequence[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _load_grid(name: str, directory: Path) -> tuple[str | None, dict[str, str]]:
+def _load_sweep_file(
+    name: str, directory: Path
+) -> tuple[str | None, dict[str, str], list[str], str | None]:
+    """``configs/sweep/NAME.yaml``: experiment, params, Hydra overrides, optimized_metric."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -361,7 +382,29 @@ def _load_grid(name: str, directory: Path) -> tuple[str | None, dict[str, str]]:
     flat = {
         str(k): ",".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in params.items()
     }
-    return grid.get("experiment"), flat
+    node = grid.get("hydra")
+    hydra = {} if node is None else OmegaConf.to_container(node, resolve=False)
+    if not isinstance(hydra, dict):
+        raise ConfigError(
+            f"sweep/{name}.yaml: `hydra` must map Hydra override keys to values, "
+            "e.g. `hydra/sweeper: search`."
+        )
+    hydra_overrides = [f"{k!s}={v}" for k, v in hydra.items()]
+    for text in hydra_overrides:
+        if not text.startswith(("hydra/", "hydra.")):
+            raise ConfigError(
+                f"sweep/{name}.yaml: {text!r} under `hydra` is not a Hydra key "
+                "(hydra/launcher, hydra/sweeper, hydra.launcher.*, hydra.sweeper.*); "
+                "put the run's own keys under `params`."
+            )
+    metric = grid.get("optimized_metric")
+    return grid.get("experiment"), flat, hydra_overrides, None if metric is None else str(metric)
+
+
+def _load_grid(name: str, directory: Path) -> tuple[str | None, dict[str, str]]:
+    """``configs/sweep/NAME.yaml``'s experiment and params (``key: 'a,b,c'``)."""
+    experiment, params, _, _ = _load_sweep_file(name, directory)
+    return experiment, params
 
 
 # ---------------------------------------------------------------------------- running
@@ -443,65 +486,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    """``tbx-lightning sweep``."""
-    directory = find_config_dir(args.config_dir)
-    experiment, overrides = _split_positional(args.args)
-    params: dict[str, str] = {}
-    if args.grid:
-        grid_experiment, params = _load_grid(args.grid, directory)
-        experiment = experiment or grid_experiment
-    experiment = experiment or DEFAULT_EXPERIMENT
-    points = expand_grid([*(f"{k}={v}" for k, v in params.items()), *overrides])
-    if not any(params.values()) and not any("," in o for o in overrides) and len(points) < 2:
-        raise ConfigError(
-            "A sweep needs at least one key with several values, e.g. "
-            "`tbx-lightning sweep quickstart model.optimizer.lr=0.01,0.001`."
-        )
-    name = args.name or f"{experiment}_sweep_{time.strftime('%Y%m%d-%H%M%S')}"
-    # Compose every point first: one bad value stops the sweep before anything is written.
-    configs = [
-        compose_config(experiment, [*point, f"task_name={name}"], directory) for point in points
-    ]
-    total = len(configs)
-    print(f"Sweep {name}: {total} runs of {experiment}", flush=True)
-    failed = 0
-    experiment_dir = None
-    varying = [i for i in range(len(points[0])) if len({p[i] for p in points}) > 1]
-    for index, (point, cfg) in enumerate(zip(points, configs, strict=True), start=1):
-        label = " ".join(point[i] for i in varying) or " ".join(point)
-        print(f"[{index}/{total}] {label} ...", flush=True)
-        try:
-            result = _run(cfg)
-        except Exception as error:  # the sweep goes on; the run is recorded as failed
-            failed += 1
-            _record_failed(cfg, error)
-            print(f"[{index}/{total}] {label}: failed: {type(error).__name__}: {error}", flush=True)
-            continue
-        experiment_dir = result.experiment_dir
-        if result.status != "success":
-            failed += 1
-        detail = f"{type(result.error).__name__}: {result.error}" if result.error else ""
-        parts = [f"{result.status} in {result.seconds:.1f} s", _metric_text(result.metrics, 3)]
-        parts += [detail, f"-> {result.log_dir}"]
-        # A leading newline: Lightning's progress bar may have left the cursor mid-line.
-        print(f"\n[{index}/{total}] {label}: " + " ".join(p for p in parts if p), flush=True)
-    if experiment_dir is None:
-        from tbx_lightning.templates.runner import experiment_dir_of
+    """``tbx-lightning sweep``: see :mod:`tbx_lightning._sweep`."""
+    from tbx_lightning import _sweep
 
-        experiment_dir = experiment_dir_of(configs[0])
-    print(f"Sweep done: {total - failed} succeeded, {failed} failed.")
-    if os.path.isdir(experiment_dir):
-        from tbx_lightning import _table
-
-        try:
-            columns, rows = _table.table_rows(_table.read_runs(experiment_dir))
-            print(_table.render(columns, rows, "table"))
-        except _table.TableError:
-            pass
-    print("Compare the runs in TensorBoard's HParams tab:")
-    print(f"  {_tensorboard_line(experiment_dir)}")
-    print(f"  tbx-lightning hparams {shlex.quote(experiment_dir)}")
-    return 0 if failed == 0 else 1
+    return _sweep.run_sweep(args)
 
 
 def _record_failed(cfg: DictConfig, error: BaseException) -> None:
@@ -541,6 +529,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"Configs in {directory}")
     for group, options in list_options(directory).items():
         print(f"  {group + '/':<12} {', '.join(options)}")
+    for group, options in hydra_options(directory).items():
+        print(f"  {group + '/':<16} {', '.join(options) or '(pip install tbx-lightning[sweep])'}")
     return 0
 
 
@@ -578,14 +568,27 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
-        help="run a grid, one run after another, into one experiment directory",
+        help="run a grid or a search through Hydra's multirun, into one experiment directory",
         description="Every combination of key=a,b,c overrides becomes one run under "
-        "runs/NAME/version_N, so TensorBoard's HParams tab compares them.",
+        "runs/NAME/version_N, so TensorBoard's HParams tab compares them. Each run is a "
+        "process of Hydra's launcher (hydra/launcher=parallel|processes|slurm or any "
+        "installed launcher); hydra/sweeper=search runs an Optuna search instead of a grid.",
     )
-    sweep.add_argument("args", nargs="*", metavar="[EXPERIMENT] key=a,b,c ...")
+    sweep.add_argument("args", nargs="*", metavar="[EXPERIMENT] key=a,b,c ... [hydra/...=...]")
     sweep.add_argument("--grid", metavar="NAME", help="start from configs/sweep/NAME.yaml")
     sweep.add_argument(
         "--name", help="experiment directory name (default: EXPERIMENT_sweep_TIMESTAMP)"
+    )
+    sweep.add_argument(
+        "--jobs",
+        type=int,
+        metavar="N",
+        help="N runs at once on this machine (Hydra's joblib launcher; default: 1)",
+    )
+    sweep.add_argument(
+        "--optimized-metric",
+        metavar="METRIC",
+        help="the scalar tag a search optimises, e.g. val/acc (its best value per run)",
     )
     config_dir_option(sweep)
     sweep.set_defaults(func=cmd_sweep)

@@ -1,0 +1,568 @@
+"""``tbx-lightning sweep`` on Hydra's multirun: grids, searches, launchers, progress, the table.
+
+The command composes and checks what it can before anything runs (every grid point,
+every value of a search space's bounds and choices, the Hydra launcher and sweeper
+options), then hands the sweep to Hydra: its sweeper picks the points (the basic
+sweeper: the grid; Optuna: a search) and its launcher starts them (joblib: worker
+processes on this machine; submitit: local processes or SLURM jobs). Every run is
+:func:`job` in a process of the launcher's; it trains with the same runner as
+``tbx-lightning fit``, claims its own ``version_N`` in the experiment directory,
+sends its output to a log file, and leaves a small marker file that this process
+reads to print a progress line per run. The objective a search needs is read back
+from the finished run itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shlex
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from tbx_lightning.errors import ConfigError
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+__all__ = ["DIRECTION_ENV", "MARKER", "OBJECTIVE_ENV", "job", "run_sweep"]
+
+OBJECTIVE_ENV = "TBX_LIGHTNING_OBJECTIVE"
+DIRECTION_ENV = "TBX_LIGHTNING_DIRECTION"
+MARKER = "tbx_job.json"
+OUTPUT_LOG = "output.log"
+_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+_SWEEP_EXTRA = "pip install 'tbx-lightning[sweep]'"
+
+
+def _quote(value: str) -> str:
+    """A value for Hydra's override grammar, quoted so paths and names pass as they are."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def override_key(text: str) -> str:
+    """``model.lr`` of ``model.lr=0.1``, ``+model.lr=0.1`` or ``~model.lr``."""
+    return text.split("=", 1)[0].lstrip("+~")
+
+
+def is_hydra_override(text: str) -> bool:
+    """Whether an override is for Hydra itself (``hydra/launcher=...``, ``hydra.sweeper.x=...``)."""
+    key = override_key(text)
+    return key == "hydra" or key.startswith(("hydra/", "hydra."))
+
+
+def joblib_available() -> bool:
+    """Whether Hydra's joblib launcher plugin is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+
+
+# ---------------------------------------------------------------------------- the plan
+@dataclass
+class SweepPlan:
+    """Everything the sweep runs with, composed and checked before the first run."""
+
+    experiment: str
+    name: str
+    overrides: list[str]  # the task's overrides, sweeps (a,b / interval(...)) included
+    hydra_overrides: list[str]
+    swept_keys: list[str]
+    total: int | None
+    search: bool
+    metric: str | None
+    direction: str
+    experiment_dir: str
+    sweep_dir: str
+    config_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+
+def _probe_values(override: Any) -> list[str]:
+    """Values that stand for a sweep override when checking it: every choice, or the bounds."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep):
+        return [str(value.start), str(value.end)]
+    return [str(v) for v in override.sweep_string_iterator()]
+
+
+def _parse(texts: Sequence[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    parsed = []
+    for text in texts:
+        try:
+            (override,) = parser.parse_overrides([text])
+        except OverrideParseException as error:
+            raise ConfigError(
+                f"Cannot parse override {text!r}: {str(error).splitlines()[0]}"
+            ) from None
+        parsed.append(override)
+    return parsed
+
+
+def _merge_hydra(first: Sequence[str], then: Sequence[str]) -> list[str]:
+    """Hydra overrides of ``first`` whose key ``then`` does not set again, then ``then``."""
+    keys = {override_key(t) for t in then}
+    return [t for t in first if override_key(t) not in keys] + list(then)
+
+
+def _compose_hydra(
+    directory: Path, experiment: str, fixed: Sequence[str], hydra_overrides: Sequence[str]
+) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from tbx_lightning.cli import ROOT_CONFIG, _hydra_message
+
+    try:
+        with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
+            return compose(
+                ROOT_CONFIG,
+                overrides=[f"experiment={experiment}", *fixed, *hydra_overrides],
+                return_hydra_config=True,
+            )
+    except (HydraException, OmegaConfBaseException) as error:
+        message = _hydra_message(error)
+        missing = re.search(r"Could not find '(hydra/(?:launcher|sweeper))/([^']+)'", message)
+        if missing:
+            from tbx_lightning.cli import hydra_options
+
+            group, option = missing.groups()
+            choices = hydra_options(directory).get(group, [])
+            message = (
+                f"Unknown option {option!r} for {group}; choose one of: "
+                f"{', '.join(choices) or '(none)'}. Hydra's launcher and sweeper plugins "
+                f"come with {_SWEEP_EXTRA}; ours are in configs/hydra/."
+            )
+        raise ConfigError(" ".join(message.split())) from None
+
+
+def plan_sweep(args: argparse.Namespace) -> SweepPlan:
+    """Reads the command line and the grid file into a checked :class:`SweepPlan`."""
+    from tbx_lightning.cli import (
+        DEFAULT_EXPERIMENT,
+        _load_sweep_file,
+        _split_positional,
+        compose_config,
+        expand_grid,
+        find_config_dir,
+    )
+    from tbx_lightning.templates.runner import experiment_dir_of
+
+    directory = find_config_dir(args.config_dir)
+    experiment, given = _split_positional(args.args)
+    params: dict[str, str] = {}
+    grid_hydra: list[str] = []
+    metric = args.optimized_metric
+    if args.grid:
+        grid_experiment, params, grid_hydra, grid_metric = _load_sweep_file(args.grid, directory)
+        experiment = experiment or grid_experiment
+        metric = metric or grid_metric
+    experiment = experiment or DEFAULT_EXPERIMENT
+    cli_hydra = [o for o in given if is_hydra_override(o)]
+    task = [*(f"{k}={v}" for k, v in params.items()), *(o for o in given if o not in cli_hydra)]
+    hydra_overrides = _merge_hydra(grid_hydra, cli_hydra)
+    parsed = _parse(task)
+    swept = [o for o, p in zip(task, parsed, strict=True) if p.is_sweep_override()]
+    fixed = [o for o in task if o not in swept]
+    swept_keys = [override_key(o) for o in swept]
+    name = args.name or f"{experiment}_sweep_{time.strftime('%Y%m%d-%H%M%S')}"
+    notes: list[str] = []
+
+    # Launcher: --jobs N is joblib with N workers; no launcher means one worker process.
+    launcher = next((o for o in hydra_overrides if override_key(o) == "hydra/launcher"), None)
+    chosen = launcher.split("=", 1)[1] if launcher else None
+    internal: list[str] = []
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs {args.jobs}: give the number of runs at once, 1 or more.")
+        if chosen not in (None, "joblib", "parallel"):
+            raise ConfigError(
+                f"--jobs sets the joblib launcher's workers, but {launcher!r} picks another "
+                "launcher: leave out --jobs, or set that launcher's own parallelism "
+                "(e.g. hydra.launcher.array_parallelism=N for SLURM)."
+            )
+        if not joblib_available():
+            raise ConfigError(f"--jobs needs Hydra's joblib launcher: {_SWEEP_EXTRA}")
+        if chosen is None:
+            internal.append("hydra/launcher=joblib")
+        internal.append(f"hydra.launcher.n_jobs={args.jobs}")
+    elif chosen is None:
+        if joblib_available():
+            internal += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=1"]
+        else:
+            notes.append(
+                f"(runs one after another in this process; {_SWEEP_EXTRA} runs each in a "
+                "process of its own, and several at once with --jobs N)"
+            )
+
+    # Compose once with Hydra's own config: checks the launcher and sweeper options and
+    # tells which sweeper this is.
+    hydra_cfg = _compose_hydra(directory, experiment, fixed, [*internal, *hydra_overrides])
+    sweeper = hydra_cfg.hydra.sweeper
+    search = str(sweeper.get("_target_", _BASIC_SWEEPER)) != _BASIC_SWEEPER
+    total: int | None
+    if search:
+        if not swept:
+            raise ConfigError(
+                "A search needs a search space: give overrides such as "
+                "model.optimizer.lr='interval(0.0001,0.1)' or model.net.embed_dim='choice(32,64)'."
+            )
+        if not metric:
+            raise ConfigError(
+                "A search needs an objective: pass --optimized-metric METRIC (a scalar tag "
+                "such as val/acc) or set optimized_metric: in the configs/sweep/ file."
+            )
+        trials = sweeper.get("n_trials")
+        total = int(trials) if trials is not None else None
+        if args.jobs is not None and not any(
+            override_key(o) == "hydra.sweeper.n_jobs" for o in hydra_overrides
+        ):
+            internal.append(f"hydra.sweeper.n_jobs={args.jobs}")
+    else:
+        if not swept:
+            raise ConfigError(
+                "A sweep needs at least one key with several values, e.g. "
+                "`tbx-lightning sweep quickstart model.optimizer.lr=0.01,0.001`."
+            )
+        total = None
+    from tbx_lightning._summary import minimizes
+
+    direction = "minimize" if metric and minimizes(metric) else "maximize"
+    user_direction = next(
+        (o for o in hydra_overrides if override_key(o) == "hydra.sweeper.direction"), None
+    )
+    if user_direction is not None:
+        direction = user_direction.split("=", 1)[1].strip()
+    elif search and "direction" in sweeper:
+        internal.append(f"hydra.sweeper.direction={direction}")
+
+    # Compose the runs' configs: one bad value stops the sweep before anything is written.
+    if search:
+        first = [
+            f"{override_key(o)}={_probe_values(p)[0]}"
+            for o, p in zip(task, parsed, strict=True)
+            if p.is_sweep_override()
+        ]
+        points = [first]
+        for index, (o, p) in enumerate(
+            (o, p) for o, p in zip(task, parsed, strict=True) if p.is_sweep_override()
+        ):
+            for value in _probe_values(p)[1:]:
+                point = list(first)
+                point[index] = f"{override_key(o)}={value}"
+                points.append(point)
+        points = [[*fixed, *point] for point in points]
+    else:
+        points = expand_grid(task)
+        total = len(points)
+    configs = [
+        compose_config(experiment, [*point, f"task_name={name}"], directory) for point in points
+    ]
+    runs_dir = str(configs[0].paths.runs_dir)
+    experiment_dir = experiment_dir_of(configs[0])
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    if "://" in runs_dir:  # runs in an object store: Hydra's own files stay local
+        sweep_dir = os.path.abspath(os.path.join(".tbx-sweeps", name, stamp))
+    else:
+        sweep_dir = os.path.join(experiment_dir, ".sweeps", stamp)
+    internal += [
+        f"task_name={_quote(name)}",
+        f"hydra.sweep.dir={_quote(sweep_dir)}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+        "hydra.output_subdir=null",
+        "hydra.job.chdir=false",
+        "hydra/job_logging=none",
+        "hydra/hydra_logging=none",
+        f"++hydra.job.env_set.{DIRECTION_ENV}={direction}",
+    ]
+    if metric:
+        internal.append(f"++hydra.job.env_set.{OBJECTIVE_ENV}={_quote(metric)}")
+    return SweepPlan(
+        experiment=experiment,
+        name=name,
+        overrides=task,
+        hydra_overrides=[*internal, *hydra_overrides],
+        swept_keys=swept_keys,
+        total=total,
+        search=search,
+        metric=metric,
+        direction=direction,
+        experiment_dir=experiment_dir,
+        sweep_dir=sweep_dir,
+        config_dir=directory,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------- in each run
+def _write_marker(path: str, info: dict[str, Any]) -> None:
+    from tbx_lightning import _fs
+
+    fs, inner = _fs.resolve(path)
+    _fs.write_text_atomic(fs, inner, json.dumps(info, default=str))
+
+
+def _objective(log_dir: str, metric: str, direction: str) -> float:
+    """The run's best value of ``metric`` in the sweep's direction; NaN when it has none."""
+    from tbx_lightning import _table
+
+    try:
+        record = _table.read_run_dir(log_dir, os.path.dirname(log_dir))
+    except Exception:
+        return math.nan
+    stats = record.stats.get(metric)
+    if stats is None:
+        return math.nan
+    value = stats.min if direction.lower().startswith("min") else stats.max
+    return math.nan if value is None else float(value)
+
+
+def job(cfg: DictConfig) -> float | None:
+    """Hydra's task function: trains one run of the sweep and returns its objective.
+
+    Never raises for a run that fails: the run is recorded as failed (NaN objective,
+    which Optuna records as a failed trial) and the sweep goes on.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    job_dir = str(hydra_cfg.runtime.output_dir)
+    marker = os.path.join(job_dir, MARKER)
+    info: dict[str, Any] = {
+        "num": int(hydra_cfg.job.num),
+        "overrides": [str(o) for o in hydra_cfg.overrides.task],
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.time(),
+        "state": "started",
+        "log": os.path.join(job_dir, OUTPUT_LOG),
+    }
+    _write_marker(marker, info)
+    metric = os.environ.get(OBJECTIVE_ENV)
+    direction = os.environ.get(DIRECTION_ENV, "maximize")
+    objective = math.nan
+    try:
+        from tbx_lightning import cli
+        from tbx_lightning.templates.resolvers import register_resolvers
+
+        register_resolvers()
+        with (
+            open(info["log"], "a", encoding="utf-8") as log,
+            contextlib.redirect_stdout(log),
+            contextlib.redirect_stderr(log),
+        ):
+            try:
+                result = cli._run(cfg)
+            except Exception as error:  # broke before training: record the run as failed
+                cli._record_failed(cfg, error)
+                info.update(status="failed", error=f"{type(error).__name__}: {error}")
+            else:
+                info.update(
+                    status=result.status,
+                    seconds=result.seconds,
+                    log_dir=result.log_dir,
+                    metrics=cli._metric_text(result.metrics, 3),
+                )
+                if result.error is not None:
+                    info["error"] = f"{type(result.error).__name__}: {result.error}"
+                if metric:
+                    objective = _objective(result.log_dir, metric, direction)
+    except Exception as error:  # the sweep goes on whatever happened here
+        info.setdefault("status", "failed")
+        info.setdefault("error", f"{type(error).__name__}: {error}")
+    info.update(state="done", ended=time.time())
+    if metric:
+        info["objective"] = None if math.isnan(objective) else objective
+    with contextlib.suppress(Exception):
+        _write_marker(marker, info)
+    return objective if metric else None
+
+
+# ---------------------------------------------------------------------------- progress
+class _Progress:
+    """Prints a line when a run starts and when it ends, from the runs' marker files."""
+
+    def __init__(self, plan: SweepPlan, out: IO[str]) -> None:
+        self.plan = plan
+        self.out = out
+        self.started: set[int] = set()
+        self.done: dict[int, dict[str, Any]] = {}
+        self.seen: dict[int, dict[str, Any]] = {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="tbx-sweep-progress", daemon=True)
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self.poll()
+
+    def label(self, info: dict[str, Any]) -> str:
+        keys = set(self.plan.swept_keys)
+        chosen = [o for o in info.get("overrides", []) if override_key(o) in keys]
+        return " ".join(chosen) or " ".join(info.get("overrides", []))
+
+    def _prefix(self, num: int) -> str:
+        total = self.plan.total if self.plan.total is not None else "?"
+        return f"[{num + 1}/{total}]"
+
+    def poll(self) -> None:
+        with self._lock:
+            try:
+                entries = sorted(Path(self.plan.sweep_dir).glob(f"*/{MARKER}"))
+            except OSError:
+                return
+            for path in entries:
+                try:
+                    info = json.loads(path.read_text(encoding="utf-8"))
+                    num = int(info["num"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                self.seen[num] = info
+                if num not in self.started:
+                    self.started.add(num)
+                    print(f"{self._prefix(num)} {self.label(info)} ...", file=self.out, flush=True)
+                if info.get("state") == "done" and num not in self.done:
+                    self.done[num] = info
+                    print(
+                        f"{self._prefix(num)} {self.label(info)}: {_outcome(info)}", file=self.out
+                    )
+                    self.out.flush()
+
+
+def _outcome(info: dict[str, Any]) -> str:
+    status = info.get("status", "failed")
+    if "seconds" not in info:
+        return f"{status}: {info.get('error', 'no result')} (log: {info.get('log')})"
+    parts = [f"{status} in {float(info['seconds']):.1f} s", info.get("metrics", "")]
+    if info.get("error"):
+        parts.append(str(info["error"]))
+    parts.append(f"-> {info.get('log_dir')}")
+    if status != "success":
+        parts.append(f"(log: {info.get('log')})")
+    return " ".join(p for p in parts if p)
+
+
+# ---------------------------------------------------------------------------- running
+def _multirun(plan: SweepPlan) -> None:
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tbx_lightning.cli import ROOT_CONFIG
+    from tbx_lightning.templates.resolvers import register_resolvers
+
+    register_resolvers()
+    if plan.search:
+        with contextlib.suppress(ImportError):
+            import optuna
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines say it
+    version.setbase("1.3")
+    GlobalHydra.instance().clear()
+    hydra = Hydra.create_main_hydra2(
+        task_name=plan.name, config_search_path=create_config_search_path(str(plan.config_dir))
+    )
+    try:
+        hydra.multirun(
+            config_name=ROOT_CONFIG,
+            task_function=job,
+            overrides=[f"experiment={plan.experiment}", *plan.overrides, *plan.hydra_overrides],
+            with_log_configuration=False,
+        )
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _tensorboard_line(logdir: str) -> str:
+    return f"tensorboard --logdir {shlex.quote(logdir)}"
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``tbx-lightning sweep``: plans, runs through Hydra, prints progress and the table."""
+    from tbx_lightning import _table
+
+    plan = plan_sweep(args)
+    out = sys.stdout
+    kind = "search" if plan.search else "sweep"
+    count = f"{plan.total} runs" if plan.total is not None else "runs"
+    print(f"Sweep {plan.name}: {count} of {plan.experiment}", flush=True)
+    if plan.search:
+        print(f"  objective: {plan.metric} ({plan.direction})", flush=True)
+    for note in plan.notes:
+        print(f"  {note}", flush=True)
+    stopped: BaseException | None = None
+    with _Progress(plan, out) as progress:
+        try:
+            _multirun(plan)
+        except Exception as error:  # a launcher that lost a worker, a sweeper that gave up
+            stopped = error
+    runs = progress.seen
+    missing = [num for num in sorted(runs) if num not in progress.done]
+    for num in missing:
+        print(
+            f"{progress._prefix(num)} {progress.label(runs[num])}: no result (its process "
+            f"ended early; log: {runs[num].get('log')})",
+            flush=True,
+        )
+    failed = len(missing) + sum(1 for i in progress.done.values() if i.get("status") != "success")
+    total = len(runs)
+    if stopped is not None:
+        print(f"The {kind} stopped early: {type(stopped).__name__}: {stopped}", flush=True)
+    print(f"Sweep done: {total - failed} succeeded, {failed} failed.")
+    if plan.search:
+        best = _best_trial(plan.sweep_dir)
+        if best:
+            print(best)
+    if os.path.isdir(plan.experiment_dir):
+        try:
+            columns, rows = _table.table_rows(_table.read_runs(plan.experiment_dir))
+            print(_table.render(columns, rows, "table"))
+        except _table.TableError:
+            pass
+    print("Compare the runs in TensorBoard's HParams tab:")
+    print(f"  {_tensorboard_line(plan.experiment_dir)}")
+    print(f"  tbx-lightning hparams {shlex.quote(plan.experiment_dir)}", flush=True)
+    return 0 if failed == 0 and stopped is None and total > 0 else 1
+
+
+def _best_trial(sweep_dir: str) -> str | None:
+    """The sweeper's own account of the best run, if it left one (Optuna does)."""
+    import yaml
+
+    path = os.path.join(sweep_dir, "optimization_results.yaml")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            results = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError):
+        return None
+    if not isinstance(results, dict) or "best_value" not in results:
+        return None
+    params = " ".join(f"{k}={v}" for k, v in (results.get("best_params") or {}).items())
+    return f"Best: {results['best_value']:.4g} with {params}"
