@@ -271,7 +271,7 @@ def test_embedding_labels_with_tabs_newlines_and_one_row(run: RunWriter) -> None
     assert record.num_points == 1
     tsv = Path(record.metadata_path or "").read_text()
     # One line per point: the control characters are escaped, never split a row.
-    assert tsv.splitlines() == ["tab\\there\\nnew"]
+    assert tsv.splitlines() == ["label\tindex", "tab\\there\\nnew\t0"]
     raw = np.fromfile(record.tensor_path, dtype="<f4")
     assert raw.tolist() == [1.0, 2.0]
 

@@ -192,11 +192,13 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, str]) -> None:
     # The projector: penultimate embeddings with digit labels and a sprite.
     config = _projector(log_dir)
     assert config.embeddings
-    entry = config.embeddings[-1]
+    entry = config.embeddings[0]  # the latest step is listed first
     assert entry.metadata_path and entry.sprite.image_path
     tensor = Path(log_dir, entry.tensor_path)
     rows = tensor.stat().st_size // 4 // 64  # float32, embed_dim 64
-    labels = Path(log_dir, entry.metadata_path).read_text(encoding="utf-8").splitlines()
+    lines = Path(log_dir, entry.metadata_path).read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "label\tindex"
+    labels = [line.split("\t")[0] for line in lines[1:]]
     assert len(labels) == rows and set(labels) <= {str(d) for d in range(10)}
     # HParams: the config's own dot-path keys, and the success status.
     hparams, status = _session(acc)
@@ -268,7 +270,9 @@ def test_tiny_lm_end_to_end(tmp_path: Path) -> None:
     config = _projector(log_dir)
     token = [e for e in config.embeddings if "token" in e.tensor_name]
     assert token, [e.tensor_name for e in config.embeddings]
-    labels = Path(log_dir, token[-1].metadata_path).read_text(encoding="utf-8").splitlines()
+    lines = Path(log_dir, token[0].metadata_path).read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "label\tindex"
+    labels = [line.split("\t")[0] for line in lines[1:]]
     assert len(labels) == 96 and "a" in labels and "space" in labels
     hparams, _ = _session(acc)
     assert hparams["model.net.d_model"] == 32

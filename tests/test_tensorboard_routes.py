@@ -271,7 +271,14 @@ def test_projector_routes_serve_tensor_bytes_metadata_and_sprite(server: TensorB
     metadata = server.get_bytes(
         "/data/plugin/projector/metadata", {"run": "projector", "name": name}
     ).decode()
-    assert metadata.splitlines() == ["cat", "dog", "tab\\there", "new\\nline", "ünï"]
+    assert metadata.splitlines() == [
+        "label\tindex",
+        "cat\t0",
+        "dog\t1",
+        "tab\\there\t2",
+        "new\\nline\t3",
+        "ünï\t4",
+    ]
     sprite = server.get_bytes(
         "/data/plugin/projector/sprite_image", {"run": "projector", "name": name}
     )
