@@ -16,6 +16,7 @@ from tbx_lightning._registration import install_accelerate_hook as _install_acce
 from tbx_lightning._version import __version__
 
 if _typing.TYPE_CHECKING:
+    from tbx_lightning._alerts import Alert, AlertRules
     from tbx_lightning._lightning_monitor import TrainingMonitor
     from tbx_lightning._lightning_projector import EmbeddingProjector
     from tbx_lightning._writer import RunWriter
@@ -32,11 +33,14 @@ if _typing.TYPE_CHECKING:
         RunWriterError,
         TableError,
         TBXError,
+        TrainingAlertError,
     )
     from tbx_lightning.lightning import RunStateCallback, TBXLogger
     from tbx_lightning.monitor import ModelMonitor
 
 __all__ = [
+    "Alert",
+    "AlertRules",
     "BuildError",
     "ConfigError",
     "ConfigTypeError",
@@ -54,12 +58,15 @@ __all__ = [
     "TBXLogger",
     "TBXTracker",
     "TableError",
+    "TrainingAlertError",
     "TrainingMonitor",
     "__version__",
 ]
 
 # name -> module that defines it; modules load on first attribute access.
 _LAZY = {
+    "Alert": "tbx_lightning._alerts",
+    "AlertRules": "tbx_lightning._alerts",
     "BuildError": "tbx_lightning.errors",
     "ConfigError": "tbx_lightning.errors",
     "ConfigTypeError": "tbx_lightning.errors",
@@ -77,6 +84,7 @@ _LAZY = {
     "TableError": "tbx_lightning.errors",
     "TBXLogger": "tbx_lightning.lightning",
     "TBXTracker": "tbx_lightning.accelerate",
+    "TrainingAlertError": "tbx_lightning.errors",
     "TrainingMonitor": "tbx_lightning._lightning_monitor",
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +18,11 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "tbx_lightning.TrainingMonitor needs Lightning: pip install 'tbx-lightning[lightning]'"
     ) from error
 
-from tbx_lightning.monitor import ModelMonitor, MonitorSink
+from tbx_lightning.monitor import AlertRules, ModelMonitor, MonitorSink
 
 __all__ = ["TrainingMonitor"]
+
+_log = logging.getLogger("tbx_lightning.alerts")
 
 
 class TrainingMonitor(Callback):
@@ -32,7 +36,14 @@ class TrainingMonitor(Callback):
       clipped): histograms, norms, non-finite counts, frozen fractions, pre-clip norm;
     - the optimizer's step post-hook: post-clip total gradient norm, update/weight
       ratios, learning rate, momentum;
-    - ``on_train_batch_end``: samples (and tokens) per second, peak device memory.
+    - ``on_train_batch_end``: the loss for the alert detectors, samples (and tokens)
+      per second, model FLOPs utilisation, peak device memory; with ``on_alert="stop"``,
+      a checkpoint and a clean stop once an alert fired.
+
+    Alerts are on by default (see :class:`~tbx_lightning.monitor.AlertRules`): they are
+    written under the text tag ``alerts`` with the scalar ``alerts/count`` and logged
+    once per kind and layer on the ``tbx_lightning.alerts`` logger. The FLOPs of a step
+    are counted on the first training batch unless ``flops_per_step`` is given.
 
     Every rank computes (sharded statistics need all ranks in the ``all_reduce``);
     only global rank 0 writes. See :class:`~tbx_lightning.monitor.ModelMonitor` for the
@@ -54,6 +65,15 @@ class TrainingMonitor(Callback):
         tokens_fn: Tokens in a batch (e.g. ``lambda b: b["attention_mask"].sum()``);
             without it no ``tokens_per_sec`` is logged.
         seed: Seed of the sampling generator.
+        trainable_only: Statistics of trainable parameters only; ``None`` turns it on
+            when most elements are frozen (adapters, a frozen backbone).
+        alerts: ``True`` (default rules), ``False``, or an ``AlertRules``.
+        on_alert: ``"warn"`` (log only), ``"stop"`` (save a checkpoint and stop the
+            fit cleanly), ``"raise"`` (raise ``TrainingAlertError``) or a callable
+            receiving each :class:`~tbx_lightning.monitor.Alert`.
+        flops_per_step: FLOPs of one optimizer step; ``None`` counts them once.
+        peak_flops: The device's peak FLOP/s; ``None`` looks it up by device name.
+        count_flops: Count the FLOPs of the first batch when ``flops_per_step`` is unset.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -81,6 +101,12 @@ class TrainingMonitor(Callback):
         batch_size_fn: Callable[[Any], int] | None = None,
         tokens_fn: Callable[[Any], Any] | None = None,
         seed: int = 0,
+        trainable_only: bool | None = None,
+        alerts: bool | AlertRules = True,
+        on_alert: Any = "warn",
+        flops_per_step: float | None = None,
+        peak_flops: float | None = None,
+        count_flops: bool = True,
     ) -> None:
         super().__init__()
         self._options: dict[str, Any] = {
@@ -96,12 +122,19 @@ class TrainingMonitor(Callback):
             "sharded": sharded,
             "reset_peak_memory": reset_peak_memory,
             "seed": seed,
+            "trainable_only": trainable_only,
+            "alerts": alerts,
+            "on_alert": on_alert,
+            "flops_per_step": flops_per_step,
+            "peak_flops": peak_flops,
+            "count_flops": count_flops,
         }
         # Validate now, on a throwaway module, so a bad option fails at construction.
         ModelMonitor(torch.nn.Linear(1, 1), None, **{**self._options, "sharded": False})
         self.batch_size_fn = batch_size_fn
         self.tokens_fn = tokens_fn
         self.monitor: ModelMonitor | None = None
+        self.stop_checkpoint: str | None = None
         self._step = 0
 
     # ------------------------------------------------------------------ set-up
@@ -128,15 +161,29 @@ class TrainingMonitor(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         monitor = self._require()
+        # Without clipping the post-clip norm equals the pre-clip one: do not measure it.
+        monitor.measure_post_clip = bool(trainer.gradient_clip_val)
         several = len(trainer.optimizers) > 1
         for i, optimizer in enumerate(trainer.optimizers):
             monitor.attach(optimizer, name=f"optimizer_{i}" if several else None)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.monitor is not None and stage == "fit":
+            self.monitor.stop_flop_count()
             self.monitor.detach()
 
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        if self.monitor is not None:
+            self.monitor.stop_flop_count()  # never leave the counting mode pushed
+
     # ------------------------------------------------------------------ hooks
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._require().start_flop_count()
+
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: Any
     ) -> None:
@@ -157,8 +204,29 @@ class TrainingMonitor(Callback):
         if self.tokens_fn is not None:
             value = self.tokens_fn(batch)
             tokens = float(value.item() if isinstance(value, torch.Tensor) else value)
+        monitor.stop_flop_count()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor | float):
+            monitor.observe_loss(self._step, loss)
         monitor.log_throughput(self._step, samples=samples, tokens=tokens)
         monitor.log_memory(self._step)
+        stop = monitor.should_stop
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not trainer.should_stop:
+            self._stop(trainer)
+
+    def _stop(self, trainer: Trainer) -> None:
+        """Saves a checkpoint, then asks the trainer to end the fit after this batch."""
+        callback = trainer.checkpoint_callback
+        directory = getattr(callback, "dirpath", None) or os.path.join(
+            trainer.log_dir or trainer.default_root_dir, "checkpoints"
+        )
+        path = os.path.join(directory, f"alert-step={trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)
+        self.stop_checkpoint = path
+        _log.warning("stopping the fit after an alert; checkpoint saved to %s", path)
+        trainer.should_stop = True
 
     def _require(self) -> ModelMonitor:
         if self.monitor is None:

@@ -13,6 +13,11 @@ Example:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tbx_lightning._alerts import Alert
+
 __all__ = [
     "BuildError",
     "ConfigError",
@@ -25,6 +30,7 @@ __all__ = [
     "RunWriterError",
     "TBXError",
     "TableError",
+    "TrainingAlertError",
 ]
 
 
@@ -114,3 +120,15 @@ class LoggedTypeError(TBXError, TypeError):
 
 class RunNotStartedError(TBXError, RuntimeError):
     """A tracker was used before its run was started (``init_trackers`` or ``start()``)."""
+
+
+class TrainingAlertError(TBXError, RuntimeError):
+    """Raised by a monitor with ``on_alert="raise"`` when an alert fires.
+
+    Attributes:
+        alert: The alert that stopped training.
+    """
+
+    def __init__(self, alert: Alert) -> None:
+        super().__init__(alert.message)
+        self.alert = alert

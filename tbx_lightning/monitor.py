@@ -9,17 +9,22 @@ tensor to the host (per-group bin counts, moments and norms), never a parameter.
 Parameters are grouped by their place in the module tree (``group_depth``), so a
 48-layer model gives one group per layer rather than one tag per tensor.
 
-Tags (``<group>`` is a module path such as ``encoder.layers.3``):
+Tags (``<group>`` is a module path such as ``encoder.layers.3``; frozen groups get none):
 
 - ``monitor/weights/<group>``, ``monitor/grads/<group>``: histograms.
 - ``monitor/weight_norm/<group>``, ``monitor/grad_norm/<group>``: L2 norms.
 - ``monitor/update_ratio/<group>``: ``||w_after - w_before|| / ||w_before||`` of one step.
-- ``monitor/nonfinite/weights/<group>``, ``monitor/nonfinite/grads/<group>``: NaN/Inf counts.
-- ``monitor/frozen/<group>``: fraction of the group's elements with ``requires_grad=False``.
-- ``monitor/grad_norm_total/pre_clip``, ``monitor/grad_norm_total/post_clip``.
+- ``monitor/nonfinite/weights``, ``monitor/nonfinite/grads``: NaN/Inf counts, whole model.
+- ``monitor/frozen_params``: frozen elements, once, when there are any.
+- ``monitor/grad_norm_total``; ``monitor/grad_norm_total/post_clip`` once clipping changed it.
 - ``monitor/lr/group_<i>``, ``monitor/momentum/group_<i>`` (``monitor/lr/<name>/group_<i>``
-  for a named optimizer).
-- ``monitor/samples_per_sec``, ``monitor/tokens_per_sec``, ``monitor/peak_memory_mb``.
+  for a named optimizer), once the value changed.
+- ``monitor/samples_per_sec``, ``monitor/tokens_per_sec``, ``monitor/step_time_ms``,
+  ``monitor/mfu``, ``monitor/peak_memory_mb``.
+- ``alerts`` (text) and ``alerts/count``: see :class:`AlertRules`.
+
+Every scalar of a step reaches the host in one packed transfer (:meth:`ModelMonitor.flush`),
+where the alert detectors read it: checking costs no extra synchronisation.
 """
 
 from __future__ import annotations
@@ -35,7 +40,19 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ModelMonitor", "MonitorSink", "group_name", "log_histograms"]
+from tbx_lightning import _efficiency
+from tbx_lightning._alerts import Alert, AlertEngine, AlertRules, OnAlert, TrainingAlertError
+
+__all__ = [
+    "Alert",
+    "AlertRules",
+    "ModelMonitor",
+    "MonitorSink",
+    "TrainingAlertError",
+    "adapter_group",
+    "group_name",
+    "log_histograms",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -98,6 +115,30 @@ def group_name(param_name: str, depth: int) -> str:
         cut += 1
     keep = parts[:cut]
     return ".".join(keep)
+
+
+_ADAPTER_PREFIXES = ("lora_", "hada_", "lokr_", "ia3_")
+
+
+def adapter_group(param_name: str) -> str:
+    """The monitor group of a parameter in an adapter model: the module the adapter wraps.
+
+    PEFT's wrapper parts (``base_model.model``, ``lora_A``/``lora_B`` and the adapter's
+    name, ``base_layer``) are dropped, so the two LoRA factors of one projection and
+    its frozen base weight share a group.
+
+    Example:
+        >>> adapter_group("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+        'model.layers.0.self_attn.q_proj'
+    """
+    parts = [p for p in param_name.split(".") if p not in _WRAPPER_PARTS][:-1]
+    if parts[:2] == ["base_model", "model"]:
+        parts = parts[2:]
+    for i, part in enumerate(parts):
+        if part.startswith(_ADAPTER_PREFIXES) or part == "base_layer":
+            parts = parts[:i]
+            break
+    return ".".join(parts) or "root"
 
 
 @dataclass
@@ -390,6 +431,13 @@ class ModelMonitor:
         process_group: Any = None,
         reset_peak_memory: bool = True,
         seed: int = 0,
+        trainable_only: bool | None = None,
+        alerts: bool | AlertRules = True,
+        on_alert: OnAlert = "warn",
+        flops_per_step: float | None = None,
+        peak_flops: float | None = None,
+        count_flops: bool = True,
+        stragglers: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
@@ -420,6 +468,15 @@ class ModelMonitor:
                 f"`sink` must have `log_scalars(metrics, step)` and `experiment` (a RunWriter), "
                 f"got {type(sink).__name__}."
             )
+        if not isinstance(alerts, bool | AlertRules):
+            raise TypeError(
+                f"`alerts` must be True, False or an AlertRules, got {type(alerts).__name__}."
+            )
+        for key, number in (("flops_per_step", flops_per_step), ("peak_flops", peak_flops)):
+            if number is not None and (
+                isinstance(number, bool) or not isinstance(number, int | float) or number <= 0
+            ):
+                raise ValueError(f"Expected `{key}` to be a number > 0 or None, got {number!r}.")
         while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         self.model = model
@@ -441,10 +498,27 @@ class ModelMonitor:
         self._sample_index: dict[tuple[int, tuple[int, ...], torch.device], list[torch.Tensor]] = {}
         self._groups: list[_Group] = []
         self._params: list[_Param] = []
-        namer = group_fn if group_fn is not None else (lambda n: group_name(n, group_depth))
+        named = list(model.named_parameters())
+        total = sum(p.numel() for _, p in named)
+        frozen = sum(p.numel() for _, p in named if not p.requires_grad)
+        # Mostly frozen (adapters, a frozen backbone): statistics of what trains.
+        self.trainable_only = (
+            bool(total) and frozen * 2 > total if trainable_only is None else bool(trainable_only)
+        )
+        adapters = any(".lora_" in n or n.startswith("lora_") for n, _ in named)
+        namer: Callable[[str], str]
+        if group_fn is not None:
+            namer = group_fn
+        elif adapters:
+            namer = adapter_group
+        else:
+            namer = lambda n: group_name(n, group_depth)  # noqa: E731
         index: dict[str, int] = {}
-        for name, param in model.named_parameters():
-            gname = namer(name)
+        for name, param in named:
+            if self.trainable_only and not param.requires_grad:
+                gname = namer(name) if adapters or group_fn is not None else "frozen"
+            else:
+                gname = namer(name)
             if not isinstance(gname, str) or not gname:
                 raise ValueError(
                     f"`group_fn` returned {gname!r} for parameter {name!r}: return a non-empty str."
@@ -474,6 +548,10 @@ class ModelMonitor:
                 "whose .grad is set.",
             )
         self._snapshot: _Snapshot | None = None
+        self._snap_buffers: dict[int, torch.Tensor] = {}
+        # Whether after_clip measures the norm again; TrainingMonitor turns it off when
+        # the trainer does not clip (the norm would equal the pre-clip one).
+        self.measure_post_clip = True
         self._hooks: list[Any] = []
         self._step = 0
         self._last_backward_step: int | None = None
@@ -481,6 +559,35 @@ class ModelMonitor:
         self._tp_samples = 0.0
         self._tp_tokens = 0.0
         self._tp_last_step: int | None = None
+        self._tp_steps = 0
+        self.flops_per_step = None if flops_per_step is None else float(flops_per_step)
+        self.peak_flops = None if peak_flops is None else float(peak_flops)
+        self.count_flops = count_flops
+        self._flops = _efficiency.FlopCounter()
+        self._flops_tried = False
+        self._mfu_note = False
+        self._stragglers = stragglers
+        self._staged: dict[str, Any] = {}
+        self._staged_step: int | None = None
+        self._losses: list[tuple[int, float | torch.Tensor]] = []
+        self._straggler: tuple[int, Any, torch.Tensor] | None = None
+        self._clipped = False
+        self._frozen_written = False
+        self._first_values: dict[str, tuple[int, float]] = {}
+        self._changed: set[str] = set()
+        self._alerts: AlertEngine | None = None
+        if alerts is not False:
+            rules = alerts if isinstance(alerts, AlertRules) else AlertRules()
+            self._alerts = AlertEngine(
+                rules,
+                on_alert,
+                self._write_text if sink is not None else None,
+                sink.log_scalars if sink is not None else None,
+            )
+        elif not (callable(on_alert) or on_alert in ("warn", "stop", "raise")):
+            raise ValueError(
+                f"Expected `on_alert` to be 'warn', 'stop', 'raise' or a callable, got {on_alert!r}."
+            )
 
     # ------------------------------------------------------------------ public hooks
     @classmethod
@@ -549,10 +656,61 @@ class ModelMonitor:
         self._hooks.append(inner.register_step_post_hook(post))
 
     def detach(self) -> None:
-        """Removes the optimizer hooks installed by :meth:`attach`."""
+        """Writes what is pending and removes the optimizer hooks installed by :meth:`attach`."""
+        self.flush()
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+
+    close = detach
+
+    @property
+    def should_stop(self) -> bool:
+        """True once an alert fired with ``on_alert="stop"``: the loop should end cleanly."""
+        return self._alerts is not None and self._alerts.should_stop
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """The alerts fired so far, the first occurrence of each kind and place."""
+        return [] if self._alerts is None else list(self._alerts.alerts)
+
+    @property
+    def alert_counts(self) -> dict[tuple[str, str], int]:
+        """Occurrences per ``(kind, where)``, repeats included."""
+        return {} if self._alerts is None else dict(self._alerts.counts)
+
+    def observe_loss(self, step: int, loss: float | torch.Tensor) -> None:
+        """Keeps the step's loss for the non-finite and spike detectors.
+
+        A tensor stays on its device; the losses of an interval reach the host together
+        with the interval's statistics, so this never synchronises.
+        """
+        if self._alerts is None or self.norm_every_n_steps == 0 or not self._active:
+            return
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"`loss` must be a one-element tensor, got shape {tuple(loss.shape)}: pass "
+                    "the reduced training loss."
+                )
+            self._losses.append((step, loss.detach().reshape(())))
+        else:
+            self._losses.append((step, float(loss)))
+        if len(self._losses) >= 4 * max(self.norm_every_n_steps, 64):
+            self.flush()  # a loop that never reaches a scalar step: bound the buffer
+
+    def start_flop_count(self) -> None:
+        """Starts counting the FLOPs of this step (only while no count is known)."""
+        if self.flops_per_step is None and self.count_flops and not self._flops.running:
+            if self._flops_tried:
+                return
+            self._flops_tried = True
+            self._flops.start()
+
+    def stop_flop_count(self) -> None:
+        """Ends the count started by :meth:`start_flop_count`; sets :attr:`flops_per_step`."""
+        if self._flops.running:
+            self.flops_per_step = self._flops.stop()
 
     def after_backward(self, step: int) -> None:
         """Weight/gradient histograms and norms, non-finite counts, total grad norm pre-clip.
@@ -568,12 +726,14 @@ class ModelMonitor:
         norm = self.is_norm_step(step)
         if not (hist or norm) or not self._active:
             return
+        self._refresh_trainable()
         kinds = [k for k, on in (("weights", self.log_weights), ("grads", self.log_grads)) if on]
         # per kind: histogram moments, bin counts, norm moments (each may be absent)
         results: list[tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
         results = []
+        grad_tensors = self._tensors("grads")
         for kind in kinds:
-            tensors = self._tensors(kind)
+            tensors = grad_tensors if kind == "grads" else self._tensors(kind)
             hist_m = counts = norm_m = None
             if hist:
                 hist_m, counts = self._histograms(tensors)
@@ -600,23 +760,30 @@ class ModelMonitor:
         else:
             norms = {kind: m for kind, _, _, m in results if m is not None}
         if norm:
-            scalars: dict[str, float | int | torch.Tensor] = {}
+            staged = self._stage(step)
             # Groups with no gradient at all (every grad None) get no gradient scalars: a
             # 0.0 norm would read like a dead layer. Sharded: other ranks may hold some.
-            with_grads = None if self.sharded else [bool(t) for t in self._tensors("grads")]
+            with_grads = [bool(t) for t in grad_tensors]
             for kind, m in norms.items():
-                scalars.update(self._norm_scalars(kind, m, with_grads))
-            scalars.update(self._frozen())
-            self.sink.log_scalars(scalars, step)
+                mask = list(self._trainable)
+                if kind == "grads" and not self.sharded:
+                    mask = [a and b for a, b in zip(mask, with_grads, strict=True)]
+                staged[kind] = (m[:, [_SUMSQ_ALL, _NONFINITE]], mask)
+            if not self._hooks:
+                self.flush()  # no optimizer hook will end this step: write now
 
     def after_clip(self, step: int) -> None:
-        """The total gradient norm after clipping (``monitor/grad_norm_total/post_clip``)."""
-        if not (self.is_norm_step(step) and self.log_grads and self._active):
+        """The total gradient norm after clipping (``monitor/grad_norm_total/post_clip``).
+
+        Written only where clipping changed the norm: an unclipped run has one curve.
+        """
+        if not (
+            self.measure_post_clip and self.is_norm_step(step) and self.log_grads and self._active
+        ):
             return
         moments = self._norms(self._tensors("grads"))
-        total = moments[:, _SUMSQ_ALL].sum().sqrt()
         if self.sink is not None:
-            self.sink.log_scalars({"monitor/grad_norm_total/post_clip": total}, step)
+            self._stage(step)["post_clip"] = moments[:, _SUMSQ_ALL].sum().sqrt()
 
     def after_optimizer_step(
         self, step: int, optimizer: Any = None, *, name: str | None = None
@@ -625,14 +792,15 @@ class ModelMonitor:
         if not self.is_norm_step(step):
             self._snapshot = None
             return
-        scalars: dict[str, float | int | torch.Tensor] = {}
         snap, self._snapshot = self._snapshot, None
-        if snap is not None and snap.step == step and self._active:
-            scalars.update(self._update_ratios(snap))
+        if not self._active:
+            return
+        staged = self._stage(step)
+        if snap is not None and snap.step == step:
+            staged["ratios"] = (self._update_ratios(snap), list(self._trainable))
         if optimizer is not None:
-            scalars.update(self._lr_scalars(optimizer, name))
-        if scalars and self.sink is not None:
-            self.sink.log_scalars(scalars, step)
+            staged.setdefault("lr", {}).update(self._lr_values(optimizer, name))
+        self.flush()
 
     def log_throughput(
         self, step: int, samples: float | None = None, tokens: float | None = None
@@ -641,6 +809,10 @@ class ModelMonitor:
 
         Rates are averages over the wall time between two written values (the first
         call only starts the clock), which stays right with asynchronous devices.
+        ``monitor/step_time_ms`` is written when neither count is given (otherwise the
+        rates carry the same measurement); ``monitor/mfu`` when the FLOPs of a step and
+        the device's peak are known. Under ``torch.distributed`` every rank must call
+        this: each rank's step time is summed over ranks for the straggler detector.
         """
         now = time.perf_counter()
         if self._tp_start is None:
@@ -649,16 +821,25 @@ class ModelMonitor:
             return
         self._tp_samples += samples or 0
         self._tp_tokens += tokens or 0
+        self._tp_steps += 1
         if not self.is_norm_step(step) or step == self._tp_last_step:
             return
         elapsed = now - self._tp_start
+        steps = self._tp_steps
         scalars: dict[str, float | int | torch.Tensor] = {}
-        if elapsed > 0:
+        if elapsed > 0 and steps > 0:
+            step_time = elapsed / steps
             if samples is not None:
                 scalars["monitor/samples_per_sec"] = self._tp_samples / elapsed
             if tokens is not None:
                 scalars["monitor/tokens_per_sec"] = self._tp_tokens / elapsed
-        self._tp_start, self._tp_samples, self._tp_tokens = now, 0.0, 0.0
+            if samples is None and tokens is None:
+                scalars["monitor/step_time_ms"] = step_time * 1e3
+            mfu = self._mfu(step_time)
+            if mfu is not None:
+                scalars["monitor/mfu"] = mfu
+            self._share_step_time(step, step_time)
+        self._tp_start, self._tp_samples, self._tp_tokens, self._tp_steps = now, 0.0, 0.0, 0
         self._tp_last_step = step
         if scalars and self.sink is not None:
             self.sink.log_scalars(scalars, step)
@@ -678,6 +859,187 @@ class ModelMonitor:
         if self.reset_peak_memory and hasattr(backend, "reset_peak_memory_stats"):
             backend.reset_peak_memory_stats(device)
         self.sink.log_scalars({"monitor/peak_memory_mb": float(peak)}, step)
+
+    # ------------------------------------------------------------------ one transfer
+    def _stage(self, step: int) -> dict[str, Any]:
+        if self._staged_step is not None and self._staged_step != step:
+            self.flush()
+        self._staged_step = step
+        return self._staged
+
+    def flush(self) -> None:
+        """Moves what the hooks staged to the host in one transfer, checks it, writes it.
+
+        The hooks call this at the end of each scalar step; call it yourself only from a
+        loop that stops between :meth:`after_backward` and the optimizer step.
+        """
+        staged, step = self._staged, self._staged_step
+        self._staged, self._staged_step = {}, None
+        losses, self._losses = self._losses, []
+        straggler, self._straggler = self._straggler, None
+        if step is None:
+            step = losses[-1][0] if losses else (straggler[0] if straggler else None)
+        if self.sink is None:  # a rank that writes nothing: only finish the collective
+            if straggler is not None:
+                straggler[1].wait()
+            return
+        if step is None:
+            return
+        parts: list[torch.Tensor] = []
+        for key in ("weights", "grads"):
+            if key in staged and isinstance(staged[key][0], torch.Tensor):
+                parts.append(staged[key][0].reshape(-1))
+        if "post_clip" in staged:
+            parts.append(staged["post_clip"].reshape(-1))
+        if "ratios" in staged:
+            parts.append(staged["ratios"][0].reshape(-1))
+        loss_tensors = [v for _, v in losses if isinstance(v, torch.Tensor)]
+        parts.extend(t.reshape(-1) for t in loss_tensors)
+        if straggler is not None:
+            straggler[1].wait()
+            parts.append(straggler[2].reshape(-1))
+        host: list[float] = []
+        if parts:
+            device = parts[0].device
+            acc = _acc_dtype(device)
+            host = torch.cat([p.to(device=device, dtype=acc) for p in parts]).cpu().tolist()
+        pos = 0
+
+        def take(n: int) -> list[float]:
+            nonlocal pos
+            out = host[pos : pos + n]
+            pos += n
+            return out
+
+        scalars: dict[str, float | int | torch.Tensor] = {}
+        checks = self._alerts
+        names = [g.name for g in self._groups]
+        total_sumsq: float | None = None
+        for key, label in (("weights", "weight_norm"), ("grads", "grad_norm")):
+            if key not in staged:
+                continue
+            values, mask = staged[key]
+            if isinstance(values, torch.Tensor):
+                rows = take(values.numel())
+                pairs = [(rows[2 * i], rows[2 * i + 1]) for i in range(len(names))]
+            else:
+                pairs = [(float(a), float(b)) for a, b in values]
+            nonfinite: dict[str, float] = {}
+            for i, (sumsq, bad) in enumerate(pairs):
+                if not mask[i]:
+                    continue
+                scalars[f"monitor/{label}/{names[i]}"] = math.sqrt(sumsq)
+                nonfinite[names[i]] = bad
+            scalars[f"monitor/nonfinite/{key}"] = float(sum(nonfinite.values()))
+            if checks is not None:
+                checks.check_nonfinite(step, key, nonfinite)
+            if key == "grads" and nonfinite:
+                total_sumsq = sum(pairs[i][0] for i in range(len(names)) if mask[i])
+                scalars["monitor/grad_norm_total"] = math.sqrt(total_sumsq)
+                if checks is not None:
+                    checks.check_grad_norm(step, math.sqrt(total_sumsq))
+        if "post_clip" in staged:
+            (post,) = take(1)
+            pre = None if total_sumsq is None else math.sqrt(total_sumsq)
+            if self._clipped or pre is None or not math.isclose(post, pre, rel_tol=1e-6):
+                self._clipped = self._clipped or pre is not None
+                scalars["monitor/grad_norm_total/post_clip"] = post
+        if "ratios" in staged:
+            values, mask = staged["ratios"]
+            rows = take(values.numel())
+            ratios = {names[i]: rows[i] for i in range(len(names)) if mask[i]}
+            scalars.update({f"monitor/update_ratio/{k}": v for k, v in ratios.items()})
+            if checks is not None:
+                checks.check_update_ratios(step, ratios)
+        if "lr" in staged:
+            lrs: dict[str, float] = staged["lr"]
+            scalars.update(self._changing(step, lrs))
+            if checks is not None:
+                checks.check_lr(
+                    step,
+                    {
+                        k.removeprefix("monitor/lr/"): v
+                        for k, v in lrs.items()
+                        if k.startswith("monitor/lr/")
+                    },
+                )
+        if losses and checks is not None:
+            loss_values = take(len(loss_tensors))
+            it = iter(loss_values)
+            checks.check_losses(
+                [(s, next(it) if isinstance(v, torch.Tensor) else float(v)) for s, v in losses]
+            )
+        if straggler is not None:
+            times = take(straggler[2].numel())
+            if checks is not None:
+                checks.check_step_times(straggler[0], times)
+        if not self._frozen_written and scalars:
+            self._frozen_written = True
+            frozen = self._frozen_count()
+            if frozen:
+                scalars["monitor/frozen_params"] = float(frozen)
+        if scalars and self.sink is not None:
+            self.sink.log_scalars(scalars, step)
+        if checks is not None:
+            checks.publish(step)
+
+    def _changing(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
+        """Learning rates and momenta, once they differ from their first value.
+
+        A constant schedule says nothing a config does not: it gets no curve. When a
+        value first changes, its first value is written at its first step too.
+        """
+        out: dict[str, float] = {}
+        for tag, value in values.items():
+            first = self._first_values.setdefault(tag, (step, value))
+            if tag not in self._changed and value != first[1]:
+                self._changed.add(tag)
+                if self.sink is not None and first[0] != step:
+                    self.sink.log_scalars({tag: first[1]}, first[0])
+            if tag in self._changed:
+                out[tag] = value
+        return out
+
+    def _mfu(self, step_time: float) -> float | None:
+        flops = self.flops_per_step
+        if flops is None:
+            return None
+        peak = self.peak_flops
+        if peak is None:
+            param = next((p.param for p in self._params if p.param.requires_grad), None)
+            dtype = param.dtype if param is not None else torch.float32
+            peak = _efficiency.peak_flops(self._device(), dtype)
+        if peak is None:
+            if not self._mfu_note:
+                self._mfu_note = True
+                _log.info(
+                    "monitor/mfu is not written: the peak FLOP/s of device %s is not known; "
+                    "pass peak_flops=... to the monitor.",
+                    self._device(),
+                )
+            return None
+        return flops / (step_time * peak)
+
+    def _share_step_time(self, step: int, step_time: float) -> None:
+        """Each rank's step time into one sum over ranks, read at the next flush."""
+        dist = torch.distributed
+        if (
+            self._alerts is None
+            or not self._stragglers
+            or not (dist.is_available() and dist.is_initialized())
+        ):
+            return
+        world = dist.get_world_size(self.process_group)
+        if world < 2:
+            return
+        if self._straggler is not None:
+            self.flush()
+        backend = dist.get_backend(self.process_group)
+        device = self._device() if backend == "nccl" else torch.device("cpu")
+        times = torch.zeros(world, dtype=torch.float64, device=device)
+        times[dist.get_rank(self.process_group)] = step_time
+        work = dist.all_reduce(times, group=self.process_group, async_op=True)
+        self._straggler = (step, work, times)
 
     # ------------------------------------------------------------------ collection
     @property
@@ -707,48 +1069,33 @@ class ModelMonitor:
             return _local(p.param).device
         return torch.device("cpu")
 
+    def _refresh_trainable(self) -> None:
+        # Host-side, identical on every rank: whether a group has any trainable parameter
+        # now (a callback may unfreeze layers during the fit).
+        self._trainable = [any(p.param.requires_grad for p in g.params) for g in self._groups]
+
     def _tensors(self, kind: str) -> list[list[torch.Tensor]]:
-        """Per group, the flat local tensors of ``kind`` (frozen/None grads left out)."""
+        """Per group, the flat local tensors of ``kind``.
+
+        Frozen groups are left out (their weights do not change; the frozen count says
+        they exist), and so are frozen parameters of mixed groups in ``trainable_only``
+        mode, and gradients that are ``None``.
+        """
         out: list[list[torch.Tensor]] = [[] for _ in self._groups]
         for p in self._params:
+            if not self._trainable[p.group]:
+                continue
             if kind == "weights":
+                if self.trainable_only and not p.param.requires_grad:
+                    continue
                 out[p.group].append(_flat(p.param))
             elif p.param.requires_grad and p.param.grad is not None:
                 out[p.group].append(_flat(p.param.grad))
         return out
 
-    def _frozen(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for g in self._groups:
-            sizes = [(p.param.numel(), p.param.requires_grad) for p in g.params]
-            total = sum(n for n, _ in sizes)
-            frozen = sum(n for n, trainable in sizes if not trainable)
-            out[f"monitor/frozen/{g.name}"] = frozen / total if total else 0.0
-        return out
-
-    def _norm_scalars(
-        self,
-        kind: str,
-        moments: torch.Tensor | np.ndarray,
-        with_grads: list[bool] | None = None,
-    ) -> dict[str, float | int | torch.Tensor]:
-        label = "weight_norm" if kind == "weights" else "grad_norm"
-        out: dict[str, float | int | torch.Tensor] = {}
-        sumsq = moments[:, _SUMSQ_ALL]
-        norms = np.sqrt(sumsq) if isinstance(sumsq, np.ndarray) else sumsq.sqrt()
-        for i, g in enumerate(self._groups):
-            if kind == "grads" and not self._trainable[i]:
-                continue  # frozen: monitor/frozen says so, there is no gradient to measure
-            if kind == "grads" and with_grads is not None and not with_grads[i]:
-                continue
-            out[f"monitor/{label}/{g.name}"] = norms[i]
-            out[f"monitor/nonfinite/{kind}/{g.name}"] = moments[i, _NONFINITE]
-        if kind == "grads" and (with_grads is None or any(with_grads)):
-            total = sumsq.sum()
-            out["monitor/grad_norm_total/pre_clip"] = (
-                float(np.sqrt(total)) if isinstance(total, np.floating) else total.sqrt()
-            )
-        return {k: float(v) if isinstance(v, np.floating) else v for k, v in out.items()}
+    def _frozen_count(self) -> int:
+        """Elements with ``requires_grad=False`` (the local shard's when sharded)."""
+        return sum(_flat(p.param).numel() for p in self._params if not p.param.requires_grad)
 
     # ------------------------------------------------------------------ statistics
     def _zeros(self, *shape: int) -> torch.Tensor:
@@ -900,52 +1247,74 @@ class ModelMonitor:
                 index, weight = self._sample_positions(gi, flats)
             for k, (param, flat) in enumerate(zip(members, flats, strict=True)):
                 if index is None:
-                    items.append((gi, param, flat.clone(), None, 1.0))
+                    items.append((gi, param, self._copy(param, flat), None, 1.0))
                 elif len(index[k]):
                     before = torch.index_select(flat, 0, index[k])
                     items.append((gi, param, before, index[k], weight))
         self._snapshot = _Snapshot(step, items)
 
-    def _update_ratios(self, snap: _Snapshot) -> dict[str, torch.Tensor]:
+    def _copy(self, param: nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
+        """A copy of ``flat``; on the CPU into a buffer kept between scalar steps.
+
+        Fresh 100 MB allocations on the CPU cost page faults on every scalar step;
+        accelerators' caching allocators reuse memory anyway, so there the copy is
+        released after the step.
+        """
+        if flat.device.type != "cpu":
+            return flat.clone()
+        buf = self._snap_buffers.get(id(param))
+        if buf is None or buf.shape != flat.shape or buf.dtype != flat.dtype:
+            buf = flat.clone()
+            self._snap_buffers[id(param)] = buf
+            return buf
+        return buf.copy_(flat)
+
+    def _update_ratios(self, snap: _Snapshot) -> torch.Tensor:
         acc = self._zeros(len(self._groups), 2)
         for gi, param, before, idx, weight in snap.items:
             now = _flat(param)
             if idx is not None:
                 now = torch.index_select(now, 0, idx)
-            diff = torch.linalg.vector_norm(now.float() - before.float()) ** 2
-            base = torch.linalg.vector_norm(before.float()) ** 2
+            if before.dtype in (torch.float32, torch.float64):
+                # ``before`` is the monitor's own copy: subtract in place, no temporary.
+                base = torch.linalg.vector_norm(before) ** 2
+                diff = torch.linalg.vector_norm(before.sub_(now)) ** 2
+            else:
+                diff = torch.linalg.vector_norm(now.float() - before.float()) ** 2
+                base = torch.linalg.vector_norm(before.float()) ** 2
             acc[gi, 0] += diff.to(acc.dtype) * weight
             acc[gi, 1] += base.to(acc.dtype) * weight
         if self.sharded:
             torch.distributed.all_reduce(
                 acc, op=torch.distributed.ReduceOp.SUM, group=self.process_group
             )
-        ratio = (acc[:, 0] / acc[:, 1].clamp_min(torch.finfo(acc.dtype).tiny)).sqrt()
-        return {
-            f"monitor/update_ratio/{g.name}": ratio[i]
-            for i, g in enumerate(self._groups)
-            if self._trainable[i]
-        }
+        return (acc[:, 0] / acc[:, 1].clamp_min(torch.finfo(acc.dtype).tiny)).sqrt()
 
     @staticmethod
-    def _lr_scalars(optimizer: Any, name: str | None) -> dict[str, float | int | torch.Tensor]:
+    def _lr_values(optimizer: Any, name: str | None) -> dict[str, float]:
         inner = optimizer
         while not hasattr(inner, "param_groups") and hasattr(inner, "optimizer"):
             inner = inner.optimizer
         prefix = "" if name is None else f"{name}/"
-        out: dict[str, float | int | torch.Tensor] = {}
+        out: dict[str, float] = {}
         for i, group in enumerate(getattr(inner, "param_groups", [])):
             lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                lr = lr.item() if lr.device.type == "cpu" else None  # a device lr: no sync
             if lr is not None:
-                out[f"monitor/lr/{prefix}group_{i}"] = lr
+                out[f"monitor/lr/{prefix}group_{i}"] = float(lr)
             momentum = group.get("momentum")
             if momentum is None and isinstance(group.get("betas"), Sequence):
                 momentum = group["betas"][0]
-            if momentum is not None:
-                out[f"monitor/momentum/{prefix}group_{i}"] = momentum
+            if isinstance(momentum, int | float):
+                out[f"monitor/momentum/{prefix}group_{i}"] = float(momentum)
         return out
 
     # ------------------------------------------------------------------ writing
+    def _write_text(self, tag: str, text: str, step: int) -> None:
+        assert self.sink is not None
+        self.sink.experiment.add_text(tag, text, global_step=step)
+
     def _write_histograms(self, step: int, kind: str, block: np.ndarray) -> None:
         assert self.sink is not None
         experiment = self.sink.experiment

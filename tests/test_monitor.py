@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -143,27 +144,28 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
     groups = ["embed", "encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "head"]
     groups += ["unused", "root"]
     trained = ["encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "head", "root"]
-    assert set(acc.Tags()["histograms"]) == {f"monitor/weights/{g}" for g in groups} | {
+    watched = [g for g in groups if g != "embed"]  # a frozen group gets no statistics
+    assert set(acc.Tags()["histograms"]) == {f"monitor/weights/{g}" for g in watched} | {
         f"monitor/grads/{g}" for g in trained
     }
-    expected = {f"monitor/{k}/{g}" for k in ("weight_norm", "frozen") for g in groups}
-    expected |= {f"monitor/nonfinite/weights/{g}" for g in groups}
+    expected = {f"monitor/weight_norm/{g}" for g in watched}
     # No gradient scalars for the frozen group, nor for `unused` (every grad is None).
     expected |= {f"monitor/grad_norm/{g}" for g in trained}
-    expected |= {f"monitor/nonfinite/grads/{g}" for g in trained}
-    expected |= {f"monitor/update_ratio/{g}" for g in groups if g != "embed"}
+    expected |= {f"monitor/update_ratio/{g}" for g in watched}
+    # One count per kind instead of a zero per layer; no constant lr or momentum curve.
     expected |= {
-        "monitor/grad_norm_total/pre_clip",
-        "monitor/grad_norm_total/post_clip",
-        "monitor/lr/group_0",
-        "monitor/momentum/group_0",
+        "monitor/nonfinite/weights",
+        "monitor/nonfinite/grads",
+        "monitor/frozen_params",
+        "monitor/grad_norm_total",
+        "monitor/grad_norm_total/post_clip",  # clipping changed the norm
         "monitor/samples_per_sec",
         "monitor/tokens_per_sec",
     }
     assert set(acc.Tags()["scalars"]) == expected  # no peak memory on the CPU
 
     numel = group_numel(model, 2)
-    for g in groups:
+    for g in watched:
         for event in acc.Histograms(f"monitor/weights/{g}"):
             h = event.histogram_value
             assert sum(h.bucket) == h.num == numel[g]
@@ -174,17 +176,45 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
         h = acc.Histograms(f"monitor/grads/{g}")[0].histogram_value
         assert sum(h.bucket) == h.num == trainable[g]
 
-    assert scalars(acc, "monitor/frozen/embed") == {0: 1.0, 1: 1.0}
-    assert scalars(acc, "monitor/frozen/head") == {0: 0.0, 1: 0.0}
-    assert scalars(acc, "monitor/lr/group_0") == {0: pytest.approx(0.1), 1: pytest.approx(0.1)}
-    assert scalars(acc, "monitor/momentum/group_0")[1] == pytest.approx(0.9)
+    assert scalars(acc, "monitor/frozen_params") == {0: float(numel["embed"])}
+    assert scalars(acc, "monitor/nonfinite/weights") == {0: 0.0, 1: 0.0}
+    assert scalars(acc, "monitor/nonfinite/grads") == {0: 0.0, 1: 0.0}
+    assert scalars(acc, "monitor/update_ratio/unused") == {0: 0.0, 1: 0.0}
     assert set(scalars(acc, "monitor/samples_per_sec")) == {1}  # step 0 starts the clock
     assert scalars(acc, "monitor/samples_per_sec")[1] > 0
     post = scalars(acc, "monitor/grad_norm_total/post_clip")
-    pre = scalars(acc, "monitor/grad_norm_total/pre_clip")
+    pre = scalars(acc, "monitor/grad_norm_total")
     for step in (0, 1):
         assert pre[step] > 0.05
         assert post[step] == pytest.approx(0.05, rel=1e-3)
+
+
+def test_unclipped_norm_and_constant_schedules_write_one_curve(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 2 else 0.5)
+    run = RunWriter(tmp_path)
+    monitor = ModelMonitor(model, run, group_depth=1, hist_every_n_steps=0, norm_every_n_steps=1)
+    monitor.attach(opt)
+    for step in range(4):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        monitor.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    monitor.detach()
+    run.close()
+    acc = read(tmp_path)
+    tags = set(acc.Tags()["scalars"])
+    assert "monitor/grad_norm_total" in tags
+    assert "monitor/grad_norm_total/post_clip" not in tags  # equal to the pre-clip norm
+    assert not any(t.startswith("monitor/momentum/") for t in tags)  # constant 0.9
+    # The lr changes at step 2: its curve starts at the first step with its first value.
+    assert scalars(acc, "monitor/lr/group_0") == {
+        0: pytest.approx(0.1),
+        2: pytest.approx(0.05),
+        3: pytest.approx(0.05),
+    }
 
 
 def test_values_match_torch(tmp_path: Path) -> None:
@@ -202,7 +232,7 @@ def test_values_match_torch(tmp_path: Path) -> None:
     opt.step()
     run.close()
     acc = read(tmp_path)
-    assert scalars(acc, "monitor/grad_norm_total/pre_clip")[0] == pytest.approx(pre, rel=1e-5)
+    assert scalars(acc, "monitor/grad_norm_total")[0] == pytest.approx(pre, rel=1e-5)
     for g in ("0", "2"):
         w = torch.cat([before[f"{g}.weight"].flatten(), before[f"{g}.bias"].flatten()])
         gr = torch.cat([grads[f"{g}.weight"].flatten(), grads[f"{g}.bias"].flatten()])
@@ -232,8 +262,8 @@ def test_periods_are_separate(tmp_path: Path) -> None:
     assert [e.step for e in acc.Histograms("monitor/grads/head")] == [0, 3, 6]
     assert set(scalars(acc, "monitor/weight_norm/head")) == {0, 2, 4, 6}
     assert set(scalars(acc, "monitor/update_ratio/head")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "monitor/grad_norm_total/post_clip")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "monitor/lr/group_0")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "monitor/grad_norm_total")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "monitor/nonfinite/grads")) == {0, 2, 4, 6}
     assert set(scalars(acc, "monitor/samples_per_sec")) == {2, 4, 6}
 
 
@@ -257,12 +287,15 @@ def test_nonfinite_values_are_counted_not_fatal(tmp_path: Path) -> None:
     monitor.after_backward(0)
     run.close()
     acc = read(tmp_path)
-    assert scalars(acc, "monitor/nonfinite/weights/0") == {0: 3.0}
-    assert scalars(acc, "monitor/nonfinite/weights/1") == {0: 0.0}
-    assert scalars(acc, "monitor/nonfinite/grads/1") == {0: 1.0}
-    assert scalars(acc, "monitor/nonfinite/grads/0") == {0: 0.0}
+    assert scalars(acc, "monitor/nonfinite/weights") == {0: 3.0}
+    assert scalars(acc, "monitor/nonfinite/grads") == {0: 1.0}
     assert math.isnan(scalars(acc, "monitor/weight_norm/0")[0])
-    assert math.isnan(scalars(acc, "monitor/grad_norm_total/pre_clip")[0])
+    assert math.isnan(scalars(acc, "monitor/grad_norm_total")[0])
+    # The layers where it appeared are named in the alerts.
+    assert {(a.kind, a.where) for a in monitor.alerts} == {
+        ("nonfinite_weights", "0"),
+        ("nonfinite_grads", "1"),
+    }
     h = acc.Histograms("monitor/weights/0")[0].histogram_value
     assert h.num == sum(h.bucket) == 64 + 16 - 3
     finite = model[0].weight.detach().flatten()[3:]
@@ -281,7 +314,7 @@ def test_all_nan_group_writes_no_histogram(tmp_path: Path) -> None:
     run.close()
     acc = read(tmp_path)
     assert acc.Tags()["histograms"] == ["monitor/weights/0"]
-    assert scalars(acc, "monitor/nonfinite/weights/1") == {0: 3.0}
+    assert scalars(acc, "monitor/nonfinite/weights") == {0: 3.0}
 
 
 def test_sampled_histograms_sum_to_numel_and_stay_close(tmp_path: Path) -> None:
@@ -339,7 +372,8 @@ def test_sampled_update_ratio_is_close(tmp_path: Path) -> None:
         run.close()
         ratios[sample] = scalars(read(tmp_path / str(sample)), "monitor/update_ratio/0")[0]
     assert ratios[8192] == pytest.approx(ratios[None], rel=0.1)
-    assert scalars(read(tmp_path / "None"), "monitor/momentum/group_0") == {0: pytest.approx(0.9)}
+    # Adam's beta1 stays 0.9: a constant gets no curve.
+    assert "monitor/momentum/group_0" not in read(tmp_path / "None").Tags()["scalars"]
 
 
 def test_device_path_matches_cpu_path() -> None:
@@ -457,13 +491,18 @@ def test_wrapped_optimizer_is_unwrapped(tmp_path: Path) -> None:
     run = RunWriter(tmp_path)
     monitor = ModelMonitor(model, run, hist_every_n_steps=0, norm_every_n_steps=1)
     monitor.attach(Wrapper(opt), name="main")
-    model(torch.randn(3, 2)).sum().backward()
-    monitor.after_backward(5)
-    opt.step()
+    for step, lr in ((5, 0.3), (6, 0.6)):
+        opt.param_groups[0]["lr"] = lr
+        model(torch.randn(3, 2)).sum().backward()
+        monitor.after_backward(step)
+        opt.step()
     monitor.detach()
+    opt.param_groups[0]["lr"] = 0.9
+    model(torch.randn(3, 2)).sum().backward()
     opt.step()  # no hook any more
     run.close()
-    assert scalars(read(tmp_path), "monitor/lr/main/group_0") == {5: pytest.approx(0.3)}
+    lrs = scalars(read(tmp_path), "monitor/lr/main/group_0")
+    assert lrs == {5: pytest.approx(0.3), 6: pytest.approx(0.6)}
 
 
 # ---------------------------------------------------------------------------- sharded
@@ -528,7 +567,7 @@ def test_sharded_counts_are_summed_over_ranks(tmp_path: Path) -> None:
     )
     ref, _ = np.histogram(finite.numpy(), bins=64, range=(h.min, h.max))
     assert np.abs(np.asarray(h.bucket) - ref).sum() <= 2
-    assert scalars(acc, "monitor/nonfinite/weights/layer") == {0: 1.0}
+    assert scalars(acc, "monitor/nonfinite/weights") == {0: 1.0}
     g = acc.Histograms("monitor/grads/layer")[0].histogram_value
     assert g.num == 1000 and g.sum == pytest.approx(300 * 1 + 700 * 2)
     norm = math.sqrt(300 * 1 + 700 * 4)
@@ -590,9 +629,9 @@ def test_lightning_callback_round_trip(tmp_path: Path) -> None:
     assert [e.step for e in h] == [0, 2]
     block = sum(p.numel() for p in Block(8).parameters())
     assert all(e.histogram_value.num == sum(e.histogram_value.bucket) == block for e in h)
-    assert scalars(acc, "monitor/frozen/net.embed") == {s: 1.0 for s in range(4)}
+    assert scalars(acc, "monitor/frozen_params") == {0: 4.0 * 8 + 8}
     assert set(scalars(acc, "monitor/update_ratio/net.head")) == {0, 1, 2, 3}
-    assert set(scalars(acc, "monitor/lr/group_0")) == {0, 1, 2, 3}
+    assert "monitor/lr/group_0" not in acc.Tags()["scalars"]  # constant: in the hparams
     post = scalars(acc, "monitor/grad_norm_total/post_clip")
     assert post == {s: pytest.approx(0.01, rel=1e-3) for s in range(4)}
     assert set(scalars(acc, "monitor/samples_per_sec")) == {1, 2, 3}
@@ -665,3 +704,155 @@ def test_group_without_any_gradient_gets_no_gradient_scalars(tmp_path: Path) -> 
     assert "monitor/grads/1" not in tags["histograms"]
     assert {"monitor/grad_norm/0", "monitor/grad_norm/2"} <= set(tags["scalars"])
     assert "monitor/weight_norm/1" in tags["scalars"]
+
+
+# ---------------------------------------------------------------------------- adapters
+def tiny_lora_llama() -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    base = LlamaForCausalLM(config)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return get_peft_model(base, lora)
+
+
+def test_lora_statistics_cover_adapters_only(tmp_path: Path) -> None:
+    model = tiny_lora_llama()
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run = RunWriter(tmp_path)
+    monitor = ModelMonitor(model, run, hist_every_n_steps=1, norm_every_n_steps=1)
+    assert monitor.trainable_only  # most elements are frozen
+    monitor.attach(opt)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        monitor.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+    monitor.detach()
+    run.close()
+    acc = read(tmp_path)
+    adapters = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    assert set(acc.Tags()["histograms"]) == {
+        f"monitor/{kind}/{g}" for kind in ("weights", "grads") for g in adapters
+    }
+    expected = {
+        f"monitor/{k}/{g}" for k in ("weight_norm", "grad_norm", "update_ratio") for g in adapters
+    }
+    expected |= {
+        "monitor/nonfinite/weights",
+        "monitor/nonfinite/grads",
+        "monitor/grad_norm_total",
+        "monitor/frozen_params",
+    }
+    assert set(acc.Tags()["scalars"]) == expected
+    assert scalars(acc, "monitor/frozen_params") == {0: float(frozen)}
+    # A group holds the two LoRA factors of one projection, not its frozen base weight.
+    per_group = sum(n for name, n in trainable.items() if "layers.0.self_attn.q_proj" in name)
+    h = acc.Histograms("monitor/weights/model.layers.0.self_attn.q_proj")[0].histogram_value
+    assert h.num == sum(h.bucket) == per_group
+    lora_b = [p for n, p in model.named_parameters() if "layers.1.self_attn.v_proj.lora_B" in n]
+    # lora_B starts at zero: its norm after one step is the update itself.
+    assert scalars(acc, "monitor/weight_norm/model.layers.1.self_attn.v_proj")[0] > 0
+    assert lora_b and lora_b[0].requires_grad
+
+
+def test_frozen_backbone_watches_the_head_only(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 64), nn.Linear(64, 64), nn.Linear(64, 2))
+    for layer in model[:2]:
+        layer.requires_grad_(False)
+    run = RunWriter(tmp_path)
+    train(model, run, 1, hist_every_n_steps=1, norm_every_n_steps=1, group_depth=1)
+    run.close()
+    acc = read(tmp_path)
+    assert set(acc.Tags()["histograms"]) == {"monitor/grads/2", "monitor/weights/2"}
+    assert scalars(acc, "monitor/frozen_params") == {0: 4.0 * 64 + 64 + 64 * 64 + 64}
+    assert not any(t.endswith(("/0", "/1")) for t in acc.Tags()["scalars"])
+
+
+# ---------------------------------------------------------------------------- efficiency
+def test_mfu_from_counted_flops_and_given_peak(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 32), nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    run = RunWriter(tmp_path)
+    monitor = ModelMonitor(model, run, hist_every_n_steps=0, norm_every_n_steps=2, peak_flops=1e9)
+    monitor.attach(opt)
+    for step in range(7):
+        monitor.start_flop_count()
+        model(torch.randn(16, 4)).pow(2).mean().backward()
+        monitor.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+        monitor.stop_flop_count()
+        monitor.log_throughput(step, samples=16)
+    monitor.detach()
+    run.close()
+    # forward 2*16*(4*32 + 32*1); backward: weight grads of both layers, input grad of the second
+    forward = 2 * 16 * (4 * 32 + 32)
+    assert monitor.flops_per_step == forward + 2 * 16 * (4 * 32 + 32) + 2 * 16 * 32
+    acc = read(tmp_path)
+    mfu, rate = scalars(acc, "monitor/mfu"), scalars(acc, "monitor/samples_per_sec")
+    assert set(mfu) == set(rate) == {2, 4, 6}
+    for step, value in mfu.items():
+        # MFU = flops / (step_time * peak) and samples_per_sec = 16 / step_time
+        expected = monitor.flops_per_step * rate[step] / 16 / 1e9
+        assert value == pytest.approx(expected, rel=1e-6)
+    assert "monitor/step_time_ms" not in acc.Tags()["scalars"]  # the rate says it
+
+
+def test_step_time_without_counts_and_no_mfu_on_cpu(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tbx_lightning.monitor")
+    model = nn.Linear(4, 1)
+    run = RunWriter(tmp_path)
+    monitor = ModelMonitor(model, run, hist_every_n_steps=0, norm_every_n_steps=1)
+    monitor.flops_per_step = 1000.0
+    for step in range(4):
+        monitor.log_throughput(step)
+    run.close()
+    acc = read(tmp_path)
+    assert set(scalars(acc, "monitor/step_time_ms")) == {1, 2, 3}
+    assert "monitor/mfu" not in acc.Tags()["scalars"]
+    notes = [r.getMessage() for r in caplog.records if "monitor/mfu is not written" in r.message]
+    assert len(notes) == 1 and "peak_flops" in notes[0]
+
+
+def test_quickstart_monitor_has_at_most_16_tags_and_2_constants(tmp_path: Path) -> None:
+    from tbx_lightning.templates.digits import DigitsClassifier, DigitsCNN
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(256, 1, 8, 8, generator=gen)
+    labels = torch.randint(0, 10, (256,), generator=gen)
+    data = DataLoader(TensorDataset(images, labels), batch_size=32)
+    logger = TBXLogger(str(tmp_path), name="qs")
+    # The options of configs/callbacks/training_monitor.yaml.
+    callback = TrainingMonitor(group_depth=3, hist_every_n_steps=25, norm_every_n_steps=5)
+    model = DigitsClassifier(DigitsCNN(), lambda params: torch.optim.Adam(params, lr=3e-3))
+    Trainer(
+        max_steps=40,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=5,
+    ).fit(model, data)
+    acc = read(logger.log_dir)
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("monitor/")]
+    assert 0 < len(tags) <= 16, tags
+    constant = [t for t in tags if len({e.value for e in acc.Scalars(t)}) == 1]
+    assert sorted(constant) == ["monitor/nonfinite/grads", "monitor/nonfinite/weights"]

@@ -118,6 +118,8 @@ def test_every_yaml_composes_and_instantiates(
         experiment, overrides = option, []
     elif (group, option) in (("data", "chars"), ("model", "tiny_lm")):
         experiment = "tiny_lm"
+    elif (group, option) == ("model", "finetune_lm"):
+        experiment = "finetune_lm"
     elif (group, option) == ("model", "finetune"):
         experiment = "finetune"
     elif (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():

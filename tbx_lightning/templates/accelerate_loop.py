@@ -70,6 +70,11 @@ def _batch_cap(value: Any) -> int | None:
     return None  # a float share of 1.0 means every batch
 
 
+def _flat(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classification ``(B, C), (B,)`` and language modelling ``(B, T, V), (B, T)`` alike."""
+    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+
+
 def _evaluate(net: nn.Module, loader: Any, accelerator: Any) -> tuple[float, float]:
     net.eval()
     total_loss, correct, count = 0.0, 0, 0
@@ -77,6 +82,7 @@ def _evaluate(net: nn.Module, loader: Any, accelerator: Any) -> tuple[float, flo
         for images, labels in loader:
             logits = net(images)
             logits, labels = accelerator.gather_for_metrics((logits, labels))
+            logits, labels = _flat(logits, labels)
             total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
             count += int(labels.numel())
@@ -161,6 +167,9 @@ def _train(
         monitor = ModelMonitor(plain, sink, **_monitor_options(callbacks.training_monitor))
         monitor.attach(optimizer)
 
+    projector = callbacks.get("embedding_projector") if "embedding_projector" in callbacks else None
+    if projector is not None and projector.get("log_before_fit"):
+        _log_embeddings(cfg, plain, val_loader, accelerator, tracker, 0)
     max_epochs = int(trainer_cfg.get("max_epochs") or 1)
     cap = _batch_cap(trainer_cfg.get("limit_train_batches"))
     every = max(1, int(trainer_cfg.get("log_every_n_steps") or 1))
@@ -171,19 +180,34 @@ def _train(
             for index, (images, labels) in enumerate(train_loader):
                 if cap is not None and index >= cap:
                     break
-                logits = net(images)
-                loss = F.cross_entropy(logits, labels)
+                if monitor is not None:
+                    monitor.start_flop_count()  # the first step only
+                if hasattr(plain, "train_step"):
+                    plain.train_step = step  # the step a network with fault injection sees
+                logits, targets = _flat(net(images), labels)
+                loss = F.cross_entropy(logits, targets)
                 accelerator.backward(loss)
                 if monitor is not None:
                     monitor.after_backward(step)
                 optimizer.step()
                 optimizer.zero_grad()
+                if hasattr(plain, "train_step"):
+                    plain.train_step = None
                 if monitor is not None:
-                    monitor.log_throughput(step, samples=int(labels.numel()))
+                    monitor.stop_flop_count()
+                    monitor.observe_loss(step, loss)
+                    if labels.dim() > 1:  # tokens
+                        monitor.log_throughput(step, tokens=int(labels.numel()))
+                    else:
+                        monitor.log_throughput(step, samples=int(labels.numel()))
                 if step % every == 0:
-                    acc = (logits.argmax(-1) == labels).float().mean()
+                    acc = (logits.argmax(-1) == targets).float().mean()
                     accelerator.log({"train/loss": loss.detach(), "train/acc": acc}, step=step)
                 step += 1
+                if monitor is not None and monitor.should_stop:
+                    break  # an alert with on_alert="stop": end cleanly, keep the checkpoint
+            if monitor is not None and monitor.should_stop:
+                break
             val_loss, val_acc = _evaluate(net, val_loader, accelerator)
             metrics = {"val/loss": val_loss, "val/acc": val_acc, "epoch": float(epoch)}
             accelerator.log(metrics, step=step)
@@ -193,6 +217,7 @@ def _train(
             _save_checkpoint(cfg, plain, str(tracker.log_dir))
     finally:
         if monitor is not None:
+            monitor.stop_flop_count()
             monitor.detach()
     return metrics
 
@@ -202,6 +227,9 @@ def _log_embeddings(
 ) -> None:
     node = cfg.callbacks.embedding_projector
     tag = str(node.get("tag") or "embeddings/penultimate")
+    if node.get("embed_fn") is not None:
+        _log_custom_embeddings(node, tag, net, tracker, step)
+        return
     limit = node.get("max_points") or 1000
     feats, labels, images = [], [], []
     net.eval()
@@ -218,6 +246,25 @@ def _log_embeddings(
     tracker.log_embedding(
         tag, mat, metadata=classes, label_img=torch.cat(images)[:limit], step=step
     )
+
+
+def _log_custom_embeddings(node: Any, tag: str, net: nn.Module, tracker: Any, step: int) -> None:
+    """The projector config's own ``embed_fn``/``label_fn`` over its ``dataloader`` batches."""
+    from hydra.utils import instantiate
+
+    embed_fn = instantiate(node.embed_fn)
+    label_fn = instantiate(node.label_fn) if node.get("label_fn") is not None else None
+    batches = instantiate(node.dataloader)
+    feats: list[torch.Tensor] = []
+    labels: list[str] = []
+    net.eval()
+    with torch.no_grad():
+        for batch in batches:
+            feats.append(embed_fn(net, batch).detach().cpu())
+            if label_fn is not None:
+                labels.extend(str(v) for v in label_fn(batch))
+    net.train()
+    tracker.log_embedding(tag, torch.cat(feats), metadata=labels or None, step=step)
 
 
 def _save_checkpoint(cfg: DictConfig, net: nn.Module, log_dir: str) -> None:

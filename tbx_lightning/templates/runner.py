@@ -36,8 +36,6 @@ __all__ = [
 CONFIG_KEY = "tbx_lightning_config"
 
 
-
-
 @dataclass
 class RunResult:
     """What one training run left behind.
