@@ -16,6 +16,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from tbx_lightning.errors import RunWriterError
+
 __all__ = [
     "claim_version",
     "is_local",
@@ -64,21 +66,46 @@ def url(fs: Any, path: str) -> str:
     return str(fs.unstrip_protocol(path))
 
 
+# Object stores whose first path part is a bucket: their ``makedirs`` would create it.
+_BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "oss", "cos"}
+
+
+def _protocols(fs: Any) -> set[str]:
+    protocol = getattr(fs, "protocol", ())
+    return {protocol} if isinstance(protocol, str) else set(protocol)
+
+
 def makedirs(fs: Any, path: str) -> None:
-    """Creates ``path`` and its parents; a no-op on object stores without directories."""
+    """Creates ``path`` and its parents; on object stores, checks the bucket and creates nothing.
+
+    Prefixes need no creating on an object store, and a bucket is never created: a
+    mistyped or deleted bucket raises :class:`RunWriterError` naming it.
+    """
+    if _protocols(fs) & _BUCKET_PROTOCOLS:
+        bucket = path.strip("/").split("/", 1)[0]
+        if not fs.exists(bucket):
+            where = f"{sorted(_protocols(fs) & _BUCKET_PROTOCOLS)[0]}://{bucket}"
+            raise RunWriterError(
+                f"The bucket {bucket!r} of {url(fs, path)!r} does not exist (or these "
+                f"credentials cannot see it): create it first (e.g. `aws s3 mb {where}`) or "
+                "fix the name. tbx_lightning creates folders inside a bucket, never buckets."
+            )
+        return
     fs.makedirs(path, exist_ok=True)
 
 
-def write_bytes_atomic(fs: Any, path: str, data: bytes) -> None:
+def write_bytes_atomic(fs: Any, path: str, data: bytes, *, tmp_prefix: str | None = None) -> None:
     """Writes ``data`` so that readers see either the old file or the new one, never a part.
 
-    Local files are written to a temporary sibling and renamed over the target;
-    object stores replace an object in one PUT, which is atomic by itself.
+    Local files are written to a temporary sibling (``.<name>.<random>.tmp``, or
+    ``<tmp_prefix>.<random>.tmp``) and renamed over the target; object stores
+    replace an object in one PUT, which is atomic by itself.
     """
     if is_local(fs):
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        prefix = tmp_prefix if tmp_prefix is not None else f".{os.path.basename(path)}"
+        tmp = os.path.join(parent, f"{prefix}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as handle:
                 handle.write(data)

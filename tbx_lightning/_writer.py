@@ -42,21 +42,35 @@ _EVENT = 2
 _RECORD = 3
 _PATCH = 4
 _FLUSH = 5
+_RECORDS = 6
 _MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1  # an Event's step is an int64
 
 _FILE_COUNTER = itertools.count()
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
 
 
+# The run's records file: patchable records too large to rewrite in one page of the event
+# file. It sorts before every timed event file, so TensorBoard (which keeps the first
+# record of a tag) reads its records first; it is replaced whole, atomically.
+RECORDS_FILE = "events.out.tfevents.0000000000.tbx-records"
+# A write that stays inside one page reaches the page cache whole or not at all when the
+# process is killed (the kernel checks for a fatal signal between pages, not inside one).
+_PAGE = 4096
+_FRAME_OVERHEAD = 16  # length (8), its CRC (4), the data's CRC (4)
 
 
 @dataclass(frozen=True)
 class RecordHandle:
-    """Where a patchable record lives, so it can be rewritten in place later."""
+    """Where a patchable record lives, so it can be rewritten later.
+
+    ``key`` is set for records kept in the run's records file (:data:`RECORDS_FILE`),
+    which is replaced whole; records without it are rewritten in place.
+    """
 
     file: str
     offset: int
     length: int
+    key: str = ""
 
 
 class _EventFile:
@@ -100,9 +114,7 @@ class _EventFile:
     def patch(self, offset: int, data: bytes) -> None:
         if self._handle is not None:
             self._handle.flush()
-            with open(self.path, "r+b") as handle:
-                handle.seek(offset)
-                handle.write(data)
+            _pwrite(self.path, offset, data)
         else:
             self._buffer[offset : offset + len(data)] = data
             self._dirty = True
@@ -265,6 +277,12 @@ class RunWriter:
         self._encoder = ScalarEncoder()
         self._checked_keys: set[tuple[str, ...]] = set()
         self._experiment: _RunSummaryWriter | None = None
+        # The records file's content (key -> serialised event), loaded on first use.
+        self._records: dict[str, bytes] | None = None
+        self._records_dirty = False
+        self._records_lock = threading.Lock()
+        self._records_path = _fs.join(self.fs, self._path, RECORDS_FILE)
+        self._moved: set[str] = set()  # keys whose record went from the event file to it
         name = self._file_name()
         self._first_file = _fs.join(self.fs, self._path, name)
         self._file = _EventFile(self.fs, self._first_file)
@@ -462,7 +480,13 @@ class RunWriter:
         if self._forked:
             self._restart_after_fork()
         queue = self._queue
-        queue.append(item)
+        # Under the lock that close() takes: an item is either queued before the run is
+        # marked closed (and the writer thread, which drains after it sees that, writes
+        # it) or refused. Never queued after the last drain and lost.
+        with self._lock:
+            if self._closed:
+                self._check_open()
+            queue.append(item)
         self._bytes_in += _item_bytes(item)
         size = len(queue)
         if size >= self._wake_at or self._bytes_in - self._bytes_out >= self.max_queue_bytes:
@@ -496,6 +520,15 @@ class RunWriter:
             self._put((_RECORD, frame(data)))
             return None
         size = max(reserve, len(data) + 8)
+        if _fs.is_local(self.fs):
+            # Local records are rewritten with one write inside one page; a larger
+            # record lives in the records file instead.
+            if len(data) + 3 > _PAGE - _FRAME_OVERHEAD:
+                key = _record_key(event)
+                self._moved.add(key)
+                self._put_records(key, data)
+                return RecordHandle(self._records_path, 0, 0, key)
+            size = min(size, _PAGE - _FRAME_OVERHEAD)
         holder: list[RecordHandle] = []
         done = threading.Event()
         self._put((_RECORD, frame(padded(data, size)), holder, done, size))
@@ -507,13 +540,28 @@ class RunWriter:
         return holder[0]
 
     def patch_record(self, handle: RecordHandle, event: Event) -> bool:
-        """Rewrites a reserved record in place; False if the new event does not fit its room."""
+        """Replaces a reserved record; a process killed meanwhile leaves the old or the new one.
+
+        A record is rewritten in place when the new event fits its room and the
+        rewrite is one write inside one page (or one upload, on object stores);
+        otherwise it moves to the run's records file (:data:`RECORDS_FILE`), which
+        is replaced whole and read before the run's other event files. Returns True
+        (the record is never too large); kept for callers that check it.
+        """
         self._check_open()
         data = event.SerializeToString()
-        if len(data) + 3 > handle.length:
-            return False
-        self._put((_PATCH, handle, frame(padded(data, handle.length))))
+        key = handle.key or _record_key(event)
+        if not handle.key and key not in self._moved:
+            fits = len(data) + 3 <= handle.length
+            if fits and (not _fs.is_local(self.fs) or _in_one_page(handle)):
+                self._put((_PATCH, handle, frame(padded(data, handle.length))))
+                return True
+            self._moved.add(key)
+        self._put_records(key, data)
         return True
+
+    def _put_records(self, key: str, data: bytes) -> None:
+        self._put((_RECORDS, key, data))
 
     def flush(self) -> None:
         """Writes everything queued so far to storage before returning."""
@@ -623,12 +671,19 @@ class RunWriter:
                         chunks.append(item[1])
                     else:
                         self._write_chunks(chunks)
+                        if _fs.is_local(self.fs):
+                            self._align_record(len(item[1]))
                         offset = self._write_chunks([item[1]])
                         item[2].append(RecordHandle(self._file.path, offset, item[4]))
                         item[3].set()
                 elif kind == _PATCH:
                     self._write_chunks(chunks)
                     self._patch(item[1], item[2])
+                elif kind == _RECORDS:
+                    with self._records_lock:
+                        self._load_records()[item[1]] = item[2]
+                        self._records_dirty = True
+                    self._write_records()
                 elif kind == _FLUSH:
                     self._write_chunks(chunks)
                     if self._write_out() and not isinstance(self._error, _REPORT_ONCE):
@@ -682,6 +737,18 @@ class RunWriter:
         self._failed = []
         return offset + len(data) - last
 
+    def _align_record(self, size: int) -> None:
+        """Pads with an empty event so that a record of ``size`` bytes fits in one page."""
+        pos = self._file.offset + sum(len(part) for part in self._failed)
+        start = pos % _PAGE
+        if start + size <= _PAGE:
+            return
+        gap = _PAGE - start
+        if gap < 32:  # the smallest padding event takes 25 bytes
+            gap += _PAGE
+        filler = Event(wall_time=time.time()).SerializeToString()
+        self._write_chunks([frame(padded(filler, gap - _FRAME_OVERHEAD))])
+
     def _patch(self, handle: RecordHandle, data: bytes) -> None:
         if handle.file == self._file.path:
             self._file.patch(handle.offset, data)
@@ -701,16 +768,50 @@ class RunWriter:
         TensorBoard keeps the first record of a tag it reads, so new ones would be ignored.
         """
         found: dict[str, RecordHandle] = {}
+        with self._records_lock:
+            records = self._load_records()
+        for tag in tags:
+            if tag in records:
+                found[tag] = RecordHandle(self._records_path, 0, 0, tag)
+        if len(found) == len(tags):
+            return found
         try:
             paths = sorted(self.fs.ls(self._path, detail=False))
         except FileNotFoundError:
             return found
         for path in paths:
-            if "tfevents" in posixpath.basename(path) and path != self._file.path:
+            name = posixpath.basename(path)
+            if "tfevents" in name and name != RECORDS_FILE and path != self._file.path:
                 _scan_records(self.fs, path, [t for t in tags if t not in found], found)
             if len(found) == len(tags):
                 break
         return found
+
+    def _load_records(self) -> dict[str, bytes]:
+        """The records file's content, read once (call with ``_records_lock`` held)."""
+        if self._records is None:
+            try:
+                raw = self.fs.cat_file(self._records_path)
+            except FileNotFoundError:
+                raw = b""
+            self._records = _parse_records(raw)
+        return self._records
+
+    def _write_records(self) -> None:
+        """Replaces the records file with the current records (writer thread)."""
+        with self._records_lock:
+            records = self._load_records()
+            header = Event(wall_time=time.time(), file_version="brain.Event:2")
+            content = b"".join(
+                [frame(header.SerializeToString()), *(frame(d) for d in records.values())]
+            )
+            self._records_dirty = False
+        try:
+            # The temporary name must not hold "tfevents": readers would take it for a run file.
+            _fs.write_bytes_atomic(self.fs, self._records_path, content, tmp_prefix=".tbx-records")
+        except Exception:
+            self._records_dirty = True
+            raise
 
     def _write_out(self, *, final: bool = False) -> bool:
         """Writes pending bytes and flushes; False (and ``_error`` set) on failure."""
@@ -718,6 +819,8 @@ class RunWriter:
             self._check_file_present()
             if self._failed:
                 self._write_chunks([])
+            if self._records_dirty:
+                self._write_records()
             if final:
                 self._file.close()
             else:
@@ -757,11 +860,49 @@ class RunWriter:
         )
 
 
+def _pwrite(path: str, offset: int, data: bytes) -> None:
+    """One ``pwrite`` call: a patch inside one page is never half-done by a kill."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = os.pwrite(fd, data, offset)
+        if done != len(data):
+            raise OSError(f"short write to {path!r}: {done} of {len(data)} bytes")
+    finally:
+        os.close(fd)
+
+
+def _in_one_page(handle: RecordHandle) -> bool:
+    end = handle.offset + handle.length + _FRAME_OVERHEAD - 1
+    return handle.offset // _PAGE == end // _PAGE
+
+
+def _record_key(event: Event) -> str:
+    """A record's key in the records file: its summary tag (one record per tag)."""
+    for value in event.summary.value:
+        return str(value.tag)
+    return f"#{event.step}:{event.file_version}"
+
+
+def _parse_records(raw: bytes) -> dict[str, bytes]:
+    """``key -> serialised event`` of a records file (the header and torn tails skipped)."""
+    records: dict[str, bytes] = {}
+    offset = 0
+    while offset + 12 <= len(raw):
+        (length,) = struct.unpack("<Q", raw[offset : offset + 8])
+        end = offset + 12 + length + 4
+        if end > len(raw):
+            break
+        data = raw[offset + 12 : offset + 12 + length]
+        first, offset = offset == 0, end
+        if first:
+            continue  # the file's header
+        records[_record_key(Event.FromString(data))] = data
+    return records
+
+
 def _patch_file(fs: Any, path: str, offset: int, data: bytes) -> None:
     if _fs.is_local(fs):
-        with open(path, "r+b") as handle:
-            handle.seek(offset)
-            handle.write(data)
+        _pwrite(path, offset, data)
         return
     content = bytearray(fs.cat_file(path))
     content[offset : offset + len(data)] = data
@@ -807,7 +948,7 @@ def _item_bytes(item: tuple[Any, ...]) -> int:
         return 200 + int(item[1].ByteSize())
     if kind == _RECORD:
         return 200 + len(item[1])
-    if kind == _PATCH:
+    if kind in (_PATCH, _RECORDS):
         return 200 + len(item[2])
     return 0  # flush markers are not counted on either side
 

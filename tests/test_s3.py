@@ -147,7 +147,13 @@ def test_projector_files_land_in_the_bucket(bucket: str, tmp_path: Path) -> None
     rel = record.tensor_path.split("/runs/emb/", 1)[1]
     assert (local / rel).read_bytes() == mat.numpy().astype("<f4").tobytes()
     meta = record.metadata_path.split("/runs/emb/", 1)[1]  # type: ignore[union-attr]
-    assert (local / meta).read_text().splitlines() == ["a", "b", "c", "d"]
+    assert (local / meta).read_text().splitlines() == [
+        "label\tindex",
+        "a\t0",
+        "b\t1",
+        "c\t2",
+        "d\t3",
+    ]
     sprite = record.sprite_path.split("/runs/emb/", 1)[1]  # type: ignore[union-attr]
     assert (local / sprite).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -279,3 +285,18 @@ def test_memory_tbx_logger(memory_root: str, tmp_path: Path) -> None:
     assert _scalars(local) == {"loss": [(3, 2.0)]}
     assert _session(local) == ({"lr": 0.3, "secret": MASK}, [SUCCESS])
     assert yaml.safe_load((local / "hparams.yaml").read_text()) == {"lr": 0.3, "secret": MASK}
+
+
+@pytest.mark.parametrize("entry", ["writer", "version"])
+def test_missing_bucket_is_an_error_and_never_created(s3: S3Server, entry: str) -> None:
+    from tbx_lightning.errors import RunWriterError
+
+    name = f"typo-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(RunWriterError, match=rf"The bucket '{name}' .* does not exist.*create it"):
+        if entry == "writer":
+            RunWriter(f"s3://{name}/runs/x")
+        else:
+            _fs.run_dir(f"s3://{name}/runs", "exp", None)
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    assert not fs.exists(name)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from tensorboardX.proto.event_pb2 import Event
 import tbx_lightning
 from tbx_lightning import RunWriter, RunWriterError
 from tbx_lightning._fs import claim_version, run_dir
+from tbx_lightning._writer import RECORDS_FILE
 
 
 def read(path: str | Path) -> EventAccumulator:
@@ -184,17 +186,23 @@ def test_purge_step_hides_stale_events_on_resume(tmp_path: Path) -> None:
 
 
 def test_patchable_record_is_replaced_in_place(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
     with RunWriter(tmp_path) as run:
         handle = run.write_record(Event(step=1, file_version="first"), reserve=128)
         assert handle is not None
         run.log_scalars({"m": 1.0}, 1)
         assert run.patch_record(handle, Event(step=2, file_version="second"))
-        assert not run.patch_record(handle, Event(step=2, file_version="x" * 500))
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-
-    (event_file,) = [p for p in tmp_path.iterdir() if p.name.startswith("events")]
-    versions = [e.file_version for e in EventFileLoader(str(event_file)).Load() if e.file_version]
-    assert versions == ["brain.Event:2", "second"]
+        run.flush()
+        (event_file,) = [p for p in tmp_path.iterdir() if p.name.startswith("events")]
+        versions = [e.file_version for e in EventFileLoader(str(event_file)).Load()]
+        assert [v for v in versions if v] == ["brain.Event:2", "second"]
+        # Outgrown: the record moves to the records file, which sorts before the event file.
+        assert run.patch_record(handle, Event(step=2, file_version="x" * 500))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [RECORDS_FILE, event_file.name]
+    moved = [e.file_version for e in EventFileLoader(str(tmp_path / RECORDS_FILE)).Load()]
+    assert moved == ["brain.Event:2", "x" * 500]
 
 
 def test_memory_filesystem(tmp_path: Path) -> None:
@@ -494,3 +502,45 @@ def test_flush_that_writes_everything_is_not_failed_by_an_older_retry(tmp_path: 
     run.flush()  # does not raise: everything pending is on storage
     run.close()
     assert stale["set"] and values(read(tmp_path), "m") == [(0, 1.0)]
+
+
+@pytest.mark.parametrize("trial", range(5))
+def test_log_calls_racing_close_land_or_raise(tmp_path: Path, trial: int) -> None:
+    import threading
+
+    run = RunWriter(tmp_path / "run", flush_secs=60)
+    landed: list[list[int]] = [[] for _ in range(4)]
+    refused: list[int] = [0] * 4
+    errors: list[BaseException] = []
+    go = threading.Barrier(5)
+
+    def log(worker: int) -> None:
+        value = torch.tensor(1.0)
+        go.wait()
+        for i in range(200_000):
+            step = worker * 1_000_000 + i
+            try:
+                # A tensor value: its host copy widens the gap between the check for
+                # a closed run and the queueing, where a close used to slip in.
+                run.log_scalars({f"w{worker}": value}, step)
+            except RunWriterError as error:
+                if "is closed" not in str(error):
+                    errors.append(error)
+                refused[worker] += 1
+                return
+            landed[worker].append(step)
+
+    threads = [threading.Thread(target=log, args=(w,)) for w in range(4)]
+    for thread in threads:
+        thread.start()
+    go.wait()
+    time.sleep(0.05 * (trial + 1))
+    run.close()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert refused == [1] * 4  # every thread ran into the close
+    acc = read(tmp_path / "run")
+    for worker in range(4):
+        # Exactly what returned normally was written: nothing returned and was lost.
+        assert [s for s, _ in values(acc, f"w{worker}")] == landed[worker]
