@@ -21,36 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 
 from tbx_lightning import _fs, _table
-from tbx_lightning._summary import RunSummary
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import RunHParams
-
-
-def wired_writer(log_dir: str) -> RunWriter:
-    """A RunWriter whose background thread feeds a RunSummary (add per event, save per flush)."""
-    run = RunWriter(log_dir, flush_secs=3600)
-    summary = RunSummary(run.fs, run.path)
-    encode = run._encoder.encode
-
-    def encode_and_add(step: int, wall_time: float, tags: Any, values: Any) -> bytes:
-        summary.add(step, wall_time, tags, values)
-        return encode(step, wall_time, tags, values)
-
-    run._encoder.encode = encode_and_add  # type: ignore[method-assign]
-    write_out = run._write_out
-
-    def write_out_and_save(*, final: bool = False) -> bool:
-        ok = write_out(final=final)
-        if ok:
-            summary.covers(run._file.path, run._file.offset)
-            summary.save()
-        return ok
-
-    run._write_out = write_out_and_save  # type: ignore[method-assign]
-    return run
 
 
 def build(root: str, runs: int, steps: int, tags: int) -> float:
@@ -59,7 +33,7 @@ def build(root: str, runs: int, steps: int, tags: int) -> float:
     started = time.perf_counter()
     for index in range(runs):
         _, log_dir, _ = _fs.run_dir(root, "bench", None)
-        run = wired_writer(log_dir)
+        run = RunWriter(log_dir, flush_secs=3600)  # keeps summary.json as it writes
         hp = RunHParams(run)
         hp.log(
             {"model": {"lr": 10 ** (-1 - index % 4), "width": 32 * (1 + index % 3)}, "seed": index}

@@ -19,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tbx_lightning.errors import RunWriterError
 
 __all__ = [
+    "RECORDS_FILE",
     "claim_version",
     "is_local",
     "join",
@@ -27,6 +28,11 @@ __all__ = [
     "write_bytes_atomic",
     "write_text_atomic",
 ]
+
+# The run's records file: patchable records too large to rewrite in one page of the event
+# file. It sorts before every timed event file, so TensorBoard (which keeps the first
+# record of a tag) reads its records first; it is replaced whole, atomically.
+RECORDS_FILE = "events.out.tfevents.0000000000.tbx-records"
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
 

@@ -236,6 +236,8 @@ def _current_summary(path: str, names: Sequence[str]) -> Any:
     """The run's summary if it covers exactly these event files at their sizes, else None."""
     fs, inner = _fs.resolve(path)
     summary = read_summary(fs, inner)
+    # The records file holds no scalars and is rewritten in place: the summary ignores it.
+    names = [name for name in names if name != _fs.RECORDS_FILE]
     if summary is None or [name for name, _ in summary.files] != list(names):
         return None
     for name, size in summary.files:

@@ -32,6 +32,7 @@ from tensorboardX.writer import FileWriter
 
 from tbx_lightning import _fs
 from tbx_lightning._events import ScalarEncoder, frame, padded
+from tbx_lightning._summary import RunSummary
 from tbx_lightning.errors import RunWriterError
 
 __all__ = ["RunWriter", "RunWriterError"]
@@ -49,10 +50,7 @@ _FILE_COUNTER = itertools.count()
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
 
 
-# The run's records file: patchable records too large to rewrite in one page of the event
-# file. It sorts before every timed event file, so TensorBoard (which keeps the first
-# record of a tag) reads its records first; it is replaced whole, atomically.
-RECORDS_FILE = "events.out.tfevents.0000000000.tbx-records"
+RECORDS_FILE = _fs.RECORDS_FILE
 # A write that stays inside one page reaches the page cache whole or not at all when the
 # process is killed (the kernel checks for a fatal signal between pages, not inside one).
 _PAGE = 4096
@@ -297,6 +295,8 @@ class RunWriter:
             )
             self._file.write(frame(start.SerializeToString()))
         self._file.flush()
+        # The per-tag statistics `tbx-lightning hparams` reads instead of the events.
+        self._summary = RunSummary(self.fs, self._path, purge_step=purge_step)
         self._last_flush = time.monotonic()
         self._thread = threading.Thread(
             target=self._run, name=f"tbx-run-writer:{name}", daemon=True
@@ -341,6 +341,7 @@ class RunWriter:
                     Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
                 )
             )
+            self._summary = RunSummary(self.fs, self._path)
             self._last_flush = time.monotonic()
             self._thread = threading.Thread(
                 target=self._run, name=f"tbx-run-writer:{name}", daemon=True
@@ -659,13 +660,16 @@ class RunWriter:
             try:
                 if kind == _SCALARS:
                     chunks.append(encode(item[1], item[2], item[3], item[4]))
+                    self._summary.add(item[1], item[2], item[3], item[4])
                 elif kind == _TENSOR_SCALARS:
                     values = item[4]
                     for i, value in zip(item[5], item[6].tolist(), strict=True):
                         values[i] = value
                     chunks.append(encode(item[1], item[2], item[3], values))
+                    self._summary.add(item[1], item[2], item[3], values)
                 elif kind == _EVENT:
                     chunks.append(frame(item[1].SerializeToString()))
+                    self._summary.add_event(item[1])
                 elif kind == _RECORD:
                     if len(item) == 2:
                         chunks.append(item[1])
@@ -825,8 +829,12 @@ class RunWriter:
                 self._file.close()
             else:
                 self._file.flush()
-                if not _fs.is_local(self.fs) and self._file.offset >= self.segment_bytes:
-                    self._next_segment()
+            if not self._failed:
+                # Everything added so far is on storage: the summary may say it covers it.
+                self._summary.covers(self._file.path, self._file.offset)
+                self._summary.save()
+            if not final and not _fs.is_local(self.fs) and self._file.offset >= self.segment_bytes:
+                self._next_segment()
             self._last_flush = time.monotonic()
         except Exception as error:
             self._error = error

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from tbx_lightning import _fs
 from tbx_lightning._lightning_trainer import find_trainer
+from tbx_lightning._summary import SUMMARY_FILE
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import MASK, is_secret_key, to_container
 from tbx_lightning.run import Run, check_writer_options
@@ -640,7 +641,13 @@ def _remove_if_only_header(fs: Any, run: RunWriter | None, log_dir: str) -> None
         if run.has_data:
             return
         # Only what a writer without data leaves: its event file(s) and config files.
-        ours = {os.path.basename(run.event_file), "config.yaml", "hparams.yaml"}
+        ours = {
+            os.path.basename(run.event_file),
+            "config.yaml",
+            "hparams.yaml",
+            _fs.RECORDS_FILE,
+            SUMMARY_FILE,
+        }
         if set(entries) <= ours:
             for entry in entries:
                 os.remove(os.path.join(log_dir, entry))

@@ -181,6 +181,7 @@ def test_omegaconf_hyperparameters_are_dot_path_columns(tmp_path: Path) -> None:
     assert sorted(p for p in os.listdir(logger.log_dir) if not p.startswith("events")) == [
         "config.yaml",
         "hparams.yaml",
+        "summary.json",
     ]
 
 

@@ -200,7 +200,7 @@ def test_patchable_record_is_replaced_in_place(tmp_path: Path) -> None:
         # Outgrown: the record moves to the records file, which sorts before the event file.
         assert run.patch_record(handle, Event(step=2, file_version="x" * 500))
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == [RECORDS_FILE, event_file.name]
+    assert names == [RECORDS_FILE, event_file.name, "summary.json"]
     moved = [e.file_version for e in EventFileLoader(str(tmp_path / RECORDS_FILE)).Load()]
     assert moved == ["brain.Event:2", "x" * 500]
 

@@ -1,8 +1,8 @@
-"""A run whose writer keeps a RunSummary, wired the way the writer's background thread feeds it.
+"""A run whose writer keeps its RunSummary, for the summary-versus-events table tests.
 
-The wiring: every scalar event the writer encodes goes to ``RunSummary.add`` (same
-step, wall time, tags and values), and every successful flush is followed by
-``covers(event file, bytes written)`` and ``save()``.
+The writer's background thread gives every scalar event it encodes to
+``RunSummary.add`` and follows every successful flush with ``covers(event file, bytes
+written)`` and ``save()``.
 
 Run as a script: ``summary_run.py ROOT LR STEPS finish|hang READY_FILE`` logs STEPS
 steps into a new version under ROOT, flushing every 50 steps; ``finish`` ends the run
@@ -26,28 +26,9 @@ from tbx_lightning.hparams import RunHParams
 
 
 def wired_writer(log_dir: str, **kwargs: Any) -> tuple[RunWriter, RunSummary]:
-    """A RunWriter that feeds a RunSummary from its own writer thread."""
+    """A RunWriter and the RunSummary its writer thread keeps."""
     run = RunWriter(log_dir, **kwargs)
-    summary = RunSummary(run.fs, run.path, purge_step=kwargs.get("purge_step"))
-    encoder = run._encoder
-    encode = encoder.encode
-
-    def encode_and_add(step: int, wall_time: float, tags: Any, values: Any) -> bytes:
-        summary.add(step, wall_time, tags, values)
-        return encode(step, wall_time, tags, values)
-
-    encoder.encode = encode_and_add  # type: ignore[method-assign]
-    write_out = run._write_out
-
-    def write_out_and_save(*, final: bool = False) -> bool:
-        ok = write_out(final=final)
-        if ok:
-            summary.covers(run._file.path, run._file.offset)
-            summary.save()
-        return ok
-
-    run._write_out = write_out_and_save  # type: ignore[method-assign]
-    return run, summary
+    return run, run._summary
 
 
 def metrics(step: int, lr: float) -> dict[str, float]:
