@@ -168,8 +168,12 @@ def _train(
         monitor.attach(optimizer)
 
     projector = callbacks.get("embedding_projector") if "embedding_projector" in callbacks else None
+    # As the Lightning callback does: before fit if asked, every n epochs, and at fit end.
+    every_n_epochs = int(projector.get("every_n_epochs") or 0) if projector is not None else 0
+    logged_at: int | None = None
     if projector is not None and projector.get("log_before_fit"):
         _log_embeddings(cfg, plain, val_loader, accelerator, tracker, 0)
+        logged_at = 0
     max_epochs = int(trainer_cfg.get("max_epochs") or 1)
     cap = _batch_cap(trainer_cfg.get("limit_train_batches"))
     every = max(1, int(trainer_cfg.get("log_every_n_steps") or 1))
@@ -211,7 +215,11 @@ def _train(
             val_loss, val_acc = _evaluate(net, val_loader, accelerator)
             metrics = {"val/loss": val_loss, "val/acc": val_acc, "epoch": float(epoch)}
             accelerator.log(metrics, step=step)
-        if "embedding_projector" in callbacks:
+            if projector is not None and every_n_epochs and (epoch + 1) % every_n_epochs == 0:
+                _log_embeddings(cfg, plain, val_loader, accelerator, tracker, step)
+                logged_at = step
+        at_end = projector is not None and projector.get("log_at_fit_end", True)
+        if at_end and logged_at != step:
             _log_embeddings(cfg, plain, val_loader, accelerator, tracker, step)
         if accelerator.is_main_process:
             _save_checkpoint(cfg, plain, str(tracker.log_dir))
@@ -230,14 +238,19 @@ def _log_embeddings(
     if node.get("embed_fn") is not None:
         _log_custom_embeddings(node, tag, net, tracker, step)
         return
+    from hydra.utils import instantiate
+
     limit = node.get("max_points") or 1000
+    # The same thumbnails as the Lightning callback (e.g. the digits scaled up to 32x32).
+    image_fn = instantiate(node.image_fn) if node.get("image_fn") is not None else None
     feats, labels, images = [], [], []
     net.eval()
     with torch.no_grad():
         for batch_images, batch_labels in loader:
             feats.append(accelerator.gather_for_metrics(penultimate(net, batch_images)).cpu())
             labels.append(accelerator.gather_for_metrics(batch_labels).cpu())
-            images.append(accelerator.gather_for_metrics(batch_images).cpu())
+            thumbs = image_fn((batch_images, batch_labels)) if image_fn else batch_images
+            images.append(accelerator.gather_for_metrics(thumbs).cpu())
             if sum(len(x) for x in labels) >= limit:
                 break
     net.train()
