@@ -153,7 +153,11 @@ def test_lightning_ddp_two_cpu_processes_write_one_run_from_rank_zero(tmp_path: 
     # Written by rank 0 only: one event file, one config.
     assert len(glob.glob(str(run_dir / "*tfevents*"))) == 1
     files = sorted(p.name for p in run_dir.iterdir() if p.is_file())
-    assert [name for name in files if "tfevents" not in name] == ["config.yaml", "hparams.yaml"]
+    assert [name for name in files if "tfevents" not in name] == [
+        "config.yaml",
+        "hparams.yaml",
+        "summary.json",
+    ]
     scalars = _scalars(run_dir)
     assert [s for s, _ in scalars["loss"]] == list(range(6))
     assert {v for _, v in scalars["rank"]} == {1.0}  # synced across both ranks
