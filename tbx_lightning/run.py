@@ -214,10 +214,27 @@ def flatten_values(
             f"Logged values must be a dict of name -> value, got {type(values).__name__}: "
             "wrap the value in a dict, e.g. {'loss': value}."
         )
+    if not prefix:
+        # The training loop's usual call, a flat dict of Python numbers under names seen
+        # before, skips the per-key checks: nothing nested can clash, the names passed.
+        keys = tuple(values)
+        if keys in _CHECKED_NAMES and all(
+            type(v) is float or type(v) is int for v in values.values()
+        ):
+            return dict(values), {}
     scalars: dict[str, Any] = {}
     texts: dict[str, str] = {}
     _flatten_into(values, prefix, scalars, texts, set())
+    if not prefix and not texts and len(scalars) == len(values):
+        if len(_CHECKED_NAMES) >= _MAX_CHECKED_NAMES:
+            _CHECKED_NAMES.clear()
+        _CHECKED_NAMES.add(tuple(values))
     return scalars, texts
+
+
+# Names of flat calls already checked (str, non-empty, valid UTF-8), bounded in size.
+_CHECKED_NAMES: set[tuple[Any, ...]] = set()
+_MAX_CHECKED_NAMES = 4096
 
 
 def _flatten_into(
