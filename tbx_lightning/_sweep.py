@@ -99,20 +99,9 @@ def _probe_values(override: Any) -> list[str]:
 
 
 def _parse(texts: Sequence[str]) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
+    from tbx_lightning.cli import parse_hydra_overrides
 
-    parser = OverridesParser.create()
-    parsed = []
-    for text in texts:
-        try:
-            (override,) = parser.parse_overrides([text])
-        except OverrideParseException as error:
-            raise ConfigError(
-                f"Cannot parse override {text!r}: {str(error).splitlines()[0]}"
-            ) from None
-        parsed.append(override)
-    return parsed
+    return parse_hydra_overrides(texts)
 
 
 def _merge_hydra(first: Sequence[str], then: Sequence[str]) -> list[str]:

@@ -122,14 +122,18 @@ class _Override:
     is_sweep: bool
 
 
-def _parse_overrides(overrides: Sequence[str], groups: dict[str, list[str]]) -> list[_Override]:
+def parse_hydra_overrides(texts: Sequence[str]) -> list[Any]:
+    """Each override parsed with Hydra's grammar, in order.
+
+    Raises:
+        ConfigError: an override that does not parse; the message names it.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
     from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
     parsed = []
-    for text in overrides:
+    for text in texts:
         try:
             (override,) = parser.parse_overrides([text])
         except OverrideParseException as error:
@@ -137,6 +141,15 @@ def _parse_overrides(overrides: Sequence[str], groups: dict[str, list[str]]) -> 
                 f"Cannot parse override {text!r}: write key=value with a dot path such as "
                 f"model.optimizer.lr=0.01 ({str(error).splitlines()[0]})"
             ) from None
+        parsed.append(override)
+    return parsed
+
+
+def _parse_overrides(overrides: Sequence[str], groups: dict[str, list[str]]) -> list[_Override]:
+    from hydra.core.override_parser.types import OverrideType
+
+    parsed = []
+    for text, override in zip(overrides, parse_hydra_overrides(overrides), strict=True):
         key = override.key_or_group
         kind = {
             OverrideType.CHANGE: "change",
@@ -336,19 +349,9 @@ def expand_grid(params: dict[str, str] | Sequence[str]) -> list[list[str]]:
         >>> expand_grid(["model.optimizer.lr=0.1,0.01", "data.batch_size=32"])
         [['model.optimizer.lr=0.1', 'data.batch_size=32'], ['model.optimizer.lr=0.01', 'data.batch_size=32']]
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     texts = [f"{k}={v}" for k, v in params.items()] if isinstance(params, dict) else list(params)
-    parser = OverridesParser.create()
     axes: list[list[str]] = []
-    for text in texts:
-        try:
-            (override,) = parser.parse_overrides([text])
-        except OverrideParseException as error:
-            raise ConfigError(
-                f"Cannot parse override {text!r}: {str(error).splitlines()[0]}"
-            ) from None
+    for text, override in zip(texts, parse_hydra_overrides(texts), strict=True):
         if override.is_sweep_override():
             key = override.get_key_element()
             axes.append([f"{key}={value}" for value in override.sweep_string_iterator()])
