@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from tbx_lightning import RunWriter
-from tbx_lightning import _projector_files as files
 from tbx_lightning import projector as pj
+from tbx_lightning.projector import _files as files
 from tbx_lightning.projector import log_embedding
 
 TEMP: list[Path] = []  # folders to delete once read back

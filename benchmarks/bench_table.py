@@ -22,8 +22,9 @@ import sys
 import tempfile
 import time
 
-from tbx_lightning import _fs, _table
+from tbx_lightning import _fs
 from tbx_lightning._writer import RunWriter
+from tbx_lightning.cli import _table
 from tbx_lightning.hparams import RunHParams
 
 

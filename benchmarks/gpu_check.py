@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from tbx_lightning import RunWriter
-from tbx_lightning.monitor import ModelMonitor, _Binner
+from tbx_lightning.monitor import ModelMonitor
+from tbx_lightning.monitor._binning import _Binner
 
 
 @contextlib.contextmanager
@@ -148,7 +149,7 @@ def check_no_sync_and_mfu(device: torch.device, steps: int = 60) -> dict[str, fl
     if flushes.calls > scalar_steps + 1:
         raise SystemExit(f"FAIL: {flushes.calls} flushes for {scalar_steps} scalar steps")
     peak = monitor.peak_flops
-    from tbx_lightning._efficiency import peak_flops
+    from tbx_lightning.monitor._efficiency import peak_flops
 
     peak = peak or peak_flops(device, torch.bfloat16)
     flops = monitor.flops_per_step or 0.0

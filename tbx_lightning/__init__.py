@@ -4,7 +4,7 @@
 The integrations load on first use of their names (``tbx_lightning.TBXLogger``,
 ``tbx_lightning.TBXTracker``), and ``Accelerator(log_with="tbx")`` works after a
 plain ``import tbx_lightning`` because the tracker registers itself the moment
-accelerate's tracking module is imported (see :mod:`tbx_lightning._registration`).
+accelerate's tracking module is imported (see :mod:`tbx_lightning.accelerate._registration`).
 """
 
 # Only public names are bound here without an underscore: tests/test_public_api.py
@@ -12,13 +12,12 @@ accelerate's tracking module is imported (see :mod:`tbx_lightning._registration`
 import importlib as _importlib
 import typing as _typing
 
-from tbx_lightning._registration import install_accelerate_hook as _install_accelerate_hook
 from tbx_lightning._version import __version__
+from tbx_lightning.accelerate._registration import (
+    install_accelerate_hook as _install_accelerate_hook,
+)
 
 if _typing.TYPE_CHECKING:
-    from tbx_lightning._alerts import Alert, AlertRules
-    from tbx_lightning._lightning_monitor import TrainingMonitor
-    from tbx_lightning._lightning_projector import EmbeddingProjector
     from tbx_lightning._writer import RunWriter
     from tbx_lightning.accelerate import TBXTracker
     from tbx_lightning.errors import (
@@ -36,7 +35,10 @@ if _typing.TYPE_CHECKING:
         TrainingAlertError,
     )
     from tbx_lightning.lightning import RunStateCallback, TBXLogger
+    from tbx_lightning.lightning._monitor import TrainingMonitor
+    from tbx_lightning.lightning._projector import EmbeddingProjector
     from tbx_lightning.monitor import ModelMonitor
+    from tbx_lightning.monitor._alerts import Alert, AlertRules
 
 __all__ = [
     "Alert",
@@ -65,12 +67,12 @@ __all__ = [
 
 # name -> module that defines it; modules load on first attribute access.
 _LAZY = {
-    "Alert": "tbx_lightning._alerts",
-    "AlertRules": "tbx_lightning._alerts",
+    "Alert": "tbx_lightning.monitor._alerts",
+    "AlertRules": "tbx_lightning.monitor._alerts",
     "BuildError": "tbx_lightning.errors",
     "ConfigError": "tbx_lightning.errors",
     "ConfigTypeError": "tbx_lightning.errors",
-    "EmbeddingProjector": "tbx_lightning._lightning_projector",
+    "EmbeddingProjector": "tbx_lightning.lightning._projector",
     "GraphExportError": "tbx_lightning.errors",
     "HParamsError": "tbx_lightning.errors",
     "LoggedTypeError": "tbx_lightning.errors",
@@ -85,7 +87,7 @@ _LAZY = {
     "TBXLogger": "tbx_lightning.lightning",
     "TBXTracker": "tbx_lightning.accelerate",
     "TrainingAlertError": "tbx_lightning.errors",
-    "TrainingMonitor": "tbx_lightning._lightning_monitor",
+    "TrainingMonitor": "tbx_lightning.lightning._monitor",
 }
 
 

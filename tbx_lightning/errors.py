@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tbx_lightning._alerts import Alert
+    from tbx_lightning.monitor._alerts import Alert
 
 __all__ = [
     "BuildError",

@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import RunWriter, TBXLogger, TrainingMonitor
-from tbx_lightning._alerts import AlertEngine, robust_threshold
 from tbx_lightning.errors import TBXError
 from tbx_lightning.monitor import Alert, AlertRules, ModelMonitor, TrainingAlertError
+from tbx_lightning.monitor._alerts import AlertEngine, robust_threshold
 
 
 def read(log_dir: Path | str) -> EventAccumulator:

@@ -22,6 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from tbx_lightning import cli
+from tbx_lightning.cli import _compose, _main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -69,7 +70,7 @@ def test_no_arguments_runs_quickstart_into_runs(
         assert experiment is None and list(overrides) == []
         return real(experiment, TINY, config_dir)
 
-    monkeypatch.setattr(cli, "compose_config", reduced)
+    monkeypatch.setattr(_main, "compose_config", reduced)
     assert cli.main() == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "quickstart" / "version_0"
@@ -307,7 +308,7 @@ def test_expand_grid_and_shipped_grids() -> None:
         ["a=2", "b=x", "c=3"],
         ["a=2", "b=y", "c=3"],
     ]
-    experiment, params = cli._load_grid("quickstart_lr", cli.find_config_dir())
+    experiment, params = _compose._load_grid("quickstart_lr", cli.find_config_dir())
     assert experiment == "quickstart"
     assert len(cli.expand_grid(params)) == 6
 

@@ -18,8 +18,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from tbx_lightning import _table
 from tbx_lightning._writer import RECORDS_FILE, RunWriter
+from tbx_lightning.cli import _table
 from tbx_lightning.hparams import (
     SESSION_END_TAG,
     SESSION_START_TAG,

@@ -492,6 +492,55 @@ def test_data_dependent_control_flow_falls_back_and_says_why(tmp_path: Path) -> 
     assert "`torch.export`" in summary and "`torch.fx`" in summary
 
 
+
+def test_export_keeps_other_threads_output_and_drops_its_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import sys
+    import threading
+
+    stop = threading.Event()
+    started = threading.Event()
+    streams_during_export: list[Any] = []
+
+    def chatter() -> None:
+        i = 0
+        while not stop.is_set():
+            print(f"progress {i}", flush=True)
+            if i == 0:
+                started.set()
+            i += 1
+            stop.wait(0.001)
+
+    original = sys.stdout
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    started.wait(5)
+
+    class Probe(DataDependent):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            streams_during_export.append(sys.stdout)
+            return super().forward(x)
+
+    try:
+        # torch.export fails on this model and prints the partial graph it traced.
+        result = export_graph(Probe(), torch.randn(3, 4))
+        stop.set()
+        thread.join()
+    finally:
+        stop.set()
+    out = capsys.readouterr().out
+    assert result.method == "torch.jit.trace"
+    assert sys.stdout is original, "the process's stdout is restored"
+    assert streams_during_export and all(s is not original for s in streams_during_export)
+    printed = [line for line in out.splitlines() if line.startswith("progress ")]
+    assert len(printed) >= 2 and printed[-1] == f"progress {len(printed) - 1}", (
+        "every line another thread printed during the export reached stdout"
+    )
+    assert "def forward" not in out and "torch.ops.aten" not in out, (
+        "the partial graph torch printed is not shown"
+    )
+
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_alone(method: str) -> None:
     model = KwargsDict()

@@ -359,9 +359,9 @@ def test_trainer_lookup_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     import importlib
     import inspect
 
-    import tbx_lightning.lightning as integration
+    import tbx_lightning.lightning._logger as integration
     from tbx_lightning import RunStateCallback
-    from tbx_lightning._lightning_trainer import SETUP_HOOK, find_trainer
+    from tbx_lightning.lightning._trainer import SETUP_HOOK, find_trainer
 
     module_name, function_name = SETUP_HOOK.rsplit(".", 1)
     hook = getattr(importlib.import_module(module_name), function_name)
@@ -386,7 +386,7 @@ def test_trainer_lookup_contract(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_explicit_callback_instead_of_the_lookup(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tbx_lightning.lightning as integration
+    import tbx_lightning.lightning._logger as integration
 
     def no_lookup(limit: int = 40) -> Any:
         raise AssertionError("find_trainer=False must not look up the stack")

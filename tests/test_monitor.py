@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import RunWriter, TBXLogger, TrainingMonitor
-from tbx_lightning.monitor import ModelMonitor, _Binner, group_name, log_histograms
+from tbx_lightning.monitor import ModelMonitor, group_name, log_histograms
+from tbx_lightning.monitor._binning import _Binner
 
 
 # ---------------------------------------------------------------------------- helpers

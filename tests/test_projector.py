@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from tbx_lightning import RunWriter
-from tbx_lightning import projector as pj
+from tbx_lightning.projector import _embedding as pj
 from tbx_lightning.projector import log_embedding
 from tests.tbserver import TensorBoardServer
 

@@ -19,8 +19,9 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import api_pb2, metadata
 
-from tbx_lightning import _sweep, cli
-from tbx_lightning._sweep import MARKER
+from tbx_lightning import cli
+from tbx_lightning.cli import _main, _sweep
+from tbx_lightning.cli._sweep import MARKER
 
 TINY = [
     "trainer.max_epochs=1",
@@ -222,7 +223,7 @@ def test_list_shows_launchers_and_sweepers(capsys: pytest.CaptureFixture[str]) -
 
 def test_shipped_search_file_plans_an_optuna_search(tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    args = cli._parser().parse_args(
+    args = _main._parser().parse_args(
         ["sweep", "--grid", "quickstart_search", f"paths.runs_dir={tmp_path}", "--name", "s"]
     )
     plan = _sweep.plan_sweep(args)
@@ -233,11 +234,11 @@ def test_shipped_search_file_plans_an_optuna_search(tmp_path: Path) -> None:
     assert plan.swept_keys == ["model.optimizer.lr", "model.net.embed_dim"]
     assert plan.experiment_dir == str(tmp_path / "s")
     # A loss-like objective is minimised; the command line's own direction wins.
-    args = cli._parser().parse_args(
+    args = _main._parser().parse_args(
         ["sweep", "--grid", "quickstart_search", "--optimized-metric", "val/loss", "--name", "s"]
     )
     assert _sweep.plan_sweep(args).direction == "minimize"
-    args = cli._parser().parse_args(
+    args = _main._parser().parse_args(
         ["sweep", "--grid", "quickstart_search", "hydra.sweeper.direction=minimize"]
     )
     plan = _sweep.plan_sweep(args)

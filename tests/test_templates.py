@@ -23,7 +23,8 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from tensorboard.plugins.hparams import api_pb2, metadata
 from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
-from tbx_lightning import _sweep, cli
+from tbx_lightning import cli
+from tbx_lightning.cli import _compose, _main, _sweep
 from tbx_lightning.templates import runner
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -100,10 +101,10 @@ def test_every_yaml_composes_and_instantiates(
     if group == "sweep":
         if "hydra/sweeper" in text:
             # A search, not a grid: its space is planned and checked by the sweep command.
-            args = cli._parser().parse_args(["sweep", "--grid", option, f"paths.runs_dir={runs}"])
+            args = _main._parser().parse_args(["sweep", "--grid", option, f"paths.runs_dir={runs}"])
             assert _sweep.plan_sweep(args).search
             return
-        experiment, params = cli._load_grid(option, CONFIG_DIR)
+        experiment, params = _compose._load_grid(option, CONFIG_DIR)
         points = cli.expand_grid(params)
         assert len(points) >= 2
         for point in points:

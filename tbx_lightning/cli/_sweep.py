@@ -99,7 +99,7 @@ def _probe_values(override: Any) -> list[str]:
 
 
 def _parse(texts: Sequence[str]) -> list[Any]:
-    from tbx_lightning.cli import parse_hydra_overrides
+    from tbx_lightning.cli._compose import parse_hydra_overrides
 
     return parse_hydra_overrides(texts)
 
@@ -117,7 +117,7 @@ def _compose_hydra(
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from tbx_lightning.cli import ROOT_CONFIG, _hydra_message
+    from tbx_lightning.cli._compose import ROOT_CONFIG, _hydra_message
 
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
@@ -130,7 +130,7 @@ def _compose_hydra(
         message = _hydra_message(error)
         missing = re.search(r"Could not find '(hydra/(?:launcher|sweeper))/([^']+)'", message)
         if missing:
-            from tbx_lightning.cli import hydra_options
+            from tbx_lightning.cli._compose import hydra_options
 
             group, option = missing.groups()
             choices = hydra_options(directory).get(group, [])
@@ -144,14 +144,14 @@ def _compose_hydra(
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     """Reads the command line and the grid file into a checked :class:`SweepPlan`."""
-    from tbx_lightning.cli import (
+    from tbx_lightning.cli._compose import (
         DEFAULT_EXPERIMENT,
         _load_sweep_file,
-        _split_positional,
         compose_config,
         expand_grid,
         find_config_dir,
     )
+    from tbx_lightning.cli._main import _split_positional
     from tbx_lightning.templates.runner import experiment_dir_of
 
     directory = find_config_dir(args.config_dir)
@@ -310,7 +310,7 @@ def _write_marker(path: str, info: dict[str, Any]) -> None:
 
 def _objective(log_dir: str, metric: str, direction: str) -> float:
     """The run's best value of ``metric`` in the sweep's direction; NaN when it has none."""
-    from tbx_lightning import _table
+    from tbx_lightning.cli import _table
 
     try:
         record = _table.read_run_dir(log_dir, os.path.dirname(log_dir))
@@ -348,7 +348,7 @@ def job(cfg: DictConfig) -> float | None:
     direction = os.environ.get(DIRECTION_ENV, "maximize")
     objective = math.nan
     try:
-        from tbx_lightning import cli
+        from tbx_lightning.cli import _main as cli
         from tbx_lightning.templates.resolvers import register_resolvers
 
         register_resolvers()
@@ -464,7 +464,7 @@ def _multirun(plan: SweepPlan) -> None:
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
 
-    from tbx_lightning.cli import ROOT_CONFIG
+    from tbx_lightning.cli._compose import ROOT_CONFIG
     from tbx_lightning.templates.resolvers import register_resolvers
 
     register_resolvers()
@@ -495,7 +495,7 @@ def _tensorboard_line(logdir: str) -> str:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``tbx-lightning sweep``: plans, runs through Hydra, prints progress and the table."""
-    from tbx_lightning import _table
+    from tbx_lightning.cli import _table
 
     plan = plan_sweep(args)
     out = sys.stdout

@@ -1,7 +1,7 @@
 """Accelerate integration: ``TBXTracker``, a ``GeneralTracker`` named ``"tbx"``.
 
 ``import tbx_lightning`` is enough for ``Accelerator(log_with="tbx")``: the package
-installs an import hook (:mod:`tbx_lightning._registration`) that calls
+installs an import hook (:mod:`tbx_lightning.accelerate._registration`) that calls
 :func:`register` the moment ``accelerate.tracking`` finishes loading, so accelerate is
 never imported eagerly. This module is the only one that imports accelerate.
 

@@ -20,12 +20,12 @@ _TARGET = "accelerate.tracking"
 
 
 def _register_now() -> None:
-    loading = sys.modules.get("tbx_lightning.accelerate")
+    loading = sys.modules.get("tbx_lightning.accelerate._tracker")
     if loading is not None and not hasattr(loading, "register"):
         # The integration module itself is being imported (it imports accelerate.tracking
         # first); it registers the tracker at the end of its own import.
         return
-    from tbx_lightning.accelerate import register
+    from tbx_lightning.accelerate._tracker import register
 
     register()
 

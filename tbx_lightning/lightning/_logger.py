@@ -31,10 +31,10 @@ from tensorboardX import SummaryWriter
 from torch import Tensor, nn
 
 from tbx_lightning import _fs
-from tbx_lightning._lightning_trainer import find_trainer
 from tbx_lightning._summary import SUMMARY_FILE
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import MASK, is_secret_key, to_container
+from tbx_lightning.lightning._trainer import find_trainer
 from tbx_lightning.run import Run, check_writer_options
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class RunStateCallback(Callback):
     without a zig-zag); records ``aborted`` for a fit stopped with Ctrl-C. The
     logger adds it to the Trainer by itself; add it explicitly (``logger.callback()``)
     together with ``TBXLogger(find_trainer=False)`` to do without the stack lookup
-    that finds the Trainer (see :mod:`tbx_lightning._lightning_trainer`).
+    that finds the Trainer (see :mod:`tbx_lightning.lightning._trainer`).
 
     Args:
         logger: The logger whose run this callback keeps.
@@ -659,11 +659,11 @@ def _remove_if_only_header(fs: Any, run: RunWriter | None, log_dir: str) -> None
 def __getattr__(name: str) -> Any:
     # The Lightning callbacks live in their own modules; they are part of this integration.
     if name == "EmbeddingProjector":
-        from tbx_lightning._lightning_projector import EmbeddingProjector
+        from tbx_lightning.lightning._projector import EmbeddingProjector
 
         return EmbeddingProjector
     if name == "TrainingMonitor":
-        from tbx_lightning._lightning_monitor import TrainingMonitor
+        from tbx_lightning.lightning._monitor import TrainingMonitor
 
         return TrainingMonitor
     raise AttributeError(f"module 'tbx_lightning.lightning' has no attribute {name!r}")

@@ -15,7 +15,7 @@ and one config entry whose ``tensor_name`` is ``"<tag>:<step:08d>"``, so every
 step of a tag is a separate tensor in the projector's drop-down. Every write of
 an entry goes to a new folder and the config is switched to it in one atomic
 replace, so an entry and its files change together or not at all (see
-:mod:`tbx_lightning._projector_files`). Every file goes through
+:mod:`tbx_lightning.projector._files`). Every file goes through
 :mod:`tbx_lightning._fs`, so remote log directories work as the event files do.
 
 The tensor file is binary because the projector parses a tensor file as TSV text
@@ -49,8 +49,8 @@ import torch.nn.functional as F
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 
 from tbx_lightning import _fs
-from tbx_lightning import _projector_files as files
 from tbx_lightning.errors import ConfigError, LoggedTypeError, LoggedValueError
+from tbx_lightning.projector import _files as files
 
 __all__ = [
     "CONFIG_FILENAME",

@@ -15,7 +15,16 @@ from typing import Any
 
 import torch
 
-from tbx_lightning.errors import ConfigError, LoggedTypeError, LoggedValueError
+from tbx_lightning.errors import ConfigError, LoggedValueError
+from tbx_lightning.projector._collect import (
+    POOLS,
+    as_embeddings,
+    as_images,
+    as_labels,
+    capture_outputs,
+    gather,
+    pick,
+)
 
 try:
     from lightning.pytorch import LightningModule, Trainer
@@ -27,7 +36,6 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 
 __all__ = ["EmbeddingProjector"]
 
-_POOLS = ("flatten", "mean", "first")
 _LOADERS = ("val", "train")
 
 
@@ -131,8 +139,8 @@ class EmbeddingProjector(Callback):
             raise ConfigError(
                 "`forward_fn` is used with `module_name` only; `embed_fn` runs the model itself."
             )
-        if pool not in _POOLS:
-            raise ConfigError(f"`pool` must be one of {_POOLS}, got {pool!r}.")
+        if pool not in POOLS:
+            raise ConfigError(f"`pool` must be one of {POOLS}, got {pool!r}.")
         if label_key is not None and label_fn is not None:
             raise ConfigError("Pass `label_key` or `label_fn`, not both.")
         if image_key is not None and image_fn is not None:
@@ -204,7 +212,9 @@ class EmbeddingProjector(Callback):
         step = trainer.global_step
         embeddings, labels, images = self._collect(trainer, pl_module)
         if trainer.world_size > 1:
-            embeddings, labels, images = _gather(trainer, embeddings, labels, images)
+            embeddings, labels, images = gather(
+                embeddings, labels, images, device=trainer.strategy.root_device
+            )
         self._last_step = step
         if embeddings is None or not trainer.is_global_zero:
             return None
@@ -223,19 +233,18 @@ class EmbeddingProjector(Callback):
     ) -> tuple[torch.Tensor | None, list[Any] | None, torch.Tensor | None]:
         loader, shard = self._loader(trainer)
         rank, world = trainer.global_rank, trainer.world_size
-        captured: list[Any] = []
-        handle = None
-        if self.module_name is not None:
-            handle = self._submodule(pl_module).register_forward_hook(
-                lambda _module, _args, output: captured.append(output)
-            )
+        hooked = self._submodule(pl_module) if self.module_name is not None else None
         parts: list[torch.Tensor] = []
         labels: list[Any] | None = [] if self._wants_labels else None
         images: list[torch.Tensor] | None = [] if self._wants_images else None
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad(), trainer.precision_plugin.val_step_context():
+            with (
+                capture_outputs(hooked) as captured,
+                torch.no_grad(),
+                trainer.precision_plugin.val_step_context(),
+            ):
                 taken = 0
                 for i, batch in enumerate(loader):
                     if shard and world > 1 and i % world != rank:
@@ -252,8 +261,6 @@ class EmbeddingProjector(Callback):
                     if images is not None:
                         images.append(self._images(batch, emb.shape[0], i))
         finally:
-            if handle is not None:
-                handle.remove()
             pl_module.train(was_training)
         if not parts:
             return None, None, None
@@ -273,71 +280,37 @@ class EmbeddingProjector(Callback):
 
     def _embed(self, pl_module: LightningModule, batch: Any, captured: list[Any]) -> torch.Tensor:
         if self.embed_fn is not None:
-            output = self.embed_fn(pl_module, batch)
-            source = "embed_fn"
+            return as_embeddings(self.embed_fn(pl_module, batch), "embed_fn", self.pool)
+        if self.forward_fn is not None:
+            self.forward_fn(pl_module, batch)
         else:
-            if self.forward_fn is not None:
-                self.forward_fn(pl_module, batch)
-            else:
-                pl_module(
-                    batch
-                    if isinstance(batch, torch.Tensor)
-                    else _pick(batch, self.input_key, "input_key")
-                )
-            if not captured:
-                raise RuntimeError(
-                    f"Submodule {self.module_name!r} did not run in the forward pass: pass a "
-                    "`forward_fn` that calls it, or another `module_name`."
-                )
-            output = captured[-1]
-            source = f"submodule {self.module_name!r}"
-        tensor = _first_tensor(output)
-        if tensor is None:
-            raise LoggedTypeError(
-                f"The output of {source} holds no tensor (got {type(output).__name__}): "
-                "embeddings must be a (B, D) tensor."
+            pl_module(
+                batch
+                if isinstance(batch, torch.Tensor)
+                else pick(batch, self.input_key, "input_key")
             )
-        if tensor.ndim == 1:
-            tensor = tensor.unsqueeze(1)
-        elif tensor.ndim > 2:
-            if self.pool == "mean":
-                tensor = tensor.flatten(1, -2).float().mean(dim=1)
-            elif self.pool == "first":
-                tensor = tensor.flatten(1, -2)[:, 0]
-            else:
-                tensor = tensor.flatten(1)
-        return tensor.detach()
+        if not captured:
+            raise RuntimeError(
+                f"Submodule {self.module_name!r} did not run in the forward pass: pass a "
+                "`forward_fn` that calls it, or another `module_name`."
+            )
+        return as_embeddings(captured[-1], f"submodule {self.module_name!r}", self.pool)
 
     def _labels(self, batch: Any, rows: int, index: int) -> list[Any]:
-        if self.label_fn is not None:
-            value = self.label_fn(batch)
-        else:
-            value = _pick(batch, self.label_key, "label_key")
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().tolist() if value.ndim else [value.item()]
-        elif not isinstance(value, list):
-            value = list(value)
-        if len(value) != rows:
-            raise LoggedValueError(
-                f"Batch {index} has {rows} embeddings but {len(value)} labels: `label_key` / "
-                "`label_fn` must give one label per sample."
-            )
-        return value
+        value = (
+            self.label_fn(batch)
+            if self.label_fn is not None
+            else pick(batch, self.label_key, "label_key")
+        )
+        return as_labels(value, rows, index)
 
     def _images(self, batch: Any, rows: int, index: int) -> torch.Tensor:
         value = (
             self.image_fn(batch)
             if self.image_fn is not None
-            else _pick(batch, self.image_key, "image_key")
+            else pick(batch, self.image_key, "image_key")
         )
-        if not isinstance(value, torch.Tensor):
-            value = torch.as_tensor(value)
-        if value.shape[0] != rows:
-            raise LoggedValueError(
-                f"Batch {index} has {rows} embeddings but {value.shape[0]} images: `image_key` / "
-                "`image_fn` must give one image per sample."
-            )
-        return value.detach().cpu()
+        return as_images(value, rows, index)
 
     # ------------------------------------------------------------------ lookups
     def _logger(self, trainer: Trainer) -> Any:
@@ -389,86 +362,3 @@ class EmbeddingProjector(Callback):
                 )
             return loaders[self.dataloader_idx], False
         return loaders, False
-
-
-def _pick(batch: Any, key: str | int | None, what: str) -> Any:
-    try:
-        return batch[key]
-    except (KeyError, IndexError, TypeError) as error:
-        raise LoggedValueError(
-            f"`{what}`={key!r} does not select anything in a batch of type "
-            f"{type(batch).__name__} ({error}); set `{what}` or pass a function instead."
-        ) from None
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping):
-        values: Iterable[Any] = output.values()
-    elif isinstance(output, (list, tuple)):
-        values = output
-    else:
-        return None
-    for value in values:
-        found = _first_tensor(value)
-        if found is not None:
-            return found
-    return None
-
-
-# ---------------------------------------------------------------------- DDP gathering
-def _gather(
-    trainer: Trainer,
-    embeddings: torch.Tensor | None,
-    labels: list[Any] | None,
-    images: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, list[Any] | None, torch.Tensor | None]:
-    """Concatenates every process's pieces in rank order, on every process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
-            "EmbeddingProjector: world_size > 1 but torch.distributed is not initialised; "
-            "run under a DDP strategy."
-        )
-    embeddings = _gather_rows(trainer, embeddings)
-    images = _gather_rows(trainer, images, keep_device=False)
-    if labels is not None:
-        parts: list[Any] = [None] * trainer.world_size
-        dist.all_gather_object(parts, labels)
-        labels = [label for part in parts for label in part]
-    return embeddings, labels, images
-
-
-def _gather_rows(
-    trainer: Trainer, local: torch.Tensor | None, *, keep_device: bool = True
-) -> torch.Tensor | None:
-    """All-gathers tensors whose first dimension differs between processes (padded)."""
-    import torch.distributed as dist
-
-    world = trainer.world_size
-    meta = (
-        (0, None, None)
-        if local is None
-        else (int(local.shape[0]), tuple(local.shape[1:]), local.dtype)
-    )
-    metas: list[Any] = [None] * world
-    dist.all_gather_object(metas, meta)
-    sizes = [m[0] for m in metas]
-    shapes = {(m[1], m[2]) for m in metas if m[0] > 0}
-    if not shapes:
-        return None
-    if len(shapes) > 1:
-        raise RuntimeError(
-            "EmbeddingProjector: processes produced embeddings or images of different shapes "
-            f"or dtypes: {sorted(map(str, shapes))}."
-        )
-    trailing, dtype = shapes.pop()
-    device = trainer.strategy.root_device
-    padded = torch.zeros((max(sizes), *trailing), dtype=dtype, device=device)
-    if local is not None and local.shape[0]:
-        padded[: local.shape[0]] = local.to(device)
-    gathered = trainer.strategy.all_gather(padded)
-    rows = torch.cat([gathered[r, : sizes[r]] for r in range(world)])
-    return rows if keep_device else rows.cpu()

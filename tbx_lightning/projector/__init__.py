@@ -1,0 +1,32 @@
+"""Embeddings for TensorBoard's projector: tensors, labels, sprites.
+
+- :mod:`._embedding`: :func:`log_embedding`, the projector config, metadata and sprites;
+- :mod:`._files`: the files of one entry, written zero-copy into a new folder and
+  switched in one atomic replace;
+- :mod:`._collect`: framework-free collection (forward hooks, pooling, gathering
+  across processes) that the Lightning callback and Accelerate loops share.
+"""
+
+from tbx_lightning.projector._embedding import (
+    CONFIG_FILENAME,
+    LATEST_SUFFIX,
+    MAX_SPRITE_PX,
+    WARN_POINTS,
+    EmbeddingRecord,
+    log_embedding,
+    read_config,
+    safe_tag,
+    tensor_name,
+)
+
+__all__ = [
+    "CONFIG_FILENAME",
+    "LATEST_SUFFIX",
+    "MAX_SPRITE_PX",
+    "WARN_POINTS",
+    "EmbeddingRecord",
+    "log_embedding",
+    "read_config",
+    "safe_tag",
+    "tensor_name",
+]
