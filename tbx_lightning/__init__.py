@@ -28,11 +28,13 @@ if _typing.TYPE_CHECKING:
         HParamsError,
         LoggedTypeError,
         LoggedValueError,
+        MissingDependencyError,
         RunNotStartedError,
         RunWriterError,
         TableError,
         TBXError,
         TrainingAlertError,
+        UsageError,
     )
     from tbx_lightning.lightning import RunStateCallback, TBXLogger
     from tbx_lightning.lightning._monitor import TrainingMonitor
@@ -51,6 +53,7 @@ __all__ = [
     "HParamsError",
     "LoggedTypeError",
     "LoggedValueError",
+    "MissingDependencyError",
     "ModelMonitor",
     "RunNotStartedError",
     "RunStateCallback",
@@ -62,6 +65,7 @@ __all__ = [
     "TableError",
     "TrainingAlertError",
     "TrainingMonitor",
+    "UsageError",
     "__version__",
 ]
 
@@ -77,6 +81,7 @@ _LAZY = {
     "HParamsError": "tbx_lightning.errors",
     "LoggedTypeError": "tbx_lightning.errors",
     "LoggedValueError": "tbx_lightning.errors",
+    "MissingDependencyError": "tbx_lightning.errors",
     "ModelMonitor": "tbx_lightning.monitor",
     "RunNotStartedError": "tbx_lightning.errors",
     "RunStateCallback": "tbx_lightning.lightning",
@@ -88,6 +93,7 @@ _LAZY = {
     "TBXTracker": "tbx_lightning.accelerate",
     "TrainingAlertError": "tbx_lightning.errors",
     "TrainingMonitor": "tbx_lightning.lightning._monitor",
+    "UsageError": "tbx_lightning.errors",
 }
 
 

@@ -14,6 +14,8 @@ import struct
 
 from crc32c import crc32c
 
+from tbx_lightning.errors import LoggedValueError
+
 _PACK_F = struct.Struct("<f").pack
 _PACK_D = struct.Struct("<d").pack
 _PACK_Q = struct.Struct("<Q").pack
@@ -104,7 +106,7 @@ def padded(event: bytes, total: int) -> bytes:
         return event
     room = total - len(event) - len(_PAD_FIELD_KEY)
     if room < 1:
-        raise ValueError(f"event of {len(event)} bytes does not fit in {total} bytes")
+        raise LoggedValueError(f"event of {len(event)} bytes does not fit in {total} bytes")
     # The length prefix of the padding takes 1-5 bytes; find the split that fits exactly.
     for prefix_len in (1, 2, 3, 4, 5):
         body = room - prefix_len

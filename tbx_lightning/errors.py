@@ -26,11 +26,13 @@ __all__ = [
     "HParamsError",
     "LoggedTypeError",
     "LoggedValueError",
+    "MissingDependencyError",
     "RunNotStartedError",
     "RunWriterError",
     "TBXError",
     "TableError",
     "TrainingAlertError",
+    "UsageError",
 ]
 
 
@@ -132,3 +134,15 @@ class TrainingAlertError(TBXError, RuntimeError):
     def __init__(self, alert: Alert) -> None:
         super().__init__(alert.message)
         self.alert = alert
+
+
+class UsageError(TBXError, RuntimeError):
+    """A feature was called where it cannot work yet or at all (not set up, no such module).
+
+    The message says what is missing and how to provide it, e.g. a callback used
+    outside ``Trainer.fit`` or ``sharded=True`` without a process group.
+    """
+
+
+class MissingDependencyError(TBXError, ImportError):
+    """An optional dependency is not installed; the message gives the ``pip install`` line."""

@@ -66,6 +66,34 @@ def test_errors_keep_the_fitting_builtin_base() -> None:
     assert issubclass(errors.ConfigError, ValueError)
     assert issubclass(errors.RunNotStartedError, RuntimeError)
     assert issubclass(errors.GraphExportError, RuntimeError)
+    assert issubclass(errors.UsageError, RuntimeError)
+
+
+# Built-in exceptions the package may raise itself: the protocol errors of ``__getattr__``
+# (Python's own contract for a missing attribute) and the interpreter's control flow.
+_BUILTIN_RAISES_ALLOWED = {"AttributeError", "StopIteration", "NotImplementedError"}
+
+
+def test_the_package_raises_only_its_own_errors() -> None:
+    import ast
+    import builtins
+
+    builtin_errors = {
+        name
+        for name, value in vars(builtins).items()
+        if inspect.isclass(value) and issubclass(value, BaseException)
+    }
+    found = []
+    for path in sorted((REPO / "tbx_lightning").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            target = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+            name = target.id if isinstance(target, ast.Name) else None
+            if name in builtin_errors and name not in _BUILTIN_RAISES_ALLOWED:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}: raise {name}")
+    assert not found, "raise a tbx_lightning.errors class instead:\n" + "\n".join(found)
 
 
 def test_import_stays_light() -> None:

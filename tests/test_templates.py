@@ -25,6 +25,7 @@ from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
 
 from tbx_lightning import cli
 from tbx_lightning.cli import _compose, _main, _sweep
+from tbx_lightning.errors import ConfigError
 from tbx_lightning.templates import runner
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -323,7 +324,7 @@ def test_data_modules_are_deterministic_and_offline() -> None:
 def test_latest_checkpoint_names_the_run_to_start(tmp_path: Path) -> None:
     from tbx_lightning.templates.resolvers import latest_checkpoint
 
-    with pytest.raises(FileNotFoundError, match=r"tbx-lightning fit quickstart"):
+    with pytest.raises(ConfigError, match=r"tbx-lightning fit quickstart"):
         latest_checkpoint(str(tmp_path / "quickstart"))
     for version in (0, 3):
         folder = tmp_path / "quickstart" / f"version_{version}" / "checkpoints"

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tbx_lightning.errors import MissingDependencyError
+
 try:
     from accelerate.tracking import GeneralTracker, on_main_process
 except ImportError as error:  # pragma: no cover - exercised in a subprocess without accelerate
-    raise ImportError(
+    raise MissingDependencyError(
         "tbx_lightning.TBXTracker needs Accelerate: pip install 'tbx-lightning[accelerate]'"
     ) from error
 
@@ -71,6 +73,10 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
             a str uses that folder name as given (an existing one is reopened).
         mask_secrets: Mask config keys that look like credentials in the HParams table and
             ``config.yaml``.
+        hparams_exclude: fnmatch patterns of config keys left out of the HParams table
+            (they stay in ``config.yaml``): None for the default list of template
+            plumbing (``*._target_``, ``callbacks.*``, ``paths.*``, ...), ``[]`` for every
+            key (see docs/hparams.md).
         strict_graph: Raise :class:`~tbx_lightning.GraphExportError` instead of warning
             when :meth:`log_graph` cannot export the model.
         graph_options: Defaults for the graph exporter, e.g. ``{"max_depth": 2}``.
@@ -100,6 +106,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         *,
         version: int | str | None = None,
         mask_secrets: bool = True,
+        hparams_exclude: Sequence[str] | None = None,
         strict_graph: bool = False,
         graph_options: Mapping[str, Any] | None = None,
         **writer_options: Any,
@@ -131,6 +138,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         self.init_kwargs: dict[str, Any] = {
             "version": version,
             "mask_secrets": mask_secrets,
+            "hparams_exclude": hparams_exclude,
             "strict_graph": strict_graph,
             "graph_options": dict(graph_options or {}),
             **options,
@@ -141,6 +149,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
             self._writer_dir,
             writer_options=options,
             mask_secrets=mask_secrets,
+            hparams_exclude=hparams_exclude,
             strict_graph=strict_graph,
             graph_options=graph_options,
             owner="TBXTracker",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tbx_lightning.errors import LoggedValueError
 from tbx_lightning.graph._ir import (
     _INPUT,
     _Captured,
@@ -62,7 +63,7 @@ def _build_fx(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     except Exception as err:
         # Tracing never runs the model; shape propagation does (on fake tensors). If that
         # fails, the model does not run on this input, and a graph without shapes would hide it.
-        raise RuntimeError(f"shape propagation failed: {one_line(err)}") from err
+        raise LoggedValueError(f"shape propagation failed: {one_line(err)}") from err
 
     in_group, out_group = _io_groups(model)
     first, aliases = _param_nodes(model)

@@ -45,7 +45,7 @@ from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
 from tensorboardX.proto.tensor_pb2 import TensorProto
 from tensorboardX.proto.tensor_shape_pb2 import TensorShapeProto
 
-from tbx_lightning.errors import GraphExportError
+from tbx_lightning.errors import ConfigError, ConfigTypeError, GraphExportError
 from tbx_lightning.graph._capture_export import _build_export
 from tbx_lightning.graph._capture_fx import _build_fx
 from tbx_lightning.graph._capture_jit import _build_jit
@@ -170,13 +170,13 @@ def export_graph(
             example input.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(
+        raise ConfigTypeError(
             f"`model` must be a torch.nn.Module, got {type(model).__name__}: "
             "pass the module itself (e.g. your LightningModule), not its output"
         )
     chosen = _check_methods(methods)
     if max_depth is not None and (isinstance(max_depth, bool) or max_depth < 0):
-        raise ValueError(f"`max_depth` must be None or an int >= 0, got {max_depth!r}")
+        raise ConfigError(f"`max_depth` must be None or an int >= 0, got {max_depth!r}")
     args, kwargs = _normalize_input(model, example_input)
     args, kwargs = _to_model_device(model, args, kwargs)
     prepared = prepare(model, args, kwargs)
@@ -338,7 +338,7 @@ def _check_methods(methods: Sequence[str]) -> tuple[str, ...]:
     chosen = tuple(methods)
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
-        raise ValueError(
+        raise ConfigError(
             f"`methods` must be a non-empty sequence drawn from {METHODS}, got {methods!r}"
         )
     return chosen
@@ -350,7 +350,7 @@ def _normalize_input(
     if example_input is None:
         example_input = getattr(model, "example_input_array", None)
         if example_input is None:
-            raise ValueError(
+            raise ConfigError(
                 f"No example input for {type(model).__name__}: pass `example_input` "
                 "(a tensor, tuple, dict or (args, kwargs) pair) or set "
                 "`self.example_input_array` in your LightningModule"
@@ -368,7 +368,7 @@ def _normalize_input(
         return tuple(example_input), {}
     if isinstance(example_input, Mapping):
         return (), _check_kwargs(example_input)
-    raise TypeError(
+    raise ConfigTypeError(
         f"`example_input` has type {type(example_input).__name__}; expected a tensor, a tuple "
         "or list of positional arguments, a dict of keyword arguments, or an (args, kwargs) pair"
     )
@@ -377,7 +377,7 @@ def _normalize_input(
 def _check_kwargs(kwargs: Mapping[Any, Any]) -> dict[str, Any]:
     bad = [key for key in kwargs if not isinstance(key, str)]
     if bad:
-        raise TypeError(
+        raise ConfigTypeError(
             f"`example_input` keyword arguments must have str keys, got {bad[0]!r}: "
             "use the names of the arguments of `forward`"
         )

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from tbx_lightning.errors import LoggedTypeError
+
 _MAX_ERROR_CHARS = 300
 
 # The name is never a module attribute of a user's model, so it cannot shadow one.
@@ -247,7 +249,7 @@ def tensor_outputs(output: Any, dropped: list[str]) -> Any:
     _leaves(output, "", tensors, dropped)
     if not tensors:
         kinds = ", ".join(dropped) or type(output).__name__
-        raise TypeError(f"the model's output holds no tensor to draw (got {kinds})")
+        raise LoggedTypeError(f"the model's output holds no tensor to draw (got {kinds})")
     if list(tensors) == [""]:
         return tensors[""]
     return tensors

@@ -13,8 +13,10 @@ import os
 import sys
 import weakref
 from argparse import Namespace
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
+
+from tbx_lightning.errors import MissingDependencyError
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -23,7 +25,7 @@ try:
     from lightning.pytorch.loggers.logger import rank_zero_experiment
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
+    raise MissingDependencyError(
         "tbx_lightning.TBXLogger needs Lightning: pip install 'tbx-lightning[lightning]'"
     ) from error
 
@@ -176,6 +178,10 @@ class TBXLogger(TensorBoardLogger):
             or ``{"max_depth": 2}`` to keep the graph of a large model small.
         mask_secrets: Mask config keys that look like credentials in the HParams
             table, ``config.yaml`` and ``hparams.yaml``.
+        hparams_exclude: fnmatch patterns of config keys left out of the HParams table
+            (they stay in ``config.yaml`` and ``hparams.yaml``): None for the default
+            list of template plumbing (``*._target_``, ``callbacks.*``, ``paths.*``, ...),
+            ``[]`` for every key (see docs/hparams.md).
         mask_checkpoint_secrets: Also mask them in the ``hyper_parameters`` that
             checkpoints keep (see docs/lightning.md for what that means for
             ``load_from_checkpoint``).
@@ -207,6 +213,7 @@ class TBXLogger(TensorBoardLogger):
         strict_graph: bool = False,
         graph_options: Mapping[str, Any] | None = None,
         mask_secrets: bool = True,
+        hparams_exclude: Sequence[str] | None = None,
         mask_checkpoint_secrets: bool = False,
         find_trainer: bool = True,
         **kwargs: Any,
@@ -242,6 +249,7 @@ class TBXLogger(TensorBoardLogger):
             self._writer_dir,
             writer_options=kwargs,
             mask_secrets=mask_secrets,
+            hparams_exclude=hparams_exclude,
             strict_graph=strict_graph,
             graph_options=self._graph_options,
             owner="TBXLogger",
@@ -252,6 +260,7 @@ class TBXLogger(TensorBoardLogger):
         self._cli_logged = False
         self._experiment = None
         self.hparams: dict[str, Any] | Namespace = {}
+        self._hparams_raw: dict[str, Any] = {}
 
     # ------------------------------------------------------------ where the run lives
     @property
@@ -457,15 +466,14 @@ class TBXLogger(TensorBoardLogger):
         run = self._opened_run()
         with run.lock:
             writer = run.writer
-            container = to_container(params, mask_secrets=self._mask_secrets)
-            self.hparams = {
-                **(self.hparams if isinstance(self.hparams, dict) else vars(self.hparams)),
-                **container,
-            }
             if metrics is None and self._default_hp_metric:
                 metrics = {"hp_metric": -1}
             self._log_cli_config()
             run.log_hyperparams(params, metrics, step)
+            # Merged first, masked as a whole with every secret the run has seen: a secret
+            # of a later call is masked where an earlier call's value holds a copy of it.
+            self._hparams_raw = {**self._hparams_raw, **to_container(params, mask_secrets=False)}
+            self.hparams = run.hparams.masked(self._hparams_raw)
             self._save_hparams_file(writer)
 
     def _save_hparams_file(self, writer: RunWriter) -> None:

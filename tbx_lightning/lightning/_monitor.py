@@ -9,15 +9,18 @@ from typing import Any
 
 import torch
 
+from tbx_lightning.errors import MissingDependencyError
+
 try:
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.utilities.data import extract_batch_size
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
+    raise MissingDependencyError(
         "tbx_lightning.TrainingMonitor needs Lightning: pip install 'tbx-lightning[lightning]'"
     ) from error
 
+from tbx_lightning.errors import ConfigError, UsageError
 from tbx_lightning.monitor import AlertRules, ModelMonitor, MonitorSink
 
 __all__ = ["TrainingMonitor"]
@@ -143,7 +146,7 @@ class TrainingMonitor(Callback):
         loggers = [lg for lg in trainer.loggers if hasattr(type(lg), "run_writer")]
         if not loggers:
             names = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
-            raise ValueError(
+            raise ConfigError(
                 f"TrainingMonitor writes through a TBXLogger, but the trainer has "
                 f"{', '.join(names)}: pass Trainer(logger=tbx_lightning.TBXLogger(...)) "
                 "(it may be one of several loggers)."
@@ -230,7 +233,7 @@ class TrainingMonitor(Callback):
 
     def _require(self) -> ModelMonitor:
         if self.monitor is None:
-            raise RuntimeError(
+            raise UsageError(
                 "TrainingMonitor was not set up: it works in Trainer.fit (its setup hook "
                 "builds the monitor)."
             )

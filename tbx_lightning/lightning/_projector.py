@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tbx_lightning.errors import ConfigError, LoggedValueError
+from tbx_lightning.errors import ConfigError, LoggedValueError, MissingDependencyError, UsageError
 from tbx_lightning.projector._collect import (
     POOLS,
     as_embeddings,
@@ -30,7 +30,7 @@ try:
     from lightning.pytorch import LightningModule, Trainer
     from lightning.pytorch.callbacks import Callback
 except ImportError as error:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
+    raise MissingDependencyError(
         "tbx_lightning.EmbeddingProjector needs Lightning: pip install 'tbx-lightning[lightning]'"
     ) from error
 
@@ -290,7 +290,7 @@ class EmbeddingProjector(Callback):
                 else pick(batch, self.input_key, "input_key")
             )
         if not captured:
-            raise RuntimeError(
+            raise UsageError(
                 f"Submodule {self.module_name!r} did not run in the forward pass: pass a "
                 "`forward_fn` that calls it, or another `module_name`."
             )
@@ -318,7 +318,7 @@ class EmbeddingProjector(Callback):
             if callable(getattr(logger, "log_embedding", None)):
                 return logger
         names = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
-        raise RuntimeError(
+        raise UsageError(
             "EmbeddingProjector writes through a logger with `log_embedding`, but the trainer has "
             f"{', '.join(names)}: use Trainer(logger=tbx_lightning.TBXLogger(...))."
         )
@@ -329,7 +329,7 @@ class EmbeddingProjector(Callback):
             return pl_module.get_submodule(name)
         except AttributeError:
             known = [n for n, _ in pl_module.named_modules() if n][:12]
-            raise RuntimeError(
+            raise UsageError(
                 f"EmbeddingProjector: {type(pl_module).__name__} has no submodule {name!r}; "
                 f"some that exist: {known}."
             ) from None
@@ -347,7 +347,7 @@ class EmbeddingProjector(Callback):
                 trainer.fit_loop.epoch_loop.val_loop.setup_data()
                 loaders = trainer.val_dataloaders
         if loaders is None:
-            raise RuntimeError(
+            raise UsageError(
                 f"EmbeddingProjector: the trainer has no {source!r} dataloader (no "
                 f"{'validation_step, or limit_val_batches=0' if source == 'val' else 'training data'}"
                 "); pass dataloader='train' or a DataLoader."

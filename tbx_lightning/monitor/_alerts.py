@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tbx_lightning.errors import TrainingAlertError
+from tbx_lightning.errors import ConfigError, TrainingAlertError
 
 __all__ = ["Alert", "AlertRules", "TrainingAlertError"]
 
@@ -92,7 +92,7 @@ class AlertRules:
         for key in ("loss_window", "loss_min_history", "grad_min_history", "patience"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected AlertRules.{key} to be an int >= 1, got {value!r}.")
+                raise ConfigError(f"Expected AlertRules.{key} to be an int >= 1, got {value!r}.")
         for key in (
             "loss_spike_k",
             "grad_explosion_factor",
@@ -104,7 +104,7 @@ class AlertRules:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int | float) or value <= 0
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"Expected AlertRules.{key} to be a number > 0 or None (off), got {value!r}."
                 )
 
@@ -157,7 +157,7 @@ class AlertEngine:
         write_scalars: Callable[[Mapping[str, float], int], None] | None,
     ) -> None:
         if not (callable(on_alert) or on_alert in ("warn", "stop", "raise")):
-            raise ValueError(
+            raise ConfigError(
                 f"Expected `on_alert` to be 'warn', 'stop', 'raise' or a callable taking an "
                 f"Alert, got {on_alert!r}."
             )

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tbx_lightning.errors import LoggedTypeError, LoggedValueError
 from tbx_lightning.monitor._sink import MonitorSink
 
 # Elements per chunk of the CPU binning loop: small enough that the scratch buffers
@@ -253,23 +254,25 @@ def log_histograms(
         ...     log_histograms(run, {"acts/layer1": torch.randn(1000)}, step=0)
     """
     if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1024:
-        raise ValueError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
+        raise LoggedValueError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
     flats: dict[str, torch.Tensor] = {}
     for key, value in values.items():
         if isinstance(value, np.ndarray):
             if value.dtype.kind not in "biuf":
-                raise TypeError(
+                raise LoggedTypeError(
                     f"Histogram {key!r} is an array of dtype {value.dtype}: log real numbers."
                 )
             value = torch.from_numpy(np.ascontiguousarray(value))
         if not isinstance(value, torch.Tensor):
-            raise TypeError(
+            raise LoggedTypeError(
                 f"Histogram {key!r} has type {type(value).__name__}: log a tensor or array."
             )
         if value.is_complex():
-            raise TypeError(f"Histogram {key!r} is a complex tensor: log its real part or abs.")
+            raise LoggedTypeError(
+                f"Histogram {key!r} is a complex tensor: log its real part or abs."
+            )
         if value.numel() == 0:
-            raise ValueError(f"Histogram {key!r} is empty: log a tensor with values.")
+            raise LoggedValueError(f"Histogram {key!r} is empty: log a tensor with values.")
         flat = _flat(value)
         if not flat.is_floating_point():
             flat = flat.float()

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tbx_lightning.errors import ConfigError, ConfigTypeError, LoggedValueError, UsageError
 from tbx_lightning.monitor import _efficiency
 from tbx_lightning.monitor._alerts import (
     Alert,
@@ -262,7 +263,7 @@ class ModelMonitor:
         stragglers: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"`model` must be a torch.nn.Module, got {type(model).__name__}: pass the "
                 "model whose parameters should be watched."
             )
@@ -272,13 +273,13 @@ class ModelMonitor:
             ("norm_every_n_steps", norm_every_n_steps),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"Expected `{key}` to be an int >= 0, got {value!r}.")
+                raise ConfigError(f"Expected `{key}` to be an int >= 0, got {value!r}.")
         if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1024:
-            raise ValueError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
+            raise ConfigError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
         if sample is not None and (
             isinstance(sample, bool) or not isinstance(sample, int) or sample < 1024
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"Expected `sample` to be None (exact histograms) or an int >= 1024, "
                 f"got {sample!r}."
             )
@@ -286,19 +287,19 @@ class ModelMonitor:
             callable(getattr(sink, "log_scalars", None))
             and (hasattr(type(sink), "experiment") or hasattr(sink, "experiment"))
         ):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"`sink` must have `log_scalars(metrics, step)` and `experiment` (a RunWriter), "
                 f"got {type(sink).__name__}."
             )
         if not isinstance(alerts, bool | AlertRules):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"`alerts` must be True, False or an AlertRules, got {type(alerts).__name__}."
             )
         for key, number in (("flops_per_step", flops_per_step), ("peak_flops", peak_flops)):
             if number is not None and (
                 isinstance(number, bool) or not isinstance(number, int | float) or number <= 0
             ):
-                raise ValueError(f"Expected `{key}` to be a number > 0 or None, got {number!r}.")
+                raise ConfigError(f"Expected `{key}` to be a number > 0 or None, got {number!r}.")
         while isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         self.model = model
@@ -342,7 +343,7 @@ class ModelMonitor:
             else:
                 gname = namer(name)
             if not isinstance(gname, str) or not gname:
-                raise ValueError(
+                raise ConfigError(
                     f"`group_fn` returned {gname!r} for parameter {name!r}: return a non-empty str."
                 )
             if gname not in index:
@@ -357,7 +358,7 @@ class ModelMonitor:
         if self.sharded and not (
             torch.distributed.is_available() and torch.distributed.is_initialized()
         ):
-            raise RuntimeError(
+            raise UsageError(
                 "`sharded=True` needs an initialised torch.distributed process group to sum "
                 "the shards' statistics: call torch.distributed.init_process_group first, or "
                 "pass sharded=False."
@@ -407,7 +408,7 @@ class ModelMonitor:
                 sink.log_scalars if sink is not None else None,
             )
         elif not (callable(on_alert) or on_alert in ("warn", "stop", "raise")):
-            raise ValueError(
+            raise ConfigError(
                 f"Expected `on_alert` to be 'warn', 'stop', 'raise' or a callable, got {on_alert!r}."
             )
 
@@ -425,7 +426,7 @@ class ModelMonitor:
             tracker = accelerator.get_tracker("tbx")
             sink = getattr(tracker, "run_writer", None)
             if not isinstance(sink, MonitorSink):
-                raise TypeError(
+                raise ConfigTypeError(
                     "accelerator.get_tracker('tbx') is not a started TBXTracker "
                     f"(got {type(tracker).__name__}): create the Accelerator with log_with='tbx' "
                     "and call accelerator.init_trackers(...) first."
@@ -463,7 +464,7 @@ class ModelMonitor:
                 break
             inner = nxt
         if not isinstance(inner, torch.optim.Optimizer):
-            raise TypeError(
+            raise ConfigTypeError(
                 f"`optimizer` must be a torch.optim.Optimizer (or wrap one), got "
                 f"{type(optimizer).__name__}."
             )
@@ -511,7 +512,7 @@ class ModelMonitor:
             return
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
-                raise ValueError(
+                raise LoggedValueError(
                     f"`loss` must be a one-element tensor, got shape {tuple(loss.shape)}: pass "
                     "the reduced training loss."
                 )

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tbx_lightning.errors import LoggedTypeError, LoggedValueError
+from tbx_lightning.errors import LoggedTypeError, LoggedValueError, UsageError
 
 __all__ = [
     "POOLS",
@@ -141,7 +141,7 @@ def gather(
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(
+        raise UsageError(
             "Gathering embeddings needs torch.distributed to be initialised (world size > 1); "
             "run under a DDP strategy or `accelerate launch`."
         )
@@ -172,7 +172,7 @@ def _gather_rows(local: torch.Tensor | None, device: torch.device) -> torch.Tens
     if not shapes:
         return None
     if len(shapes) > 1:
-        raise RuntimeError(
+        raise UsageError(
             "Processes produced embeddings or images of different shapes or dtypes: "
             f"{sorted(map(str, shapes))}."
         )

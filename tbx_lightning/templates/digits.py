@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from tbx_lightning.errors import ConfigError
+
 __all__ = [
     "DigitsCNN",
     "DigitsClassifier",
@@ -53,12 +55,12 @@ def split_digits(
         ValueError: ``val_fraction`` is outside (0, 1) or ``limit`` is below 1.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"Expected data.val_fraction in (0, 1), got {val_fraction!r}: "
             "set data.val_fraction=0.2 or similar."
         )
     if limit is not None and limit < 1:
-        raise ValueError(f"Expected data.limit >= 1 or null, got {limit!r}.")
+        raise ConfigError(f"Expected data.limit >= 1 or null, got {limit!r}.")
     images, labels = digits_tensors()
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_val = max(1, round(len(labels) * val_fraction))

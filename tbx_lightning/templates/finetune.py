@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tbx_lightning.errors import ConfigError
 from tbx_lightning.templates.digits import DigitsClassifier, OptimizerFactory
 
 __all__ = ["CONFIG_KEY", "FinetuneClassifier", "FinetuneNet", "load_backbone"]
@@ -33,7 +34,7 @@ def load_backbone(ckpt_path: str) -> tuple[nn.Module, int]:
     config = checkpoint.get(CONFIG_KEY)
     net_cfg = (config or {}).get("model", {}).get("net")
     if net_cfg is None:
-        raise ValueError(
+        raise ConfigError(
             f"model.ckpt_path={ckpt_path!r} has no model.net config: fine-tune a checkpoint "
             "that `tbx-lightning fit quickstart` wrote (its runs/.../checkpoints/last.ckpt)."
         )
@@ -45,7 +46,7 @@ def load_backbone(ckpt_path: str) -> tuple[nn.Module, int]:
     net.load_state_dict(state)
     backbone = getattr(net, "backbone", None)
     if not isinstance(backbone, nn.Module):
-        raise ValueError(
+        raise ConfigError(
             f"The network in {ckpt_path!r} ({type(net).__name__}) has no `backbone` submodule."
         )
     return backbone, int(getattr(net, "embed_dim", net_cfg.get("embed_dim", 0)))

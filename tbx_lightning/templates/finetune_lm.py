@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tbx_lightning.errors import ConfigError, ConfigTypeError
 from tbx_lightning.templates.tiny_lm import TinyLM
 
 __all__ = [
@@ -47,7 +48,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float = 16.0) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"Expected model.net.lora_rank >= 1, got {rank!r}.")
+            raise ConfigError(f"Expected model.net.lora_rank >= 1, got {rank!r}.")
         self.base = base
         base.requires_grad_(False)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
@@ -161,7 +162,7 @@ class TinyLlama(nn.Module):
     ) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"Expected model.net.d_model ({d_model}) to be a multiple of "
                 f"model.net.n_heads ({n_heads})."
             )
@@ -208,7 +209,9 @@ def token_embeddings(pl_module: nn.Module, batch: tuple[torch.Tensor, Any]) -> t
     net = getattr(pl_module, "net", pl_module)
     table = getattr(net, "tok_emb", None)
     if not isinstance(table, LoRAEmbedding):
-        raise TypeError(f"Expected net.tok_emb to be a LoRAEmbedding, got {type(table).__name__}.")
+        raise ConfigTypeError(
+            f"Expected net.tok_emb to be a LoRAEmbedding, got {type(table).__name__}."
+        )
     return table.table()[batch[0].to(table.weight.device)]
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from tbx_lightning.errors import ConfigError
+
 __all__ = ["latest_checkpoint", "register_resolvers"]
 
 _VERSION = re.compile(r"^version_(\d+)$")
@@ -34,7 +36,7 @@ def latest_checkpoint(experiment_dir: str, filename: str = "last.ckpt") -> str:
             if match and candidate.is_file():
                 found.append((int(match.group(1)), candidate))
     if not found:
-        raise FileNotFoundError(
+        raise ConfigError(
             f"No checkpoint {filename!r} under {str(path)!r}/version_*/checkpoints: run that "
             f"experiment first (e.g. `tbx-lightning fit {path.name}`) or set model.ckpt_path=PATH."
         )

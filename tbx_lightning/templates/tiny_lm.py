@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from tbx_lightning.errors import ConfigError, ConfigTypeError, UsageError
+
 __all__ = [
     "VOCAB",
     "CharDataModule",
@@ -78,7 +80,9 @@ def token_embeddings(pl_module: nn.Module, batch: tuple[torch.Tensor, Any]) -> t
     net = getattr(pl_module, "net", pl_module)
     table = net.tok_emb
     if not isinstance(table, nn.Embedding):
-        raise TypeError(f"Expected net.tok_emb to be an nn.Embedding, got {type(table).__name__}.")
+        raise ConfigTypeError(
+            f"Expected net.tok_emb to be an nn.Embedding, got {type(table).__name__}."
+        )
     return table(batch[0].to(table.weight.device))
 
 
@@ -98,7 +102,7 @@ class CharWindows(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
     def __init__(self, ids: torch.Tensor, block_size: int, stride: int) -> None:
         if len(ids) <= block_size:
-            raise ValueError(
+            raise ConfigError(
                 f"The text has {len(ids)} characters, fewer than data.block_size + 1 = "
                 f"{block_size + 1}: lower data.block_size or use a longer text (data.path)."
             )
@@ -149,7 +153,7 @@ class CharDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"Expected data.val_fraction in (0, 1), got {val_fraction!r}.")
+            raise ConfigError(f"Expected data.val_fraction in (0, 1), got {val_fraction!r}.")
         self.path = Path(path) if path else default_corpus()
         self.block_size = block_size
         self.batch_size = batch_size
@@ -165,7 +169,7 @@ class CharDataModule(pl.LightningDataModule):
         if self.train_set is not None:
             return
         if not self.path.is_file():
-            raise FileNotFoundError(f"data.path={str(self.path)!r} is not a file.")
+            raise ConfigError(f"data.path={str(self.path)!r} is not a file.")
         ids = encode(self.path.read_text(encoding="utf-8"))
         cut = int(len(ids) * (1.0 - self.val_fraction))
         self.train_set = CharWindows(ids[:cut], self.block_size, self.stride)
@@ -177,7 +181,7 @@ class CharDataModule(pl.LightningDataModule):
     def _sets(self) -> tuple[CharWindows, CharWindows]:
         self.setup("fit")
         if self.train_set is None or self.val_set is None:
-            raise RuntimeError("CharDataModule.setup() did not build the datasets.")
+            raise UsageError("CharDataModule.setup() did not build the datasets.")
         return self.train_set, self.val_set
 
     def train_dataloader(self) -> DataLoader[Any]:
@@ -250,7 +254,7 @@ class TinyTransformer(nn.Module):
     ) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model.net.d_model={d_model} is not divisible by model.net.n_heads={n_heads}."
             )
         self.block_size = block_size
@@ -362,7 +366,7 @@ def warmup_cosine(
             :class:`TinyLM` with the trainer's estimated number of steps.
     """
     if total_steps is None:
-        raise ValueError(
+        raise ConfigError(
             "model.scheduler.total_steps is null and no trainer filled it in: set a number."
         )
     end = total_steps
