@@ -1,7 +1,7 @@
-"""A real browser on a real TensorBoard: the HParams dashboard and the projector of quickstart runs.
+"""A real browser on a real TensorBoard: HParams, projector and alerts as a user first sees them.
 
 Screenshots go to tmp_path; with ``TBX_UPDATE_SCREENSHOTS=1`` they replace
-docs/screenshots/hparams.png and docs/screenshots/projector.png (see scripts/screenshots.sh).
+docs/screenshots/hparams.png, projector.png and alerts.png (see scripts/screenshots.sh).
 """
 
 from __future__ import annotations
@@ -102,3 +102,52 @@ def test_projector_shows_the_embedding_points(
         assert canvases >= 1
         page.wait_for_timeout(1500)  # let the point cloud settle for the picture
         page.screenshot(path=str(_screenshot_path(tmp_path, "projector.png")))
+
+
+@pytest.fixture(scope="module")
+def alerts_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServer]:
+    """``tbx-lightning fit alerts_demo`` on a short budget (a spike at 14, NaN from 18), served."""
+    work = tmp_path_factory.mktemp("alerts")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tbx_lightning.cli",
+            "fit",
+            "alerts_demo",
+            f"paths.runs_dir={work / 'runs'}",
+            "trainer.max_epochs=3",
+            "trainer.limit_train_batches=8",
+            "trainer.limit_val_batches=2",
+            "data.limit=256",
+            "model.net.inject_spike_at=14",
+            "model.net.inject_nan_from=18",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=200,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "loss_spike" in done.stdout + done.stderr, "the terminal shows the alert too"
+    server = TensorBoardServer(work / "runs" / "alerts_demo")
+    try:
+        server.wait_for_runs(1)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_text_dashboard_shows_the_alerts_table(
+    alerts_demo: TensorBoardServer, tmp_path: Path
+) -> None:
+    with browser.browser_page(tmp_path / "profile", width=1400, height=900) as page:
+        page.goto(alerts_demo.url + "/#text", wait_until="domcontentloaded")
+        # The `alerts` tag's markdown table, rendered: one row per kind and place.
+        browser.find_text(page, "alerts", timeout=90)
+        browser.find_text(page, "loss_spike")
+        browser.find_text(page, "nonfinite_loss")
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(_screenshot_path(tmp_path, "alerts.png")))
