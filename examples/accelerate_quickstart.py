@@ -2,7 +2,7 @@
 
 Run ``python examples/accelerate_quickstart.py [key=value ...]`` (the same overrides
 ``tbx-lightning fit quickstart_accelerate`` takes), or read the loop below: it is the
-whole integration. The runnable template with monitors and checkpoints is
+whole integration. The runnable template with monitors, progress and checkpoints is
 ``tbx_lightning/templates/accelerate_loop.py``.
 """
 
@@ -12,54 +12,71 @@ import sys
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from hydra.utils import instantiate
 
 import tbx_lightning  # noqa: F401  (registers the "tbx" tracker)
 from tbx_lightning.cli import compose_config
+from tbx_lightning.templates.digits import sprite_images
+from tbx_lightning.templates.metrics import EpochMean
 
 
 def main(overrides: Sequence[str] = ()) -> str:
-    """Composes configs/experiment/quickstart_accelerate.yaml and trains; returns the run dir."""
+    """Composes configs/experiment/quickstart_accelerate.yaml and trains; returns the run dir.
+
+    It writes the tags ``tbx-lightning fit quickstart`` writes with Lightning, at the
+    same steps: ``train/loss`` and ``train/acc`` every ``log_every_n_steps``, their
+    epoch means ``train/*_epoch`` and ``val/*`` at each epoch's last step, the graph
+    and 32x32 digit sprites rooted at the same module (``net.backbone``, ...).
+    """
     cfg = compose_config("quickstart_accelerate", list(overrides))
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.num_threads or torch.get_num_threads())
     data = instantiate(cfg.data)
     data.setup("fit")
-    net = instantiate(cfg.model.net)
-    optimizer = instantiate(cfg.model.optimizer)(params=net.parameters())
+    model = instantiate(cfg.model)  # the LightningModule, used as a plain nn.Module
+    optimizer = instantiate(cfg.model.optimizer)(params=model.parameters())
 
     accelerator = Accelerator(log_with="tbx", project_dir=cfg.paths.runs_dir, cpu=True)
     accelerator.init_trackers("accelerate_example", config=cfg)  # DictConfig -> HParams row
     tracker = accelerator.get_tracker("tbx", unwrap=False)
-    net, optimizer, train, val = accelerator.prepare(
-        net, optimizer, data.train_dataloader(), data.val_dataloader()
+    model, optimizer, train, val = accelerator.prepare(
+        model, optimizer, data.train_dataloader(), data.val_dataloader()
     )
-    tracker.log_graph(accelerator.unwrap_model(net), next(iter(val))[0][:1])
+    plain = accelerator.unwrap_model(model)
+    tracker.log_graph(plain, plain.example_input_array)
 
-    step = 0
-    for _epoch in range(cfg.trainer.max_epochs):
+    step, every = 0, cfg.trainer.log_every_n_steps
+    for epoch in range(cfg.trainer.max_epochs):
+        epoch_mean = EpochMean()
         for images, labels in train:
-            loss = F.cross_entropy(net(images), labels)
-            accelerator.backward(loss)
+            values = plain.batch_metrics(model(images), labels)  # {"loss": ..., "acc": ...}
+            accelerator.backward(values["loss"])
             optimizer.step()
             optimizer.zero_grad()
-            accelerator.log({"train/loss": loss.item()}, step=step)
+            epoch_mean.add(values, len(labels))
+            if (step + 1) % every == 0:  # the steps Lightning logs at
+                accelerator.log({f"train/{k}": v.item() for k, v in values.items()}, step=step)
             step += 1
+        val_mean = EpochMean()
+        model.eval()
         with torch.no_grad():
-            images, labels = next(iter(val))
-            acc = (net(images).argmax(-1) == labels).float().mean().item()
-        accelerator.log({"val/acc": acc}, step=step)
+            for images, labels in val:
+                val_mean.add(plain.batch_metrics(model(images), labels), len(labels))
+        model.train()
+        at_epoch = {f"train/{k}_epoch": v for k, v in epoch_mean.means().items()}
+        at_epoch.update({f"val/{k}": v for k, v in val_mean.means().items()})
+        accelerator.log({**at_epoch, "epoch": epoch}, step=step - 1)
 
-    with torch.no_grad():  # penultimate-layer embeddings, digit labels, image sprites
+    model.eval()
+    with torch.no_grad():  # penultimate-layer embeddings, digit labels, 32x32 sprites
         images, labels = next(iter(val))
-        feats = accelerator.unwrap_model(net).backbone(images)
+        feats = plain.net.backbone(images)
     tracker.log_embedding(
         "embeddings/penultimate",
         feats,
         metadata=[str(int(y)) for y in labels],
-        label_img=images,
+        label_img=sprite_images((images, labels)),
         step=step,
     )
     log_dir = str(tracker.log_dir)

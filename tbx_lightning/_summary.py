@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tbx_lightning import _fs
+from tbx_lightning.errors import LoggedValueError
 
 __all__ = ["SUMMARY_FILE", "RunSummary", "SummaryData", "TagStats", "minimizes", "read_summary"]
 
@@ -66,7 +67,7 @@ def _load_number(value: Any) -> float | None:
     if isinstance(value, str):
         return float(value)  # "nan", "inf", "-inf"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"not a number: {value!r}")
+        raise LoggedValueError(f"not a number: {value!r}")
     return float(value)
 
 
@@ -185,6 +186,19 @@ class RunSummary:
             high = -math.inf if stats.max is None else stats.max
             self._tags[tag] = [stats.count, stats.last, low, high]
         self._first_time, self._last_time = earlier.first_time, earlier.last_time
+
+    @property
+    def tag_count(self) -> int:
+        """How many scalar tags the run has (a new tag changes it); cheap, any thread."""
+        return len(self._tags)
+
+    def tag_names(self) -> list[str]:
+        """The run's scalar tags, in the order they first appeared; safe from any thread."""
+        while True:
+            try:
+                return list(self._tags)
+            except RuntimeError:  # the writer thread added a tag meanwhile
+                continue
 
     def add(
         self, step: int, wall_time: float, keys: Sequence[str], values: Sequence[float]

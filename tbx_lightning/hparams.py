@@ -7,6 +7,13 @@ experiment summary: then every key of every run is a column and every scalar tag
 is a metric column. TensorBoard keeps the first record of a tag it reads, so both
 records are written once with room to spare and rewritten in place when the
 hyperparameters or the status change.
+
+The row holds the flattened config without its plumbing: keys matched by
+``hparams_exclude`` (:data:`DEFAULT_HPARAMS_EXCLUDE` by default: ``_target_`` keys,
+``callbacks.*``, ``paths.*``, ``logger.*``, dataloader and runner settings...) stay
+in ``config.yaml`` and the ``run/config`` text entry, not in the table. Two columns
+of the run itself are added when it finishes: ``run.status`` and ``run.duration_s``
+(TensorBoard's table has no status or time column of its own).
 """
 
 from __future__ import annotations
@@ -14,12 +21,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import fnmatch
 import math
 import os
+import re
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,24 +44,32 @@ from tensorboardX.proto.plugin_hparams_pb2 import (
     SessionStartInfo,
 )
 from tensorboardX.proto.summary_pb2 import Summary, SummaryMetadata
+from tensorboardX.summary import text as text_summary
 
 from tbx_lightning import _fs
 from tbx_lightning._secrets import MASK, Masker, is_secret_key, mask_secrets_in
-from tbx_lightning.errors import HParamsError
+from tbx_lightning.errors import ConfigTypeError, HParamsError, LoggedValueError
 
 if TYPE_CHECKING:
     from tbx_lightning._writer import RecordHandle, RunWriter
 
 __all__ = [
+    "CONFIG_TEXT_TAG",
+    "DEFAULT_HPARAMS_EXCLUDE",
+    "DURATION_COLUMN",
     "MASK",
     "MAX_DEPTH",
     "STATUSES",
+    "STATUS_COLUMN",
     "HParamValue",
     "HParamsError",
     "RunHParams",
+    "check_hparams_exclude",
+    "config_markdown",
     "flatten",
     "is_secret_key",
     "mask_secrets_in",
+    "table_columns",
     "to_container",
 ]
 
@@ -74,6 +91,58 @@ STATUSES: dict[str, int] = {
 }
 
 _MAX_EXACT_INT = 2**53
+
+# The run's own columns of the HParams row, and its config as a text entry.
+STATUS_COLUMN = "run.status"
+DURATION_COLUMN = "run.duration_s"
+CONFIG_TEXT_TAG = "run/config"
+# The summary tag tensorboardX gives a text entry (the Text plugin's tag).
+_CONFIG_SUMMARY_TAG = f"{CONFIG_TEXT_TAG}/text_summary"
+# Synonyms shown as one value in the status column, so a sweep's column has few values.
+_STATUS_LABELS = {"finished": "success", "failure": "failed"}
+
+# Config keys that are template plumbing rather than hyperparameters: they describe how
+# a run is built, logged and stored, not what is trained. fnmatch patterns over the dot
+# paths of the flattened config (``*`` also matches dots); keys matched stay in
+# config.yaml and in the ``run/config`` text entry, only the HParams row leaves them out.
+DEFAULT_HPARAMS_EXCLUDE: tuple[str, ...] = (
+    # what Hydra's instantiate reads
+    "_target_",
+    "*._target_",
+    "_partial_",
+    "*._partial_",
+    "_recursive_",
+    "*._recursive_",
+    "_convert_",
+    "*._convert_",
+    "_args_",
+    "*._args_",
+    # whole groups of plumbing
+    "callbacks.*",
+    "hydra.*",
+    "logger.*",
+    "paths.*",
+    # runner settings of the templates
+    "ckpt_path",
+    "num_threads",
+    "runner",
+    "task_name",
+    # Trainer settings that change how a run is executed or shown, not what it learns
+    "trainer.accelerator",
+    "trainer.default_root_dir",
+    "trainer.devices",
+    "trainer.enable_*",
+    "trainer.limit_*",
+    "trainer.log_every_n_steps",
+    "trainer.num_sanity_val_steps",
+    # data loading
+    "*.dataloader",
+    "*.dataloader.*",
+    "*.num_workers",
+    "*.persistent_workers",
+    "*.pin_memory",
+    "*.prefetch_factor",
+)
 
 # Lightning writes hparams.yaml through OmegaConf, which takes about a dozen stack frames
 # per level: 64 levels already overflow Python's stack when the logger is called from a
@@ -387,6 +456,91 @@ def config_yaml(container: Mapping[str, Any]) -> str:
     return yaml.safe_dump(_yaml_safe(dict(container)), sort_keys=False, allow_unicode=True)
 
 
+def check_hparams_exclude(patterns: Any, *, where: str = "hparams_exclude") -> tuple[str, ...]:
+    """The exclude patterns of the HParams row, checked: None is the default list.
+
+    Args:
+        patterns: None (:data:`DEFAULT_HPARAMS_EXCLUDE`), one fnmatch pattern, or a
+            list of them; an empty list keeps every key in the row.
+        where: Where the user sets them, for the message.
+
+    Raises:
+        ConfigTypeError: a value that is not None, a str or a list of str.
+
+    Example:
+        >>> check_hparams_exclude(["data.*"])
+        ('data.*',)
+        >>> check_hparams_exclude([])
+        ()
+    """
+    if patterns is None:
+        return DEFAULT_HPARAMS_EXCLUDE
+    if isinstance(patterns, str):
+        return (patterns,)
+    if isinstance(patterns, Sequence | set | frozenset):
+        items = tuple(patterns)
+        bad = [item for item in items if not isinstance(item, str)]
+        if not bad:
+            return items
+        raise ConfigTypeError(
+            f"`hparams_exclude` must hold fnmatch patterns (str), got {type(bad[0]).__name__} "
+            f"{bad[0]!r}: set {where} to a list of patterns such as ['callbacks.*', "
+            "'*._target_'], [] to keep every key, or null for the default list."
+        )
+    raise ConfigTypeError(
+        f"`hparams_exclude` must be a list of fnmatch patterns, [] or null, got "
+        f"{type(patterns).__name__} {patterns!r}: set {where}."
+    )
+
+
+def _exclude_regex(patterns: tuple[str, ...]) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def table_columns(
+    flat: Mapping[str, HParamValue], exclude: Sequence[str] | None = None
+) -> dict[str, HParamValue]:
+    """The keys of a flattened config that the HParams row shows: those ``exclude`` does not match.
+
+    Patterns are fnmatch patterns over the whole dot path, case-sensitive; ``*``
+    also matches dots, so ``callbacks.*`` drops every key under ``callbacks``.
+
+    Example:
+        >>> table_columns({"model.lr": 0.1, "model._target_": "m.Net", "paths.root": "/r"})
+        {'model.lr': 0.1}
+        >>> table_columns({"model._target_": "m.Net"}, exclude=[])
+        {'model._target_': 'm.Net'}
+    """
+    regex = _exclude_regex(check_hparams_exclude(exclude))
+    if regex is None:
+        return dict(flat)
+    return {key: value for key, value in flat.items() if not regex.match(key)}
+
+
+def config_markdown(container: Mapping[str, Any]) -> str:
+    """The resolved config as markdown for TensorBoard's Text tab: one fenced YAML block.
+
+    Example:
+        >>> print(config_markdown({"model": {"lr": 0.1}}))
+        ```yaml
+        model:
+          lr: 0.1
+        ```
+    """
+    body = config_yaml(container) if container else "{}\n"
+    longest = max((len(run) for run in re.findall("`+", body)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}yaml\n{body}{fence}"
+
+
+def config_text_event(container: Mapping[str, Any], wall_time: float) -> Event:
+    """The ``run/config`` text entry: the run's resolved config, at step 0."""
+    summary = text_summary(CONFIG_TEXT_TAG, config_markdown(container))
+    return Event(wall_time=wall_time, step=0, summary=summary)
+
+
 def _summary_event(tag: str, data: HParamsPluginData, wall_time: float) -> Event:
     metadata = SummaryMetadata(
         plugin_data=SummaryMetadata.PluginData(
@@ -424,16 +578,29 @@ def session_end_event(status: str, end_time: float) -> Event:
 def _status_key(status: str) -> str:
     key = status.lower()
     if key not in STATUSES:
-        raise ValueError(f"Unknown run status {status!r}: use one of {sorted(STATUSES)}.")
+        raise LoggedValueError(
+            f"Unknown run status {status!r}: use one of {sorted(STATUSES)} (Run.finish and the "
+            "integrations take any string and record other ones as 'unknown')."
+        )
     return key
 
 
 class RunHParams:
     """The hyperparameters, config files and status of one run; shared by every integration.
 
+    Each run gets one HParams row (its table columns, see :func:`table_columns`),
+    ``config.yaml`` and one ``run/config`` text entry (the whole resolved config as
+    YAML, masked like ``config.yaml``), both rewritten in place when later calls add
+    keys. :meth:`finish` adds the ``run.status`` and ``run.duration_s`` columns.
+
     Args:
         run: The run's writer.
         mask_secrets: Mask keys that look like credentials in the table and in config.yaml.
+        hparams_exclude: fnmatch patterns of config keys left out of the HParams row
+            (they stay in config.yaml): None for :data:`DEFAULT_HPARAMS_EXCLUDE`,
+            ``[]`` to show every key.
+        start_time: When the run started (``time.time()``), for ``run.duration_s``;
+            by default, when the first hyperparameters are logged.
 
     Example:
         >>> import tempfile
@@ -445,17 +612,32 @@ class RunHParams:
         >>> hp.finish("success"); run.close()
     """
 
-    def __init__(self, run: RunWriter, *, mask_secrets: bool = True) -> None:
+    def __init__(
+        self,
+        run: RunWriter,
+        *,
+        mask_secrets: bool = True,
+        hparams_exclude: Sequence[str] | None = None,
+        start_time: float | None = None,
+    ) -> None:
         self.run = run
         self.mask_secrets = mask_secrets
+        self.hparams_exclude = check_hparams_exclude(hparams_exclude)
+        self._exclude = _exclude_regex(self.hparams_exclude)
+        self._started = start_time
         # A run directory that already has a config (a resumed run, a DDP-spawn child, a
         # writer reopened after close) keeps its keys: later calls add to them.
         self.config: dict[str, Any] = self._stored_config()
         self.flat: dict[str, HParamValue] = {}
+        # The HParams row as written: the table columns of ``flat`` and the run's own.
+        self.row: dict[str, HParamValue] = {}
+        self._own: dict[str, HParamValue] = {}
         self.status: str | None = None
         self.start_time: float | None = None
         self._start: RecordHandle | None = None
         self._end: RecordHandle | None = None
+        self._text: RecordHandle | None = None
+        self._text_written = ""
         self._lock = threading.Lock()
         self._warned_full = False
         self._secrets: set[str] = set()
@@ -492,30 +674,48 @@ class RunHParams:
             self._warn_escaped(escaped)
             self.config = merged
             self.write_config_file("config.yaml", config_yaml(merged))
+            row = self._row(flat)
             if self._start is None:
                 self.start_time = time.time()
-                earlier = self.run.find_records((SESSION_START_TAG, SESSION_END_TAG))
-                if len(earlier) == 2:
+                if self._started is None:
+                    self._started = self.start_time
+                earlier = self.run.find_records(
+                    (SESSION_START_TAG, SESSION_END_TAG, _CONFIG_SUMMARY_TAG)
+                )
+                if SESSION_START_TAG in earlier and SESSION_END_TAG in earlier:
                     # A resumed run: TensorBoard shows the first records of the run, so the
                     # earlier process's row and status are updated instead of adding new ones.
                     self._start = earlier[SESSION_START_TAG]
                     self._end = earlier[SESSION_END_TAG]
-                    self._patch_start(flat)
+                    self._patch_start(row)
                     self.run.patch_record(self._end, session_end_event("running", self.start_time))
                 else:
                     self._start = self.run.write_record(
-                        session_start_event(flat, self.start_time), reserve=_room_for(flat)
+                        session_start_event(row, self.start_time), reserve=_room_for(row)
                     )
                     self._end = self.run.write_record(
                         session_end_event("running", self.start_time), reserve=96
                     )
+                self._text = earlier.get(_CONFIG_SUMMARY_TAG)
                 self.status = "running"
-            elif flat != self.flat:
-                self._patch_start(flat)
+            elif row != self.row:
+                self._patch_start(row)
             self.flat = flat
+            self.row = row
+            self._write_config_text()
         if metrics:
             self.run.log_scalars(metrics, step)
         return dict(flat)
+
+    def masked(self, params: Any) -> dict[str, Any]:
+        """``params`` as :func:`to_container` makes it, masked with every secret of the run.
+
+        What other files of the run (Lightning's ``hparams.yaml``) keep of a config:
+        a secret text that an earlier call logged is masked wherever ``params`` holds a
+        copy of it, as in ``config.yaml``.
+        """
+        with self._lock:
+            return _convert(params, mask_secrets=self.mask_secrets, known=self._secrets)[0]
 
     def _warn_escaped(self, keys: list[str]) -> None:
         new = [key for key in dict.fromkeys(keys) if key not in self._warned_escaped]
@@ -533,22 +733,56 @@ class RunHParams:
             stacklevel=3,
         )
 
-    def _patch_start(self, flat: dict[str, HParamValue]) -> None:
+    def _row(self, flat: Mapping[str, HParamValue]) -> dict[str, HParamValue]:
+        """The HParams row of ``flat``: its table columns, then the run's own columns."""
+        regex = self._exclude
+        row = dict(flat) if regex is None else {k: v for k, v in flat.items() if not regex.match(k)}
+        for key, value in self._own.items():
+            # A config key of the same name keeps its value; the exclude patterns apply.
+            if key not in row and (regex is None or not regex.match(key)):
+                row[key] = value
+        return row
+
+    def _write_config_text(self) -> None:
+        """Writes the ``run/config`` text entry once, and rewrites it in place when it changes.
+
+        A run without hyperparameters (``finish`` with nothing logged) gets none.
+        """
+        if not self.config:
+            return
+        text = config_markdown(self.config)
+        if text == self._text_written:
+            return
+        event = config_text_event(self.config, time.time())
+        if self._text is None:
+            # Room to grow to twice its size in place; a small config stays in the page
+            # of the session records instead of taking a page of its own.
+            size = event.ByteSize()
+            self._text = self.run.write_record(event, reserve=max(1024, 2 * size + 512))
+        else:
+            self.run.patch_record(self._text, event)
+        self._text_written = text
+
+    def _patch_start(self, row: dict[str, HParamValue]) -> None:
         assert self._start is not None and self.start_time is not None  # set together above
-        if self.run.patch_record(self._start, session_start_event(flat, self.start_time)):
+        if self.run.patch_record(self._start, session_start_event(row, self.start_time)):
             return
         if not self._warned_full:
             self._warned_full = True
             warnings.warn(
                 f"The hyperparameters of {self.run.log_dir!r} grew past the room kept for them in the "
                 f"event file ({self._start.length} bytes): config.yaml has all "
-                f"{len(flat)} keys, the HParams table keeps the first {len(self.flat)}. Log the whole "
+                f"{len(row)} keys, the HParams table keeps the first {len(self.row)}. Log the whole "
                 "config in the first call to see every key in TensorBoard.",
                 stacklevel=3,
             )
 
-    def finish(self, status: str = "success") -> None:
-        """Records the run's final status (``success``, ``failed``, ``aborted``, ...) and end time."""
+    def finish(self, status: str = "success", *, label: str | None = None) -> None:
+        """Records the run's final status (``success``, ``failed``, ``aborted``, ...) and end time.
+
+        The row gets the columns ``run.status`` (``label``, by default the status) and
+        ``run.duration_s`` (seconds since ``start_time``).
+        """
         key = _status_key(status)
         with self._lock:
             if self._end is None:
@@ -558,8 +792,18 @@ class RunHParams:
                     self.log({})
                 finally:
                     self._lock.acquire()
-            assert self._end is not None
-            self.run.patch_record(self._end, session_end_event(key, time.time()))
+            assert self._end is not None and self._started is not None
+            end = time.time()
+            shown = key if label is None else label
+            self._own = {
+                STATUS_COLUMN: _STATUS_LABELS.get(shown, shown),
+                DURATION_COLUMN: round(max(0.0, end - self._started), 3),
+            }
+            row = self._row(self.flat)
+            if row != self.row:
+                self._patch_start(row)
+                self.row = row
+            self.run.patch_record(self._end, session_end_event(key, end))
             self.status = key
 
     def _stored_config(self) -> dict[str, Any]:

@@ -23,6 +23,12 @@ logging is written here once, so the two integrations cannot drift:
   ``strict_graph=True`` it raises :class:`GraphExportError`.
 - **Statuses**: any string. Known ones map to TensorBoard's statuses; any other is
   recorded as ``STATUS_UNKNOWN`` and kept as given in a text entry ``run/status``.
+  The HParams row shows it in the ``run.status`` column, with ``run.duration_s``.
+- **Dashboards**: the HParams row leaves out config plumbing (``hparams_exclude``,
+  see :data:`~tbx_lightning.hparams.DEFAULT_HPARAMS_EXCLUDE`); the resolved config
+  is a ``run/config`` text entry; a Custom Scalars layout (train and val curves of
+  each metric on one chart, see :mod:`tbx_lightning._layout`) is rewritten when a
+  new tag name changes it, checked with one integer comparison per ``log`` call.
 - **Threads**: every method may be called from several threads at once; opening
   the writer and each call's step are decided under one lock.
 
@@ -46,13 +52,15 @@ import inspect
 import math
 import numbers
 import threading
+import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from tbx_lightning._layout import LayoutBuilder
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import (
     ConfigError,
@@ -62,7 +70,7 @@ from tbx_lightning.errors import (
     LoggedValueError,
     TBXError,
 )
-from tbx_lightning.hparams import STATUSES, RunHParams
+from tbx_lightning.hparams import STATUSES, RunHParams, check_hparams_exclude
 
 if TYPE_CHECKING:
     from tbx_lightning.graph import GraphExport
@@ -409,6 +417,9 @@ class Run:
             :func:`check_writer_options` by the caller. ``purge_step`` applies to the
             first opening only.
         mask_secrets: Mask config keys that look like credentials.
+        hparams_exclude: fnmatch patterns of config keys left out of the HParams row
+            (they stay in ``config.yaml`` and ``run/config``): None for
+            :data:`~tbx_lightning.hparams.DEFAULT_HPARAMS_EXCLUDE`, ``[]`` for every key.
         strict_graph: Raise :class:`GraphExportError` when a graph cannot be
             exported, instead of warning.
         graph_options: Defaults for the graph exporter (``max_depth``, ...).
@@ -433,6 +444,7 @@ class Run:
         *,
         writer_options: Mapping[str, Any] | None = None,
         mask_secrets: bool = True,
+        hparams_exclude: Sequence[str] | None = None,
         strict_graph: bool = False,
         graph_options: Mapping[str, Any] | None = None,
         owner: str = "run",
@@ -442,6 +454,9 @@ class Run:
         self._open_writer = open_writer
         self.writer_options = dict(writer_options or {})
         self.mask_secrets = mask_secrets
+        self.hparams_exclude = check_hparams_exclude(
+            hparams_exclude, where=f"hparams_exclude of {owner}"
+        )
         self.strict_graph = strict_graph
         self.graph_options = dict(graph_options or {})
         self.owner = owner
@@ -449,6 +464,9 @@ class Run:
         self._writer: RunWriter | None = None
         self._hparams: RunHParams | None = None
         self._step: int | None = None
+        self._started: float | None = None
+        self._layout = LayoutBuilder()
+        self._layout_tags = 0
 
     # ------------------------------------------------------------------ writer
     @property
@@ -474,7 +492,17 @@ class Run:
                     self._writer = self._open_writer(self._log_dir(), options.get("purge_step"))
                 else:
                     self._writer = RunWriter(self._log_dir(), **options)
-                self._hparams = RunHParams(self._writer, mask_secrets=self.mask_secrets)
+                if self._started is None:
+                    self._started = time.time()
+                self._hparams = RunHParams(
+                    self._writer,
+                    mask_secrets=self.mask_secrets,
+                    hparams_exclude=self.hparams_exclude,
+                    start_time=self._started,
+                )
+                # A new writer (a reopened or resumed run) writes the layout again.
+                self._layout = LayoutBuilder()
+                self._layout_tags = 0
                 # A purge hides what an earlier process wrote past it: once per resume only.
                 self.writer_options.pop("purge_step", None)
             return self._writer
@@ -508,6 +536,26 @@ class Run:
         writer = self._writer
         if writer is not None:
             writer.flush()
+            with self.lock:
+                if writer is self._writer:
+                    self._update_layout(writer)
+
+    def _update_layout(self, writer: RunWriter) -> None:
+        """Writes the Custom Scalars layout again when the run has a new scalar tag (call locked).
+
+        The writer thread counts the run's tags as it encodes them (scalars logged
+        straight to the writer, as the training monitor does, included), so the
+        check costs one integer comparison; the layout itself is rebuilt only when
+        the count changed, and written only when its charts changed.
+        """
+        summary = writer._summary
+        count = summary.tag_count
+        if count == self._layout_tags:
+            return
+        self._layout_tags = count
+        event = self._layout.update(summary.tag_names(), self._step or 0)
+        if event is not None:
+            writer.write_record(event)
 
     # ------------------------------------------------------------------ steps
     @property
@@ -546,6 +594,8 @@ class Run:
             for tag, text in texts.items():
                 writer.experiment.add_text(tag, text, global_step=at)
             self.seen(at)
+            if writer._summary.tag_count != self._layout_tags:
+                self._update_layout(writer)
         return at
 
     def log_text(self, values: Mapping[Any, Any], step: Any = None) -> int | None:
@@ -709,7 +759,12 @@ class Run:
             if not known:
                 at = self.step_for(None, advance=False)
                 self.writer.experiment.add_text(STATUS_TEXT_TAG, str(status), global_step=at)
-            hparams.finish(key)
+            hparams.finish(key, label=key if known else str(status))
+            writer = self.writer
+            if writer.has_data:
+                # The last tags of the run (logged since the last check) get their charts.
+                writer.flush()
+                self._update_layout(writer)
         return key
 
     # ------------------------------------------------------------------ pickling
@@ -721,11 +776,14 @@ class Run:
         state["_writer"] = None
         state["_hparams"] = None
         state["lock"] = None
+        state["_layout"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.lock = threading.RLock()
+        self._layout = LayoutBuilder()
+        self._layout_tags = 0
 
 
 @contextlib.contextmanager

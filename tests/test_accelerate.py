@@ -21,11 +21,11 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 import tbx_lightning
 from tbx_lightning.accelerate import TBXTracker, register
 from tbx_lightning.hparams import HParamsError
+from tests.rows import session, split_run_columns
 from tests.tbserver import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,23 +49,6 @@ def read(path: str | Path) -> EventAccumulator:
 
 def scalars(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
-def session(acc: EventAccumulator) -> tuple[dict[str, Any], str]:
-    """The run's HParams row and status, decoded from its hparams plugin records."""
-    content = acc.PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(
-        content["_hparams_/session_start_info"]
-    ).session_start_info
-    end = plugin_data_pb2.HParamsPluginData.FromString(
-        content["_hparams_/session_end_info"]
-    ).session_end_info
-    row = {}
-    for key, value in start.hparams.items():
-        kind = value.WhichOneof("kind")
-        row[key] = getattr(value, kind)
-    status = api_pb2.Status.Name(end.status)
-    return row, status
 
 
 def versions(root: Path) -> list[str]:
@@ -668,12 +651,21 @@ def test_hparams_plugin_shows_config_metrics_and_statuses(tmp_path: Path, tensor
     server = tensorboard(tmp_path / "runs")
     assert sorted(server.wait_for_runs(2)) == ["sweep/version_0", "sweep/version_1"]
     experiment = server.hparams_experiment()
-    assert sorted(h["name"] for h in experiment["hparamInfos"]) == ["opt.betas", "opt.lr"]
+    assert sorted(h["name"] for h in experiment["hparamInfos"]) == [
+        "opt.betas",
+        "opt.lr",
+        "run.duration_s",
+        "run.status",
+    ]
     assert [m["name"]["tag"] for m in experiment["metricInfos"]] == ["train/loss"]
     groups = server.session_groups(slice_size=10)
     by_run = {g["name"]: g for g in groups}
     first, second = by_run["sweep/version_0"], by_run["sweep/version_1"]
-    assert first["hparams"] == {"opt.lr": 0.1, "opt.betas": "[0.9, 0.99]"}
+    assert split_run_columns(first["hparams"], "STATUS_SUCCESS") == {
+        "opt.lr": 0.1,
+        "opt.betas": "[0.9, 0.99]",
+    }
+    assert second["hparams"]["run.status"] == "failed"
     assert second["hparams"]["opt.lr"] == 0.01
     assert first["sessions"][0]["status"] == "STATUS_SUCCESS"
     assert second["sessions"][0]["status"] == "STATUS_FAILURE"

@@ -21,6 +21,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tbx_lightning._writer import RunWriter, RunWriterError
 from tbx_lightning.hparams import SESSION_START_TAG, HParamsError, RunHParams, flatten
+from tests.rows import split_run_columns
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,7 +45,7 @@ def _hparams(run_dir: Path) -> dict[str, Any]:
                     for key, item in data.session_start_info.hparams.items():
                         kind = item.WhichOneof("kind")
                         out[key] = getattr(item, kind)
-                    return out
+                    return split_run_columns(out)
     raise AssertionError("no session start record")
 
 

@@ -55,18 +55,41 @@ def test_only_adapters_train() -> None:
     assert token_embeddings(net, (ids, None)).shape == (8, 64)
 
 
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, EventAccumulator]:
+    """One reduced finetune_lm run of each runner."""
+    return {
+        runner: _fit(tmp_path_factory.mktemp(runner), "finetune_lm", f"runner={runner}")
+        for runner in ("lightning", "accelerate")
+    }
+
+
+def test_both_runners_write_the_same_tags_and_graph(
+    finetuned: dict[str, EventAccumulator],
+) -> None:
+    lightning, accelerate = finetuned["lightning"], finetuned["accelerate"]
+    for kind in ("scalars", "histograms"):
+        assert set(lightning.Tags()[kind]) == set(accelerate.Tags()[kind]), kind
+    for tag in ("train/loss", "train/lr", "val/perplexity", "train/loss_epoch"):
+        steps = [[e.step for e in acc.Scalars(tag)] for acc in (lightning, accelerate)]
+        assert steps[0] == steps[1], tag
+    graphs = [{n.name for n in acc.Graph().node} for acc in (lightning, accelerate)]
+    assert graphs[0] == graphs[1]
+
+
 @pytest.mark.parametrize("runner", ["lightning", "accelerate"])
 def test_finetune_lm_watches_adapters_and_logs_embeddings_twice(
-    tmp_path: Path, runner: str
+    finetuned: dict[str, EventAccumulator], runner: str
 ) -> None:
-    acc = _fit(tmp_path, "finetune_lm", f"runner={runner}")
+    acc = finetuned[runner]
     tags = set(acc.Tags()["scalars"])
     groups = {t.removeprefix("monitor/grad_norm/") for t in tags if "grad_norm/" in t}
-    prefix = "net." if runner == "lightning" else ""
+    # Both runners name groups from the same root module, so both land in the same cards.
     assert groups == {
-        f"{prefix}tok_emb",
-        *(f"{prefix}layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"),
+        "net.tok_emb",
+        *(f"net.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"),
     }
+    assert {"train/loss", "train/perplexity", "train/lr", "val/loss", "val/perplexity"} <= tags
     assert "monitor/frozen_params" in tags
     assert "monitor/tokens_per_sec" in tags
     assert not any("mlp" in t or "lm_head" in t or "gate_proj" in t for t in tags)

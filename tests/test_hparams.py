@@ -189,7 +189,9 @@ def test_run_records_config_files_and_status(tmp_path: Path) -> None:
         hp.log({"model": {"dropout": 0.5}}, {"best/acc": 0.9}, step=3)
         hp.finish("success")
     values, status = session_infos(tmp_path)
-    assert values == {"model.lr": 0.1, "name": 0.1, "model.dropout": 0.5}
+    duration = values.pop("run.duration_s")
+    assert values == {"model.lr": 0.1, "name": 0.1, "model.dropout": 0.5, "run.status": "success"}
+    assert isinstance(duration, float) and 0 <= duration < 30
     assert status == api_pb2.STATUS_SUCCESS
     stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert stored == {"model": {"lr": 0.1, "seed": None, "dropout": 0.5}, "name": 0.1}
@@ -248,6 +250,8 @@ def test_hparams_plugin_shows_all_keys_metrics_and_statuses(tmp_path: Path, tens
         "model.width",
         "optimizer",
         "data.augment",
+        "run.status",
+        "run.duration_s",
     }
     assert {m["name"]["tag"] for m in experiment["metricInfos"]} == {
         "train/loss",
@@ -262,12 +266,40 @@ def test_hparams_plugin_shows_all_keys_metrics_and_statuses(tmp_path: Path, tens
         "version_1": "STATUS_FAILURE",
         "version_2": "STATUS_RUNNING",
     }
+    assert by_name["version_1"]["hparams"].pop("run.duration_s") >= 0
     assert by_name["version_1"]["hparams"] == {
         "model.lr": 0.01,
         "model.width": 128.0,
         "data.augment": True,
+        "run.status": "failed",
     }
+    assert "run.status" not in by_name["version_2"]["hparams"]  # still running
     loss = {m["name"]["tag"]: m["value"] for m in by_name["version_0"]["metricValues"]}
     assert loss["train/loss"] == pytest.approx(1 / 3)
     session = by_name["version_0"]["sessions"][0]
     assert session["endTimeSecs"] >= session["startTimeSecs"] > 0
+
+
+def test_hparams_yaml_masks_a_later_secret_inside_an_earlier_value(tmp_path: Path) -> None:
+    from tbx_lightning import TBXLogger
+
+    logger = TBXLogger(tmp_path, name="", version=0, find_trainer=False)
+    logger.log_hyperparams({"dsn": "postgres://app@db/main?key=ab12cd34ef"})
+    logger.log_hyperparams({"api_key": "ab12cd34ef", "lr": 0.1})
+    logger.finalize("success")
+    stored = yaml.safe_load((tmp_path / "version_0" / "hparams.yaml").read_text())
+    assert stored == {"dsn": f"postgres://app@db/main?key={MASK}", "api_key": MASK, "lr": 0.1}
+    assert "ab12cd34ef" not in (tmp_path / "version_0" / "config.yaml").read_text()
+    assert logger.hparams == stored
+
+
+def test_hparams_yaml_keeps_its_keys_and_shape(tmp_path: Path) -> None:
+    from tbx_lightning import TBXLogger
+
+    logger = TBXLogger(tmp_path, name="", version=0, find_trainer=False)
+    logger.log_hyperparams({"model": {"lr": 0.1, "_target_": "m.Net"}, "callbacks": {"x": 1}})
+    logger.finalize("success")
+    stored = yaml.safe_load((tmp_path / "version_0" / "hparams.yaml").read_text())
+    assert stored == {"model": {"lr": 0.1, "_target_": "m.Net"}, "callbacks": {"x": 1}}
+    values, _ = session_infos(tmp_path / "version_0")
+    assert set(values) == {"model.lr", "run.status", "run.duration_s"}

@@ -227,7 +227,11 @@ def test_step_none_rule(make: Make) -> None:
     acc = closed(run)
     assert scalars(acc)["a"] == [(1, 1.0), (2, 2.0), (10, 3.0), (11, 4.0), (7, 5.0), (12, 6.0)]
     assert scalars(acc)["best"] == [(12, 0.5)]
-    assert texts(acc) == {"first": [(0, "before anything")], "note": [(12, "latest")]}
+    assert texts(acc) == {
+        "first": [(0, "before anything")],
+        "note": [(12, "latest")],
+        "run/config": [(0, "```yaml\nlr: 0.1\n```")],  # the resolved config, once
+    }
     assert [e.step for e in acc.Images("img")] == [12]
     assert [e.step for e in acc.Histograms("w")] == [12]
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import TBXLogger
+from tests.rows import RUN_COLUMNS, split_run_columns
 
 
 class Regressor(LightningModule):
@@ -175,7 +176,12 @@ def test_omegaconf_hyperparameters_are_dot_path_columns(tmp_path: Path) -> None:
     start = metadata.parse_session_start_info_plugin_data(
         acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
     )
-    assert set(start.hparams) == {"model.lr", "model.layers", "data.root", "best.epoch"}
+    assert set(start.hparams) - set(RUN_COLUMNS) == {
+        "model.lr",
+        "model.layers",
+        "data.root",
+        "best.epoch",
+    }
     assert start.hparams["model.layers"].string_value == "[32, 32]"
     assert [e.value for e in acc.Scalars("best/val_loss")] == [0.25]
     assert sorted(p for p in os.listdir(logger.log_dir) if not p.startswith("events")) == [
@@ -248,13 +254,24 @@ def test_hparams_dashboard_over_several_fits(tmp_path: Path, tensorboard) -> Non
     server.wait_for_runs(3)
     experiment = server.hparams_experiment()
     # fail_at is None in two runs (left out there) and 1 in the third: still a column.
-    assert {h["name"] for h in experiment["hparamInfos"]} == {"lr", "width", "fail_at"}
+    assert {h["name"] for h in experiment["hparamInfos"]} == {
+        "lr",
+        "width",
+        "fail_at",
+        *RUN_COLUMNS,
+    }
     assert {"train/loss", "val/loss", "epoch"} <= {
         m["name"]["tag"] for m in experiment["metricInfos"]
     }
     assert "hp_metric" not in {m["name"]["tag"] for m in experiment["metricInfos"]}
     groups = server.session_groups(slice_size=10)
-    rows = {g["name"]: (g["hparams"], g["sessions"][0]["status"]) for g in groups}
+    rows = {
+        g["name"]: (
+            split_run_columns(g["hparams"], g["sessions"][0]["status"]),
+            g["sessions"][0]["status"],
+        )
+        for g in groups
+    }
     assert rows == {
         "version_0": ({"lr": 0.05, "width": 8.0}, "STATUS_SUCCESS"),
         "version_1": ({"lr": 0.01, "width": 16.0}, "STATUS_SUCCESS"),
@@ -337,7 +354,7 @@ def test_logging_after_close_keeps_earlier_hyperparameters(tmp_path: Path) -> No
     start = metadata.parse_session_start_info_plugin_data(
         read(logger.log_dir).PluginTagToContent("hparams")["_hparams_/session_start_info"]
     )
-    assert set(start.hparams) == {"model.depth", "model.lr", "best.acc"}
+    assert set(start.hparams) - set(RUN_COLUMNS) == {"model.depth", "model.lr", "best.acc"}
 
 
 def test_home_and_variables_in_save_dir_are_expanded_once(

@@ -20,8 +20,6 @@ from accelerate.state import AcceleratorState
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.parsing import AttributeDict
 from omegaconf import DictConfig, OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -36,6 +34,7 @@ from tbx_lightning.hparams import (
     mask_secrets_in,
     to_container,
 )
+from tests.rows import session
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -189,12 +188,7 @@ def assert_secret_nowhere(run_dir: Path, secret: str) -> None:
 
 
 def hparams_row(run_dir: Path) -> dict[str, Any]:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    start = plugin_data_pb2.HParamsPluginData.FromString(
-        acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    ).session_start_info
-    return {key: getattr(value, value.WhichOneof("kind")) for key, value in start.hparams.items()}
+    return session(run_dir)[0]
 
 
 LEAKY = {

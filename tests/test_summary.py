@@ -22,8 +22,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
 from tbx_lightning import _fs, cli
-from tbx_lightning.cli import _table
 from tbx_lightning._summary import SUMMARY_FILE, RunSummary, TagStats, read_summary
+from tbx_lightning.cli import _table
 from tbx_lightning.hparams import RunHParams
 from tests.scripts.summary_run import metrics, wired_writer
 

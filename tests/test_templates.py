@@ -188,7 +188,8 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, str]) -> None:
     _, log_dir = quickstart_run
     acc = _accumulator(log_dir)
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss_step", "train/acc_step", "val/loss", "val/acc"} <= scalars
+    assert {"train/loss", "train/acc", "train/loss_epoch", "val/loss", "val/acc"} <= scalars
+    assert not any(tag.endswith("_step") for tag in scalars)
     assert any(tag.startswith("monitor/weight_norm/") for tag in scalars)
     assert 0.0 <= acc.Scalars("val/acc")[-1].value <= 1.0
     # The graph, with the CNN's layers in it.
@@ -214,10 +215,10 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, str]) -> None:
     assert hparams["model.optimizer.lr"] == pytest.approx(0.003)
     assert hparams["data.batch_size"] == 64
     assert hparams["trainer.max_epochs"] == 1
-    assert hparams["task_name"] == "quickstart"
     assert status == api_pb2.STATUS_SUCCESS
     # config.yaml: the whole composed config, reloadable.
     saved = OmegaConf.load(Path(log_dir, "config.yaml"))
+    assert saved.task_name == "quickstart"  # runner settings: in config.yaml, not the row
     assert saved.model.net.embed_dim == 64
     assert saved.trainer.max_epochs == 1
     assert saved.data.limit == 128
@@ -296,10 +297,18 @@ def test_accelerate_quickstart_end_to_end(tmp_path: Path) -> None:
     assert acc.Graph().node
     assert _projector(log_dir).embeddings
     hparams, status = _session(acc)
-    assert hparams["runner"] == "accelerate"
     assert hparams["model.optimizer.lr"] == pytest.approx(0.003)
     assert status == api_pb2.STATUS_SUCCESS
-    assert Path(log_dir, "config.yaml").is_file()
+    assert OmegaConf.load(Path(log_dir, "config.yaml")).runner == "accelerate"
+    # The logger config's hparams_exclude reaches the tracker: the default drops plumbing.
+    assert not any(key.endswith("_target_") or key.startswith("paths.") for key in hparams)
+
+
+def test_accelerate_runner_passes_hparams_exclude_to_the_tracker(tmp_path: Path) -> None:
+    log_dir = _fit(tmp_path, "quickstart_accelerate", *QUICK, "logger.tbx.hparams_exclude=[]")
+    hparams, _ = _session(_accumulator(log_dir))
+    assert hparams["runner"] == "accelerate"
+    assert any(key.endswith("._target_") for key in hparams)
 
 
 def test_data_modules_are_deterministic_and_offline() -> None:
@@ -350,13 +359,21 @@ def test_examples_write_runs(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     log_dir = _example("quickstart_lightning").main(max_epochs=1, save_dir=str(tmp_path))
     torch.set_num_threads(before)
-    hparams, status = _session(_accumulator(log_dir))
+    lightning = _accumulator(log_dir)
+    hparams, status = _session(lightning)
     assert hparams["model.lr"] == pytest.approx(3e-3) and status == api_pb2.STATUS_SUCCESS
     assert _projector(log_dir).embeddings
     log_dir = _example("accelerate_quickstart").main(
-        ["trainer.max_epochs=1", "data.limit=32", f"paths.runs_dir={tmp_path}"]
+        ["trainer.max_epochs=1", "data.limit=320", f"paths.runs_dir={tmp_path}"]
     )
     torch.set_num_threads(before)
     acc = _accumulator(log_dir)
-    assert {"train/loss", "val/acc"} <= set(acc.Tags()["scalars"])
-    assert _session(acc)[0]["runner"] == "accelerate"
+    # The two examples write the same training tags, and the same 32x32 sprites.
+    curves = {t for t in lightning.Tags()["scalars"] if t.startswith(("train/", "val/"))}
+    assert curves == {"train/loss", "train/acc", "train/loss_epoch", "train/acc_epoch"} | {
+        "val/loss",
+        "val/acc",
+    }
+    assert curves == {t for t in acc.Tags()["scalars"] if t.startswith(("train/", "val/"))}
+    assert list(_projector(log_dir).embeddings[0].sprite.single_image_dim) == [32, 32]
+    assert OmegaConf.load(Path(log_dir, "config.yaml")).runner == "accelerate"

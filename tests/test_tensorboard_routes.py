@@ -21,6 +21,7 @@ import torch
 
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import RunHParams
+from tests.rows import RUN_COLUMNS
 from tests.tbserver import ALL_STATUSES, TensorBoardServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -144,7 +145,7 @@ def test_hparams_experiment_has_config_keys_and_metric_columns(
 ) -> None:
     experiment = _experiment(server)
     hparams = {h["name"]: h for h in experiment["hparamInfos"]}
-    assert set(hparams) == {"model.lr", "model.layers", "model.act", "seed", "amp"}
+    assert set(hparams) == {"model.lr", "model.layers", "model.act", "seed", "amp", *RUN_COLUMNS}
     assert hparams["model.lr"]["type"] == "DATA_TYPE_FLOAT64"
     assert hparams["model.act"]["type"] == "DATA_TYPE_STRING"
     assert hparams["amp"]["type"] == "DATA_TYPE_BOOL"

@@ -6,6 +6,7 @@ Commands::
     tbx-lightning sweep [EXPERIMENT] key=a,b,c other=x,y  # a grid through Hydra's multirun
     tbx-lightning sweep ... --jobs 4 | hydra/launcher=slurm | hydra/sweeper=search
     tbx-lightning hparams RUNS_DIR [--sort METRIC] [--format table|csv|markdown|json]
+                          [--all | --all-keys --keys P --metrics P --best] [--width N]
     tbx-lightning list                                    # experiments, groups, sweeps
 
 Configs are composed with Hydra's compose API from ``configs/`` (``--config-dir``
@@ -60,12 +61,10 @@ def _tensorboard_line(logdir: str) -> str:
 
 
 def _metric_text(metrics: dict[str, float], limit: int = 6) -> str:
-    shown: dict[str, float] = {}
-    for key in sorted(metrics):
-        if key.startswith("monitor/") or key.endswith("_step") or key == "epoch":
-            continue
-        shown.setdefault(key.removesuffix("_epoch"), metrics[key])
-    return "  ".join(f"{k}={v:.4g}" for k, v in list(shown.items())[:limit])
+    """The epoch-level metrics under their own tag names (``val/acc``, ``train/loss_epoch``)."""
+    from tbx_lightning.templates.metrics import epoch_metrics
+
+    return "  ".join(f"{k}={v:.4g}" for k, v in epoch_metrics(metrics, limit).items())
 
 
 def _summary(result: RunResult) -> str:
@@ -142,13 +141,22 @@ def cmd_hparams(args: argparse.Namespace) -> int:
     """``tbx-lightning hparams``."""
     from tbx_lightning.cli import _table
 
+    def patterns(given: list[str] | None) -> list[str] | None:
+        return [p for part in given for p in part.split(",") if p] if given else None
+
+    width = 0 if args.all else args.width
     try:
         records = _table.read_runs(args.runs_dir)
-        metrics = [m for part in args.metrics for m in part.split(",")] if args.metrics else None
         columns, rows = _table.table_rows(
-            records, sort=args.sort, all_keys=args.all_keys, metrics=metrics
+            records,
+            sort=args.sort,
+            all_keys=args.all_keys or args.all,
+            metrics=patterns(args.metrics),
+            keys=patterns(args.keys),
+            best=args.best or args.all,
+            all_metrics=args.all,
         )
-        print(_table.render(columns, rows, args.format))
+        print(_table.render(columns, rows, args.format, width=width))
     except _table.TableError as error:
         raise ConfigError(str(error)) from None
     return 0
@@ -224,21 +232,46 @@ def _parser() -> argparse.ArgumentParser:
     config_dir_option(sweep)
     sweep.set_defaults(func=cmd_sweep)
 
+    from tbx_lightning.cli._table import DEFAULT_WIDTH
+
     hparams = commands.add_parser(
         "hparams",
         help="print the HParams table of a runs directory",
         description="One row per run: the config keys that differ between runs, the last "
-        "and best value of each metric, status and duration.",
+        "value of each val/* metric and of the training loss, status and duration, in at "
+        "most --width characters a line.",
     )
     hparams.add_argument("runs_dir", metavar="RUNS_DIR")
-    hparams.add_argument("--sort", metavar="METRIC", help="sort by this metric's best value")
+    hparams.add_argument(
+        "--sort", metavar="METRIC", help="sort by this metric's best value (and show it)"
+    )
     hparams.add_argument("--format", choices=("table", "csv", "markdown", "json"), default="table")
     hparams.add_argument("--all-keys", action="store_true", help="show every config key")
+    hparams.add_argument(
+        "--keys",
+        action="append",
+        metavar="PATTERN",
+        help="config keys to show (fnmatch patterns, comma-separated; default: those that differ)",
+    )
     hparams.add_argument(
         "--metrics",
         action="append",
         metavar="PATTERN",
-        help="metrics to show (fnmatch patterns, comma-separated; default: all but monitor/*)",
+        help="metrics to show (fnmatch patterns, comma-separated, e.g. 'val/*,train/*'; "
+        "default: val/* and the training loss)",
+    )
+    hparams.add_argument("--best", action="store_true", help="add each metric's best value")
+    hparams.add_argument(
+        "--all",
+        action="store_true",
+        help="every key, every metric but monitor/* with its best, no width limit",
+    )
+    hparams.add_argument(
+        "--width",
+        type=int,
+        default=DEFAULT_WIDTH,
+        metavar="N",
+        help="table format: at most N characters a line (default 120; 0: no limit)",
     )
     hparams.set_defaults(func=cmd_hparams)
 
@@ -264,7 +297,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
         args.args = [*args.args, *extra]
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a closed pipe shows up here, not at exit
+        return code
+    except BrokenPipeError:
+        return _closed_pipe()
     except ConfigError as error:
         print(f"tbx-lightning {args.command}: error: {error}", file=sys.stderr)
         return 2
@@ -277,6 +314,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+def _closed_pipe() -> int:
+    """The reader of stdout went away (``| head -1``): stop quietly, as ``cat`` does.
+
+    Python would report the broken pipe again when it flushes stdout at exit; pointing
+    stdout at the null device first keeps that quiet.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is no real file (captured in tests)
+        pass
+    return 0
 
 
 # What the `templates` extra brings; a missing one gets the install command, not a traceback.

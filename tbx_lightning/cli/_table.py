@@ -28,6 +28,7 @@ from tbx_lightning.errors import TableError
 __all__ = [
     "RunRecord",
     "TableError",
+    "main_metrics",
     "minimizes",
     "read_run",
     "read_run_dir",
@@ -291,8 +292,26 @@ def _select_metrics(records: Sequence[RunRecord], patterns: Sequence[str] | None
     return [t for t in tags if not any(fnmatch.fnmatchcase(t, p) for p in _DEFAULT_EXCLUDE)]
 
 
+def main_metrics(records: Sequence[RunRecord]) -> list[str]:
+    """The default metrics: every ``val/*`` tag and the training loss, epoch mean if logged.
+
+    Per-step copies (Lightning's ``*_step``) are left out; the training loss is
+    ``train/loss_epoch`` when the runs log it, else ``train/loss``.
+    """
+    tags = set(_select_metrics(records, None))
+    chosen = sorted(t for t in tags if t.startswith("val/") and not t.endswith("_step"))
+    for loss in ("train/loss_epoch", "train/loss"):
+        if loss in tags:
+            return [*chosen, loss]
+    return chosen
+
+
+# Status and duration have their own columns; the HParams row repeats them as keys.
+_OWN_COLUMNS = ("run.status", "run.duration_s")
+
+
 def _differing_keys(records: Sequence[RunRecord]) -> list[str]:
-    keys = sorted({key for record in records for key in record.hparams})
+    keys = sorted({key for record in records for key in record.hparams} - set(_OWN_COLUMNS))
     if len(records) < 2:
         return keys
     missing = object()
@@ -309,19 +328,33 @@ def table_rows(
     sort: str | None = None,
     all_keys: bool = False,
     metrics: Sequence[str] | None = None,
+    keys: Sequence[str] | None = None,
+    best: bool = False,
+    all_metrics: bool = False,
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and rows of the table: run, keys, ``<metric> last``/``best``, status, seconds.
+    """Columns and rows of the table: run, keys, metrics, status, seconds.
+
+    A metric's column, named by its tag, holds its last value; ``<tag> best`` its
+    best (lowest for names with loss, perplexity, error; highest otherwise), shown by
+    default for the ``val/*`` metrics.
 
     Args:
         records: The runs, as :func:`read_runs` returns them.
-        sort: A metric to sort by, best first (lower-is-better judged by its name).
+        sort: A metric to sort by, best first; its ``best`` column is shown.
         all_keys: Show every config key, not only those that differ between runs.
-        metrics: fnmatch patterns of the metrics to show; default all but ``monitor/*``.
+        metrics: fnmatch patterns of the metrics to show (last values; ``best`` adds
+            the best); default :func:`main_metrics`.
+        keys: fnmatch patterns of the config keys to show (instead of the differing ones).
+        best: Show a ``best`` column after every metric.
+        all_metrics: Show every metric but ``monitor/*`` (when ``metrics`` is not given).
 
     Raises:
         TableError: ``sort`` names no metric of these runs.
     """
-    chosen = _select_metrics(records, metrics)
+    every = metrics or all_metrics
+    chosen = _select_metrics(records, metrics) if every else main_metrics(records)
+    # By default the val/* metrics show their best too: what a sweep or a search picks by.
+    with_best = {m for m in chosen if best or (not every and m.startswith("val/"))}
     all_tags = sorted({tag for record in records for tag in record.stats})
     if sort is not None and sort not in all_tags:
         raise TableError(
@@ -330,20 +363,27 @@ def table_rows(
         )
     if sort is not None and sort not in chosen:
         chosen = [sort, *chosen]
-    keys = sorted({k for r in records for k in r.hparams}) if all_keys else _differing_keys(records)
-    columns = ["run", *keys]
+    every_key = sorted({k for r in records for k in r.hparams} - set(_OWN_COLUMNS))
+    if keys:
+        shown_keys = [k for k in every_key if any(fnmatch.fnmatchcase(k, p) for p in keys)]
+    else:
+        shown_keys = every_key if all_keys else _differing_keys(records)
+    columns = ["run", *shown_keys]
     for metric in chosen:
-        columns += [f"{metric} last", f"{metric} best"]
+        columns.append(metric)
+        if metric in with_best or metric == sort:
+            columns.append(f"{metric} best")
     columns += ["status", "seconds"]
     rows = []
     for record in records:
         row: dict[str, Any] = {"run": record.run}
-        for key in keys:
+        for key in shown_keys:
             row[key] = record.hparams.get(key)
         for metric in chosen:
             stats = record.stats.get(metric)
-            row[f"{metric} last"] = None if stats is None else stats.last
-            row[f"{metric} best"] = None if stats is None else stats.best(metric)
+            row[metric] = None if stats is None else stats.last
+            if f"{metric} best" in columns:
+                row[f"{metric} best"] = None if stats is None else stats.best(metric)
         row["status"] = record.status
         duration = record.duration
         row["seconds"] = None if duration is None else round(duration, 1)
@@ -367,8 +407,87 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def render(columns: Sequence[str], rows: Sequence[dict[str, Any]], fmt: str = "table") -> str:
+DEFAULT_WIDTH = 120
+"""Characters a line of the table format (``hparams --width``, the sweep's closing table)."""
+_CELL_WIDTH = 24
+_FIXED = ("run", "status", "seconds")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table_width(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> int:
+    widths = [max([len(h), *(len(line[i]) for line in cells)]) for i, h in enumerate(headers)]
+    return sum(widths) + 2 * (len(widths) - 1)
+
+
+def _short_headers(columns: Sequence[str], parts: int) -> list[str]:
+    """Config keys cut to their last ``parts`` dotted parts, where that stays unique."""
+    short = [c if c in _FIXED or "/" in c else ".".join(c.split(".")[-parts:]) for c in columns]
+    return [
+        name if short.count(name) == 1 and (name == full or name not in columns) else full
+        for name, full in zip(short, columns, strict=True)
+    ]
+
+
+def _fit(
+    columns: Sequence[str], cells: list[list[str]], width: int
+) -> tuple[list[str], list[list[str]], int]:
+    """Headers and cells narrowed to ``width`` characters a line.
+
+    Long cells are clipped first, then config keys shortened (``model.optimizer.lr``
+    to ``optimizer.lr``, then ``lr``), long cells clipped shorter, then columns left
+    out from the right: ``best`` columns, then metrics but the first, then config keys
+    but the first (never run, status or seconds). Returns the headers, the cells and
+    how many columns were left out.
+    """
+    cells = [[_clip(cell, _CELL_WIDTH) for cell in line] for line in cells]
+    headers = list(columns)
+    for parts in (2, 1):
+        if _table_width(headers, cells) <= width:
+            break
+        headers = _short_headers(columns, parts)
+    if _table_width(headers, cells) > width:
+        cells = [[_clip(cell, _CELL_WIDTH // 2) for cell in line] for line in cells]
+    kept = list(range(len(headers)))
+
+    def width_of(indices: list[int]) -> int:
+        return _table_width(
+            [headers[i] for i in indices], [[ln[i] for i in indices] for ln in cells]
+        )
+
+    while width_of(kept) > width:
+        keys = [i for i in kept if columns[i] not in _FIXED and "/" not in columns[i]]
+        tags = [i for i in kept if "/" in columns[i]]
+        bests = [i for i in tags if columns[i].endswith(" best")]
+        # Right to left: best values, then metrics but the first, then keys but the first.
+        droppable = bests or tags[1:] or keys[1:] or keys or tags
+        if not droppable:
+            break
+        kept.remove(droppable[-1])
+    return (
+        [headers[i] for i in kept],
+        [[line[i] for i in kept] for line in cells],
+        len(headers) - len(kept),
+    )
+
+
+def render(
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    fmt: str = "table",
+    width: int | None = DEFAULT_WIDTH,
+) -> str:
     """The table as aligned text, CSV, a Markdown table or JSON (a list of row objects).
+
+    Args:
+        columns: Column names, as :func:`table_rows` returns them.
+        rows: One mapping per run.
+        fmt: ``table``, ``csv``, ``markdown`` or ``json``.
+        width: For ``table``: at most this many characters a line (long cells clipped,
+            config keys shortened, right-most columns left out, with a note saying how
+            many); ``None`` or 0: no limit. The other formats always hold every column.
 
     Raises:
         TableError: Unknown ``fmt``.
@@ -389,9 +508,17 @@ def render(columns: Sequence[str], rows: Sequence[dict[str, Any]], fmt: str = "t
         return "\n".join(lines)
     if fmt != "table":
         raise TableError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
-    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    headers, left_out = list(columns), 0
+    if width:
+        headers, cells, left_out = _fit(columns, cells, width)
+    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(headers)]
+    out = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
     for line in cells:
         out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    if left_out:
+        out.append(
+            f"({left_out} more column{'s' if left_out > 1 else ''} left out to fit {width} "
+            "characters: --width 0 shows them, --format csv or json holds everything)"
+        )
     return "\n".join(out)

@@ -1,13 +1,19 @@
-"""The quickstart configs driving a plain PyTorch loop through ``Accelerator(log_with="tbx")``.
+"""The template configs driving a plain PyTorch loop through ``Accelerator(log_with="tbx")``.
 
-What Lightning's Trainer does for the other experiments is written out here by hand:
-the same ``data``, ``model.net`` and ``model.optimizer`` configs, the same tags
-(``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``), the graph, weight and
-gradient monitors and the penultimate-layer embeddings, all through the tracker.
-Settings come from the composed config:
+What Lightning's Trainer does for the other experiments is written out here by hand,
+over the same configs, so that a run of either runner lands in the same TensorBoard
+cards: the ``data`` config, the ``model`` config's module (used as a plain
+``nn.Module``: its network, its ``batch_metrics`` and its scheduler interval) and
+``model.optimizer`` / ``model.scheduler``. Tags and steps are those of
+:mod:`tbx_lightning.templates.metrics` (``train/loss`` per step, ``train/loss_epoch``,
+``val/loss``, ...); the graph, the monitor's groups (``net.backbone.0``) and the
+projector's entries are rooted at the module, as Lightning's are. Settings come from
+the composed config:
 
-- ``trainer.max_epochs``, ``trainer.limit_train_batches`` (an int caps batches per
-  epoch), ``trainer.log_every_n_steps``, ``trainer.accelerator`` (``cpu`` forces the CPU);
+- ``trainer.max_epochs``, ``trainer.limit_train_batches`` / ``limit_val_batches`` (an
+  int caps batches per epoch), ``trainer.log_every_n_steps``,
+  ``trainer.gradient_clip_val`` (clips the gradient norm), ``trainer.accelerator``
+  (``cpu`` forces the CPU), ``trainer.enable_progress_bar``;
 - ``logger.tbx.save_dir`` / ``logger.tbx.name``: the run directory;
 - ``callbacks.training_monitor`` / ``callbacks.embedding_projector``: present turns them on;
   the monitor's arguments that :class:`~tbx_lightning.ModelMonitor` takes are passed on.
@@ -21,10 +27,11 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tbx_lightning.templates.metrics import EpochMean, epoch_tag, train_tag, val_tag
+from tbx_lightning.templates.progress import LoopProgress
 from tbx_lightning.templates.runner import (
     CONFIG_KEY,
     BuildError,
@@ -49,6 +56,20 @@ def penultimate(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     )
 
 
+# Options of the logger config that the tracker takes too, under the same names.
+_SHARED_OPTIONS = ("hparams_exclude", "mask_secrets", "flush_secs", "max_queue")
+
+
+def _tracker_options(node: DictConfig) -> dict[str, Any]:
+    """The logger config's options that mean the same for ``TBXTracker``."""
+    options = {}
+    for key in _SHARED_OPTIONS:
+        value = node.get(key)
+        if value is not None:
+            options[key] = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+    return options
+
+
 def _logger_node(cfg: DictConfig) -> DictConfig:
     for node in (cfg.get("logger") or {}).values():
         if isinstance(node, DictConfig) and "save_dir" in node:
@@ -67,31 +88,40 @@ def _monitor_options(node: Any) -> dict[str, Any]:
 def _batch_cap(value: Any) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    return None  # a float share of 1.0 means every batch
+    return None  # null or a float share of 1.0 means every batch
 
 
-def _flat(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Classification ``(B, C), (B,)`` and language modelling ``(B, T, V), (B, T)`` alike."""
-    return logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+def _metrics_of(module: nn.Module) -> Any:
+    batch_metrics = getattr(module, "batch_metrics", None)
+    if not callable(batch_metrics):
+        raise BuildError(
+            f"{type(module).__name__} (model._target_) has no `batch_metrics(logits, targets)` "
+            "method: the accelerate runner logs what it returns (see "
+            "tbx_lightning.templates.metrics)."
+        )
+    return batch_metrics
 
 
-def _evaluate(net: nn.Module, loader: Any, accelerator: Any) -> tuple[float, float]:
-    net.eval()
-    total_loss, correct, count = 0.0, 0, 0
+def _evaluate(
+    module: nn.Module, loader: Any, accelerator: Any, cap: int | None
+) -> dict[str, float]:
+    """``val/<name>``: batch-size-weighted means of the module's metrics, as Lightning logs."""
+    batch_metrics = _metrics_of(accelerator.unwrap_model(module))
+    mean = EpochMean()
+    module.eval()
     with torch.no_grad():
-        for images, labels in loader:
-            logits = net(images)
-            logits, labels = accelerator.gather_for_metrics((logits, labels))
-            logits, labels = _flat(logits, labels)
-            total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
-            correct += int((logits.argmax(-1) == labels).sum())
-            count += int(labels.numel())
-    net.train()
-    return total_loss / max(1, count), correct / max(1, count)
+        for index, (inputs, targets) in enumerate(loader):
+            if cap is not None and index >= cap:
+                break
+            logits = module(inputs)
+            logits, targets = accelerator.gather_for_metrics((logits, targets))
+            mean.add(batch_metrics(logits, targets), len(targets))
+    module.train()
+    return {val_tag(name): value for name, value in mean.means().items()}
 
 
 def run(cfg: DictConfig) -> RunResult:
-    """Trains ``cfg.model.net`` with ``cfg.model.optimizer`` on ``cfg.data`` via Accelerate.
+    """Trains ``cfg.model`` with ``cfg.model.optimizer`` on ``cfg.data`` via Accelerate.
 
     Raises:
         BuildError: A part of the config cannot be built; nothing has been written.
@@ -109,8 +139,10 @@ def _run(cfg: DictConfig) -> RunResult:
     set_seed(int(cfg.seed))
     datamodule = instantiate_node(cfg, "data")
     datamodule.setup("fit")
-    net = instantiate_node(cfg, "model.net")
-    optimizer = instantiate_node(cfg, "model.optimizer")(params=net.parameters())
+    module = instantiate_node(cfg, "model")
+    _metrics_of(module)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = instantiate_node(cfg, "model.optimizer")(params=trainable)
     trainer_cfg = cfg.trainer
     logger_cfg = _logger_node(cfg)
     accelerator = Accelerator(
@@ -118,14 +150,18 @@ def _run(cfg: DictConfig) -> RunResult:
         project_dir=str(logger_cfg.save_dir),
         cpu=str(trainer_cfg.get("accelerator", "auto")) == "cpu",
     )
-    accelerator.init_trackers(str(logger_cfg.name), config=hyperparameters(cfg))
+    accelerator.init_trackers(
+        str(logger_cfg.name),
+        config=hyperparameters(cfg),
+        init_kwargs={"tbx": _tracker_options(logger_cfg)},
+    )
     tracker = accelerator.get_tracker("tbx", unwrap=False)
     log_dir = absolute(str(tracker.log_dir))
     started = time.time()
     metrics: dict[str, float] = {}
     error: BaseException | None = None
     try:
-        metrics = _train(cfg, accelerator, tracker, datamodule, net, optimizer)
+        _train(cfg, accelerator, tracker, datamodule, module, optimizer, metrics)
     except Exception as exc:  # recorded as a failed run; the caller decides what to do
         error = exc
         tracker.finish("failed")
@@ -142,27 +178,51 @@ def _run(cfg: DictConfig) -> RunResult:
     )
 
 
+def _scheduler(module: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+    """The module's LR scheduler, as its ``configure_optimizers`` builds it for Lightning."""
+    factory = getattr(module, "scheduler_factory", None)
+    if factory is None:
+        return None
+    kwargs: dict[str, Any] = {"optimizer": optimizer}
+    keywords = getattr(factory, "keywords", {})
+    if "total_steps" in keywords and keywords["total_steps"] is None:
+        kwargs["total_steps"] = total_steps
+    return factory(**kwargs)
+
+
 def _train(
     cfg: DictConfig,
     accelerator: Any,
     tracker: Any,
     datamodule: Any,
-    net: nn.Module,
+    module: nn.Module,
     optimizer: torch.optim.Optimizer,
-) -> dict[str, float]:
+    metrics: dict[str, float],
+) -> None:
+    """The training loop; ``metrics`` receives the latest value of every logged tag."""
     from tbx_lightning.monitor import ModelMonitor
 
     trainer_cfg = cfg.trainer
     callbacks: Any = cfg.get("callbacks") or {}
     train_loader, val_loader = datamodule.train_dataloader(), datamodule.val_dataloader()
-    net, optimizer, train_loader, val_loader = accelerator.prepare(
-        net, optimizer, train_loader, val_loader
+    module, optimizer, train_loader, val_loader = accelerator.prepare(
+        module, optimizer, train_loader, val_loader
     )
-    plain = accelerator.unwrap_model(net)
-    example = next(iter(val_loader))[0][:1]
+    plain = accelerator.unwrap_model(module)
+    net = getattr(plain, "net", plain)
+    batch_metrics = _metrics_of(plain)
+    step_rates = getattr(plain, "step_rates", None)
+    example = getattr(plain, "example_input_array", None)
+    if example is None:
+        example = next(iter(val_loader))[0][:1]
     tracker.log_graph(plain, example, step=0)
     monitor = None
+    tokens_fn = None
     if "training_monitor" in callbacks:
+        if callbacks.training_monitor.get("tokens_fn") is not None:
+            from hydra.utils import instantiate
+
+            tokens_fn = instantiate(callbacks.training_monitor.tokens_fn)
         sink = tracker.run_writer if accelerator.is_main_process else None
         monitor = ModelMonitor(plain, sink, **_monitor_options(callbacks.training_monitor))
         monitor.attach(optimizer)
@@ -176,45 +236,75 @@ def _train(
         logged_at = 0
     max_epochs = int(trainer_cfg.get("max_epochs") or 1)
     cap = _batch_cap(trainer_cfg.get("limit_train_batches"))
+    val_cap = _batch_cap(trainer_cfg.get("limit_val_batches"))
     every = max(1, int(trainer_cfg.get("log_every_n_steps") or 1))
+    clip = float(trainer_cfg.get("gradient_clip_val") or 0.0)
+    trainable = [p for p in plain.parameters() if p.requires_grad]
+    batches = len(train_loader) if cap is None else min(cap, len(train_loader))
+    scheduler = _scheduler(plain, optimizer, max_epochs * batches)
+    interval = str(getattr(plain, "scheduler_interval", "epoch"))
+    progress = LoopProgress(
+        max_epochs,
+        batches,
+        enabled=bool(trainer_cfg.get("enable_progress_bar", True)) and accelerator.is_main_process,
+    )
     step = 0
-    metrics: dict[str, float] = {}
+    module.train()
     try:
         for epoch in range(max_epochs):
-            for index, (images, labels) in enumerate(train_loader):
+            epoch_mean = EpochMean()
+            for index, (inputs, targets) in enumerate(train_loader):
                 if cap is not None and index >= cap:
                     break
+                batch_started = time.perf_counter()
+                lr = float(optimizer.param_groups[0]["lr"])
                 if monitor is not None:
                     monitor.start_flop_count()  # the first step only
-                if hasattr(plain, "train_step"):
-                    plain.train_step = step  # the step a network with fault injection sees
-                logits, targets = _flat(net(images), labels)
-                loss = F.cross_entropy(logits, targets)
+                if hasattr(net, "train_step"):
+                    net.train_step = step  # the step a network with fault injection sees
+                values = batch_metrics(module(inputs), targets)
+                loss = values["loss"]
                 accelerator.backward(loss)
                 if monitor is not None:
                     monitor.after_backward(step)
+                if clip:
+                    accelerator.clip_grad_norm_(trainable, clip)
                 optimizer.step()
                 optimizer.zero_grad()
-                if hasattr(plain, "train_step"):
-                    plain.train_step = None
+                if scheduler is not None and interval == "step":
+                    scheduler.step()
+                if hasattr(net, "train_step"):
+                    net.train_step = None
                 if monitor is not None:
                     monitor.stop_flop_count()
                     monitor.observe_loss(step, loss)
-                    if labels.dim() > 1:  # tokens
-                        monitor.log_throughput(step, tokens=int(labels.numel()))
-                    else:
-                        monitor.log_throughput(step, samples=int(labels.numel()))
-                if step % every == 0:
-                    acc = (logits.argmax(-1) == targets).float().mean()
-                    accelerator.log({"train/loss": loss.detach(), "train/acc": acc}, step=step)
+                    # As the Lightning callback counts: samples, and tokens with a tokens_fn.
+                    tokens = None if tokens_fn is None else float(tokens_fn((inputs, targets)))
+                    monitor.log_throughput(step, samples=len(inputs), tokens=tokens)
+                    monitor.log_memory(step)
+                epoch_mean.add(values, len(inputs))
+                latest = {train_tag(name): float(value.detach()) for name, value in values.items()}
+                if callable(step_rates):
+                    seconds = time.perf_counter() - batch_started
+                    rates = step_rates(lr, int(inputs.numel()), seconds)
+                    latest.update({train_tag(name): value for name, value in rates.items()})
+                metrics.update(latest)
+                if (step + 1) % every == 0:  # the steps Lightning logs at
+                    accelerator.log({**latest, "epoch": epoch}, step=step)
                 step += 1
+                progress.batch_end(epoch, index, step, metrics)
                 if monitor is not None and monitor.should_stop:
                     break  # an alert with on_alert="stop": end cleanly, keep the checkpoint
             if monitor is not None and monitor.should_stop:
                 break
-            val_loss, val_acc = _evaluate(net, val_loader, accelerator)
-            metrics = {"val/loss": val_loss, "val/acc": val_acc, "epoch": float(epoch)}
-            accelerator.log(metrics, step=step)
+            at_epoch = {epoch_tag(name): value for name, value in epoch_mean.means().items()}
+            at_epoch.update(_evaluate(module, val_loader, accelerator, val_cap))
+            metrics.update(at_epoch)
+            # At the epoch's last training step, where Lightning writes epoch-level values.
+            accelerator.log({**at_epoch, "epoch": epoch}, step=max(0, step - 1))
+            if scheduler is not None and interval == "epoch":
+                scheduler.step()
+            progress.epoch_end(epoch, step, metrics)
             if projector is not None and every_n_epochs and (epoch + 1) % every_n_epochs == 0:
                 _log_embeddings(cfg, plain, val_loader, accelerator, tracker, step)
                 logged_at = step
@@ -224,36 +314,66 @@ def _train(
         if accelerator.is_main_process:
             _save_checkpoint(cfg, plain, str(tracker.log_dir))
     finally:
+        progress.close()
         if monitor is not None:
             monitor.stop_flop_count()
             monitor.detach()
-    return metrics
+
+
+def _embedding_source(node: Any, module: nn.Module) -> Any:
+    """How to embed a batch: the output of ``module_name`` (relative to the module, as the
+    Lightning callback reads it), else the network's ``backbone``."""
+    from tbx_lightning.projector._collect import as_embeddings, capture_outputs
+
+    name = node.get("module_name")
+    if not name:
+        net = getattr(module, "net", module)
+        return lambda images: penultimate(net, images)
+    try:
+        submodule = module.get_submodule(str(name))
+    except AttributeError as error:
+        raise BuildError(
+            f"callbacks.embedding_projector.module_name={name!r} names no submodule of "
+            f"{type(module).__name__}: {error}"
+        ) from None
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        with capture_outputs(submodule) as captured:
+            module(images)
+        if not captured:
+            raise BuildError(f"Submodule {name!r} did not run in the forward pass.")
+        return as_embeddings(
+            captured[-1], f"submodule {name!r}", str(node.get("pool") or "flatten")
+        )
+
+    return embed
 
 
 def _log_embeddings(
-    cfg: DictConfig, net: nn.Module, loader: Any, accelerator: Any, tracker: Any, step: int
+    cfg: DictConfig, module: nn.Module, loader: Any, accelerator: Any, tracker: Any, step: int
 ) -> None:
     node = cfg.callbacks.embedding_projector
     tag = str(node.get("tag") or "embeddings/penultimate")
     if node.get("embed_fn") is not None:
-        _log_custom_embeddings(node, tag, net, tracker, step)
+        _log_custom_embeddings(node, tag, module, tracker, step)
         return
     from hydra.utils import instantiate
 
     limit = node.get("max_points") or 1000
+    embed = _embedding_source(node, module)
     # The same thumbnails as the Lightning callback (e.g. the digits scaled up to 32x32).
     image_fn = instantiate(node.image_fn) if node.get("image_fn") is not None else None
     feats, labels, images = [], [], []
-    net.eval()
+    module.eval()
     with torch.no_grad():
         for batch_images, batch_labels in loader:
-            feats.append(accelerator.gather_for_metrics(penultimate(net, batch_images)).cpu())
+            feats.append(accelerator.gather_for_metrics(embed(batch_images)).cpu())
             labels.append(accelerator.gather_for_metrics(batch_labels).cpu())
             thumbs = image_fn((batch_images, batch_labels)) if image_fn else batch_images
             images.append(accelerator.gather_for_metrics(thumbs).cpu())
             if sum(len(x) for x in labels) >= limit:
                 break
-    net.train()
+    module.train()
     mat = torch.cat(feats)[:limit]
     classes = [str(int(y)) for y in torch.cat(labels)[:limit]]
     tracker.log_embedding(
@@ -280,10 +400,11 @@ def _log_custom_embeddings(node: Any, tag: str, net: nn.Module, tracker: Any, st
     tracker.log_embedding(tag, torch.cat(feats), metadata=labels or None, step=step)
 
 
-def _save_checkpoint(cfg: DictConfig, net: nn.Module, log_dir: str) -> None:
+def _save_checkpoint(cfg: DictConfig, module: nn.Module, log_dir: str) -> None:
+    """``checkpoints/last.pt``: the module's state dict (keys as in a Lightning checkpoint)."""
     folder = os.path.join(log_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
-    state = {f"net.{k}": v for k, v in net.state_dict().items()}
+    state = module.state_dict()
     torch.save(
         {"state_dict": state, CONFIG_KEY: OmegaConf.to_container(cfg, resolve=True)},
         os.path.join(folder, "last.pt"),

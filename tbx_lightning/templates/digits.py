@@ -9,7 +9,7 @@ backbone's output and the fine-tuning experiment swaps the head.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning.errors import ConfigError
+from tbx_lightning.templates.metrics import log_batch_metrics
 
 __all__ = [
     "DigitsCNN",
@@ -182,8 +183,10 @@ class DigitsCNN(nn.Module):
 class DigitsClassifier(pl.LightningModule):
     """Cross-entropy training of an image classifier; logs loss and accuracy per split.
 
-    Logged tags: ``train/loss``, ``train/acc`` (steps and epochs), ``val/loss`` and
-    ``val/acc`` (epochs). The optimizer arrives as a partial from the config
+    Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss`` and
+    ``train/acc`` per step, their epoch means ``train/loss_epoch`` and
+    ``train/acc_epoch``, and ``val/loss`` and ``val/acc`` per epoch; the Accelerate
+    loop logs the same. The optimizer arrives as a partial from the config
     (``_partial_: true``), so its hyperparameters stay config keys.
 
     Args:
@@ -195,6 +198,9 @@ class DigitsClassifier(pl.LightningModule):
         >>> from functools import partial
         >>> model = DigitsClassifier(DigitsCNN(), partial(torch.optim.Adam, lr=1e-3))
     """
+
+    #: When the LR scheduler steps: after every ``epoch`` (or ``step``), in both runners.
+    scheduler_interval: ClassVar[str] = "epoch"
 
     def __init__(
         self,
@@ -212,14 +218,15 @@ class DigitsClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def batch_metrics(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch's ``loss`` (cross-entropy) and ``acc``: what both runners log."""
+        return {"loss": self.loss_fn(logits, labels), "acc": accuracy(logits, labels)}
+
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, labels = batch
-        logits = self(images)
-        loss = self.loss_fn(logits, labels)
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/acc", accuracy(logits, labels), on_step=on_step, on_epoch=True)
-        return loss
+        values = self.batch_metrics(self(images), labels)
+        log_batch_metrics(self, split, values, batch_size=len(labels))
+        return values["loss"]
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         return self._step(batch, "train")
@@ -236,4 +243,7 @@ class DigitsClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
+        }

@@ -157,6 +157,8 @@ def run(cfg: DictConfig) -> RunResult:
 def _run(cfg: DictConfig) -> RunResult:
     import lightning.pytorch as pl
 
+    from tbx_lightning.templates import progress
+
     container = OmegaConf.to_container(cfg, resolve=True)
 
     class _ConfigInCheckpoint(pl.Callback):
@@ -171,7 +173,10 @@ def _run(cfg: DictConfig) -> RunResult:
     datamodule = instantiate_node(cfg, "data")
     model = instantiate_node(cfg, "model")
     callbacks = [*build_callbacks(cfg), _ConfigInCheckpoint()]
-    trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=False)
+    # Progress as lines when stdout is redirected; Lightning's no-GPU notes and tips dropped.
+    callbacks += progress.progress_callbacks(cfg.trainer, callbacks)
+    with progress.quiet_host_messages():
+        trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=False)
     loggers = build_loggers(cfg)
     if not loggers:
         raise BuildError("The config has no logger: add `- logger: tbx` to the defaults.")

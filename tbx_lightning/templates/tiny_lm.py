@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tbx_lightning.errors import ConfigError, ConfigTypeError, UsageError
+from tbx_lightning.templates.metrics import log_batch_metrics, train_tag
 
 __all__ = [
     "VOCAB",
@@ -275,8 +276,10 @@ class TinyTransformer(nn.Module):
 class TinyLM(pl.LightningModule):
     """Next-character training; logs loss, perplexity, tokens per second and learning rate.
 
-    Logged tags: ``train/loss``, ``train/perplexity``, ``train/tokens_per_sec``,
-    ``train/lr`` (steps), ``val/loss`` and ``val/perplexity`` (epochs).
+    Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss``,
+    ``train/perplexity``, ``train/tokens_per_sec`` and ``train/lr`` per step, the epoch
+    means ``train/loss_epoch`` and ``train/perplexity_epoch``, and ``val/loss`` and
+    ``val/perplexity`` per epoch; the Accelerate loop logs the same.
 
     Args:
         net: The language model, e.g. :class:`TinyTransformer`.
@@ -287,6 +290,9 @@ class TinyLM(pl.LightningModule):
         >>> from functools import partial
         >>> lm = TinyLM(TinyTransformer(block_size=16), partial(torch.optim.AdamW, lr=3e-3))
     """
+
+    #: When the LR scheduler steps: after every optimizer ``step``, in both runners.
+    scheduler_interval: ClassVar[str] = "step"
 
     def __init__(
         self,
@@ -300,35 +306,45 @@ class TinyLM(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.example_input_array = torch.zeros(1, net.block_size, dtype=torch.long)
         self._batch_started = 0.0
+        self._step_lr = 0.0
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.net(ids)
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def batch_metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batch's ``loss`` (next-character cross-entropy) and ``perplexity``."""
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        return {"loss": loss, "perplexity": torch.exp(loss.detach())}
+
+    @staticmethod
+    def step_rates(lr: float, tokens: int, seconds: float) -> dict[str, float]:
+        """``lr`` and ``tokens_per_sec`` of one training step, logged as ``train/*``."""
+        rates = {"lr": float(lr)}
+        if seconds > 0:
+            rates["tokens_per_sec"] = tokens / seconds
+        return rates
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         ids, targets = batch
-        logits = self(ids)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        values = self.batch_metrics(self(ids), targets)
+        log_batch_metrics(self, split, values, batch_size=len(ids))
+        return values["loss"]
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._batch_started = time.perf_counter()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/perplexity", torch.exp(loss.detach()))
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        self._step_lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])  # this step's
+        return self._step(batch, "train")
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._batch_started
-        if elapsed > 0:
-            self.log("train/tokens_per_sec", float(batch[0].numel()) / elapsed)
+        rates = self.step_rates(self._step_lr, int(batch[0].numel()), elapsed)
+        for name, value in rates.items():
+            self.log(train_tag(name), value)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
-        loss = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/perplexity", torch.exp(loss))
-        return loss
+        return self._step(batch, "val")
 
     @torch.no_grad()
     def sample(self, prompt: str, length: int = 200, temperature: float = 1.0) -> str:
@@ -350,7 +366,7 @@ class TinyLM(pl.LightningModule):
         scheduler = self.scheduler_factory(**kwargs)
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.scheduler_interval},
         }
 
 
