@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import itertools
 import numbers
 import os
@@ -32,8 +33,11 @@ from tensorboardX.writer import FileWriter
 
 from tbx_lightning import _fs
 from tbx_lightning._events import ScalarEncoder, frame, padded
+from tbx_lightning._lease import Lease
+from tbx_lightning._rules import MAX_STEP, MIN_STEP, check_step, check_writer_options
+from tbx_lightning._spool import Spool, SpoolFileSystem
 from tbx_lightning._summary import RunSummary
-from tbx_lightning.errors import RunWriterError
+from tbx_lightning.errors import LoggedTypeError, LoggedValueError, RunWriterError
 
 __all__ = ["RunWriter", "RunWriterError"]
 
@@ -44,7 +48,6 @@ _RECORD = 3
 _PATCH = 4
 _FLUSH = 5
 _RECORDS = 6
-_MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1  # an Event's step is an int64
 
 _FILE_COUNTER = itertools.count()
 _OPEN_WRITERS: weakref.WeakSet[RunWriter] = weakref.WeakSet()
@@ -55,6 +58,7 @@ RECORDS_FILE = _fs.RECORDS_FILE
 # process is killed (the kernel checks for a fatal signal between pages, not inside one).
 _PAGE = 4096
 _FRAME_OVERHEAD = 16  # length (8), its CRC (4), the data's CRC (4)
+_OPEN_WAIT = 5.0  # seconds a remote run's opening waits for the remote to answer
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ class _EventFile:
     """Appends framed records to one events file; local files grow in place."""
 
     def __init__(self, fs: Any, path: str) -> None:
-        self.fs = fs
+        self._lfs = fs
         self.path = path
         self.offset = 0
         # Unbuffered: every byte the OS accepted is counted in ``offset``, so a write that
@@ -106,7 +110,7 @@ class _EventFile:
         if self._handle is not None:
             self._handle.flush()
         elif self._dirty:
-            self.fs.pipe_file(self.path, bytes(self._buffer))
+            self._lfs.pipe_file(self.path, bytes(self._buffer))
             self._dirty = False
 
     def patch(self, offset: int, data: bytes) -> None:
@@ -149,7 +153,7 @@ class _QueueFileWriter(FileWriter):
         self._default_metadata: dict[str, Any] = {}
 
     def get_logdir(self) -> str:
-        return self._run.log_dir
+        return self._run._writer_logdir()
 
     # Called by FileWriter.add_event/add_summary/add_graph through ``self.event_writer``.
     def add_event(
@@ -182,7 +186,7 @@ class _RunSummaryWriter(SummaryWriter):
 
     def __init__(self, run: RunWriter) -> None:
         self._run = run
-        super().__init__(logdir=run.log_dir, flush_secs=int(max(1, run.flush_secs)))
+        super().__init__(logdir=run._writer_logdir(), flush_secs=int(max(1, run.flush_secs)))
 
     def _get_file_writer(self) -> FileWriter:
         if self.all_writers is None or self.file_writer is None:
@@ -199,7 +203,7 @@ def _coerce_scalar(key: str, value: Any) -> float:
         return float(value)
     if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
         return float(value.reshape(()))
-    raise TypeError(
+    raise LoggedTypeError(
         f"Metric {key!r} has a value of type {type(value).__name__}, which is not a number: "
         "log int, float, bool, a one-element tensor or array; use "
         "`experiment.add_text` for strings and `experiment.add_histogram` for arrays."
@@ -208,6 +212,12 @@ def _coerce_scalar(key: str, value: Any) -> float:
 
 class RunWriter:
     """Owns one TensorBoard run directory: fast scalars, hparams records and a SummaryWriter.
+
+    A remote run (any non-local fsspec URL) is written into a local spool folder
+    exactly as a local run, and a background thread uploads it with bounded
+    per-request timeouts, so no call waits on the network (see ``tbx_lightning._spool``).
+    An open run holds a lease on its directory: a second process opening the same
+    directory meanwhile gets a :class:`RunWriterError` naming the process that holds it.
 
     Args:
         log_dir: The run directory, a local path or an fsspec URL (``s3://b/runs/x``).
@@ -220,8 +230,11 @@ class RunWriter:
             after this step, so the resumed curve does not zig-zag.
         filename_suffix: Appended to the event file's name.
         segment_bytes: Remote storage only: object stores cannot append, so the open
-            event file is uploaded whole at each flush; past this size it is closed and
-            the run goes on in a new file (TensorBoard reads them in name order).
+            event file is uploaded whole each time it changed; past this size it is
+            closed and the run goes on in a new file (TensorBoard reads them in name order).
+        upload_timeout: Remote storage only: the most seconds :meth:`close` waits for
+            the upload of the spool to finish. What is left then stays in the spool
+            folder, and a warning names it and the command that uploads it.
 
     Example:
         >>> import tempfile
@@ -241,18 +254,48 @@ class RunWriter:
         segment_bytes: int = 8 * 1024 * 1024,
         purge_step: int | None = None,
         filename_suffix: str = "",
+        upload_timeout: float = 60.0,
     ) -> None:
-        if not flush_secs > 0:
-            raise ValueError(f"Expected `flush_secs` > 0, got {flush_secs!r}.")
-        if max_queue < 1:
-            raise ValueError(f"Expected `max_queue` >= 1, got {max_queue!r}.")
-        if max_queue_bytes < 1:
-            raise ValueError(f"Expected `max_queue_bytes` >= 1, got {max_queue_bytes!r}.")
-        if segment_bytes < 1:
-            raise ValueError(f"Expected `segment_bytes` >= 1, got {segment_bytes!r}.")
-        self.fs, self._path = _fs.resolve(log_dir)
-        _fs.makedirs(self.fs, self._path)
-        self.log_dir = _fs.url(self.fs, self._path)
+        check_writer_options(
+            {
+                "flush_secs": flush_secs,
+                "max_queue": max_queue,
+                "max_queue_bytes": max_queue_bytes,
+                "segment_bytes": segment_bytes,
+                "purge_step": purge_step,
+                "filename_suffix": filename_suffix,
+                "upload_timeout": upload_timeout,
+            },
+            owner="RunWriter",
+            where="RunWriter({option}=...)",
+        )
+        self.upload_timeout = float(upload_timeout)
+        remote_fs, remote_path = _fs.resolve(log_dir)
+        self.log_dir = _fs.url(remote_fs, remote_path)
+        self._spool: Spool | None = None
+        # ``fs``/``path`` name the run as others see it (the remote run: what is written
+        # through ``fs`` lands in the spool, config.yaml and projector files too);
+        # ``_lfs``/``_path`` are where this writer writes (the run or the spool folder).
+        self.fs: Any = remote_fs
+        self._public_path: str = remote_path
+        self._lfs: Any = remote_fs
+        self._path: str = remote_path
+        if _fs.is_local(remote_fs):
+            _fs.makedirs(self._lfs, self._path)
+        else:
+            self._spool = Spool(remote_fs, remote_path, self.log_dir, flush_secs=flush_secs)
+            self._lfs, self._path = _fs.resolve(self._spool.local)
+            self.fs = SpoolFileSystem(self._spool)
+        # Refuses a second process on this directory (or this spool) before anything is written.
+        self._lease = Lease(self._lfs, self._path, url=self.log_dir)
+        self._lease.acquire()
+        if self._spool is not None:
+            try:
+                self._spool.open(min(_OPEN_WAIT, max(self.upload_timeout, 0.5)))
+            except BaseException:
+                self._lease.release()
+                self._spool.discard()
+                raise
         self.flush_secs = float(flush_secs)
         self.max_queue = int(max_queue)
         self.max_queue_bytes = int(max_queue_bytes)
@@ -279,11 +322,11 @@ class RunWriter:
         self._records: dict[str, bytes] | None = None
         self._records_dirty = False
         self._records_lock = threading.Lock()
-        self._records_path = _fs.join(self.fs, self._path, RECORDS_FILE)
+        self._records_path = _fs.join(self._lfs, self._path, RECORDS_FILE)
         self._moved: set[str] = set()  # keys whose record went from the event file to it
         name = self._file_name()
-        self._first_file = _fs.join(self.fs, self._path, name)
-        self._file = _EventFile(self.fs, self._first_file)
+        self._first_file = _fs.join(self._lfs, self._path, name)
+        self._file = _EventFile(self._lfs, self._first_file)
         self._file.write(
             frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         )
@@ -296,7 +339,7 @@ class RunWriter:
             self._file.write(frame(start.SerializeToString()))
         self._file.flush()
         # The per-tag statistics `tbx-lightning hparams` reads instead of the events.
-        self._summary = RunSummary(self.fs, self._path, purge_step=purge_step)
+        self._summary = RunSummary(self._lfs, self._path, purge_step=purge_step)
         self._last_flush = time.monotonic()
         self._thread = threading.Thread(
             target=self._run, name=f"tbx-run-writer:{name}", daemon=True
@@ -307,7 +350,7 @@ class RunWriter:
     def _file_name(self) -> str:
         return (
             f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}"
-            f".{os.getpid()}.{next(_FILE_COUNTER)}{self._filename_suffix}"
+            f".{os.getpid()}.{next(_FILE_COUNTER):06d}{self._filename_suffix}"
         )
 
     def _restart_after_fork(self) -> None:
@@ -333,30 +376,52 @@ class RunWriter:
             self._error, self._failed = None, []
             self._file.detach()
             name = self._file_name()
-            self._first_file = _fs.join(self.fs, self._path, name)
+            self._first_file = _fs.join(self._lfs, self._path, name)
             self._segment = 0
-            self._file = _EventFile(self.fs, self._first_file)
+            self._file = _EventFile(self._lfs, self._first_file)
             self._file.write(
                 frame(
                     Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString()
                 )
             )
-            self._summary = RunSummary(self.fs, self._path)
+            self._summary = RunSummary(self._lfs, self._path)
             self._last_flush = time.monotonic()
+            if self._spool is not None:
+                # The parent's uploader did not survive the fork; the lease stays the parent's.
+                self._spool = self._spool.for_child()
             self._thread = threading.Thread(
                 target=self._run, name=f"tbx-run-writer:{name}", daemon=True
             )
             self._thread.start()
 
+    def _writer_logdir(self) -> str:
+        """Where tensorboardX's own writers (``add_scalars`` folders) go: the spool if remote."""
+        return self._path if self._spool is not None else self.log_dir
+
+    @property
+    def spool_dir(self) -> str | None:
+        """Remote runs: the local folder the run is written into before it is uploaded."""
+        return self._spool.local if self._spool is not None else None
+
+    def _emit_notices(self) -> None:
+        """Warns, on the caller's thread, what the uploader found (outage, recovery)."""
+        spool = self._spool
+        while spool is not None and spool.notices:
+            warnings.warn(spool.notices.popleft(), stacklevel=3)
+
     # ------------------------------------------------------------------ caller side
     @property
     def path(self) -> str:
-        """The run directory's path inside :attr:`fs` (no protocol prefix)."""
-        return self._path
+        """The run directory's path inside :attr:`fs` (no protocol prefix).
+
+        For a remote run, :attr:`fs` maps this path to the spool folder
+        (:attr:`spool_dir`): what is written through it is uploaded with the run.
+        """
+        return self._public_path
 
     @property
     def event_file(self) -> str:
-        """Path of the event file this run writes."""
+        """Path of the event file this run writes (for a remote run: in the spool folder)."""
         return self._file.path
 
     @property
@@ -381,8 +446,8 @@ class RunWriter:
         """
         if self._closed or self._error is not None:
             self._check_open()
-        if type(step) is not int or not _MIN_STEP <= step <= _MAX_STEP:
-            step = self._coerce_step(step)
+        if type(step) is not int or not MIN_STEP <= step <= MAX_STEP:
+            step = check_step(step, none_ok=False)
         keys = tuple(metrics)
         values = list(metrics.values())
         tensor_idx: list[int] | None = None
@@ -432,7 +497,7 @@ class RunWriter:
             try:
                 key.encode("utf-8")
             except UnicodeEncodeError as error:  # else the writer thread fails on it later
-                raise ValueError(
+                raise LoggedValueError(
                     f"Metric name {key!r} cannot be written as UTF-8 (it holds a lone surrogate "
                     "character): pass a valid string."
                 ) from error
@@ -440,21 +505,10 @@ class RunWriter:
             self._checked_keys.add(keys)
 
     @staticmethod
-    def _coerce_step(step: Any) -> int:
-        if isinstance(step, torch.Tensor) and step.numel() == 1:
-            step = step.item()
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise TypeError(f"`step` must be an int, got {type(step).__name__} {step!r}.")
-        if not _MIN_STEP <= int(step) <= _MAX_STEP:
-            # Beyond int64 the step would wrap around silently in the event file.
-            raise ValueError(f"`step` must fit in a signed 64-bit integer, got {step}.")
-        return int(step)
-
-    @staticmethod
     def _bad_tag(key: Any) -> None:
         if not isinstance(key, str):
-            raise TypeError(f"Metric names must be str, got {type(key).__name__} {key!r}.")
-        raise ValueError("Metric names must not be empty: give the metric a name.")
+            raise LoggedTypeError(f"Metric names must be str, got {type(key).__name__} {key!r}.")
+        raise LoggedValueError("Metric names must not be empty: give the metric a name.")
 
     @staticmethod
     def _stack(keys: tuple[str, ...], values: list[Any], tensor_idx: list[int]) -> torch.Tensor:
@@ -463,12 +517,12 @@ class RunWriter:
         for i in tensor_idx:
             tensor = values[i]
             if tensor.numel() != 1:
-                raise TypeError(
+                raise LoggedTypeError(
                     f"Metric {keys[i]!r} is a tensor of shape {tuple(tensor.shape)}: log one-element "
                     "tensors as scalars, or use `experiment.add_histogram` for the whole tensor."
                 )
             if tensor.is_complex():
-                raise TypeError(
+                raise LoggedTypeError(
                     f"Metric {keys[i]!r} is a complex tensor: log its real or abs value."
                 )
             parts.append(tensor.detach().reshape(()).to(torch.float64))
@@ -480,6 +534,10 @@ class RunWriter:
     def _put(self, item: tuple[Any, ...]) -> None:
         if self._forked:
             self._restart_after_fork()
+        spool = self._spool
+        if spool is not None and (spool.notices or spool.error is not None):
+            self._emit_notices()
+            self._check_open()
         queue = self._queue
         # Under the lock that close() takes: an item is either queued before the run is
         # marked closed (and the writer thread, which drains after it sees that, writes
@@ -521,7 +579,7 @@ class RunWriter:
             self._put((_RECORD, frame(data)))
             return None
         size = max(reserve, len(data) + 8)
-        if _fs.is_local(self.fs):
+        if _fs.is_local(self._lfs):
             # Local records are rewritten with one write inside one page; a larger
             # record lives in the records file instead.
             if len(data) + 3 > _PAGE - _FRAME_OVERHEAD:
@@ -554,7 +612,7 @@ class RunWriter:
         key = handle.key or _record_key(event)
         if not handle.key and key not in self._moved:
             fits = len(data) + 3 <= handle.length
-            if fits and (not _fs.is_local(self.fs) or _in_one_page(handle)):
+            if fits and (not _fs.is_local(self._lfs) or _in_one_page(handle)):
                 self._put((_PATCH, handle, frame(padded(data, handle.length))))
                 return True
             self._moved.add(key)
@@ -579,6 +637,7 @@ class RunWriter:
                 break
         if self._error is None and isinstance(pending, _REPORT_ONCE):
             self._error = pending  # a retry does not undo these: report them once
+        self._emit_notices()
         self._check_open(allow_closed=True)
 
     def close(self) -> None:
@@ -597,9 +656,18 @@ class RunWriter:
         self._wake.set()
         self._thread.join()
         _OPEN_WRITERS.discard(self)
+        try:
+            if self._spool is not None:
+                self._spool.close(self.upload_timeout)
+                self._emit_notices()
+        finally:
+            self._lease.release()
         if self._error is not None:
             error, self._error = self._error, None
             raise RunWriterError(self._error_message(error)) from error
+        if self._spool is not None and self._spool.error is not None:
+            error, self._spool.error = self._spool.error, None
+            raise error
 
     def __enter__(self) -> RunWriter:
         return self
@@ -611,6 +679,10 @@ class RunWriter:
         if self._error is not None:
             error, self._error = self._error, None
             raise RunWriterError(self._error_message(error)) from error
+        if self._spool is not None and self._spool.error is not None:
+            # The uploader cannot go on (a missing bucket, the run taken by another writer).
+            remote_error, self._spool.error = self._spool.error, None
+            raise remote_error
         if self._closed and not allow_closed:
             raise RunWriterError(
                 f"The run writer for {self.log_dir!r} is closed: nothing more can be logged to it. "
@@ -631,6 +703,8 @@ class RunWriter:
                 timeout = max(0.0, self.flush_secs - (time.monotonic() - self._last_flush))
                 self._wake.wait(min(timeout, 0.5))
             self._wake.clear()
+            with contextlib.suppress(Exception):  # a late heartbeat is no reason to stop
+                self._lease.refresh()
             closing = self._closed
             # A bounded batch: a producer as fast as the encoder must not keep the
             # periodic flush (and the written bytes) waiting forever.
@@ -675,7 +749,7 @@ class RunWriter:
                         chunks.append(item[1])
                     else:
                         self._write_chunks(chunks)
-                        if _fs.is_local(self.fs):
+                        if _fs.is_local(self._lfs):
                             self._align_record(len(item[1]))
                         offset = self._write_chunks([item[1]])
                         item[2].append(RecordHandle(self._file.path, offset, item[4]))
@@ -757,13 +831,13 @@ class RunWriter:
         if handle.file == self._file.path:
             self._file.patch(handle.offset, data)
             return
-        if not self.fs.exists(handle.file):
+        if not self._lfs.exists(handle.file):
             raise RunWriterError(
                 f"cannot update a record in {handle.file!r}: that event file was removed and "
                 f"logging goes on in {self._file.path!r}; the record (e.g. the run's HParams "
                 "row and status) was lost with the removed file"
             )
-        _patch_file(self.fs, handle.file, handle.offset, data)  # an earlier process's file
+        _patch_file(self._lfs, handle.file, handle.offset, data)  # an earlier process's file
 
     def find_records(self, tags: Collection[str]) -> dict[str, RecordHandle]:
         """The first record of each tag in the run's other event files, in TensorBoard's order.
@@ -780,13 +854,13 @@ class RunWriter:
         if len(found) == len(tags):
             return found
         try:
-            paths = sorted(self.fs.ls(self._path, detail=False))
+            paths = sorted(self._lfs.ls(self._path, detail=False))
         except FileNotFoundError:
             return found
         for path in paths:
             name = posixpath.basename(path)
             if "tfevents" in name and name != RECORDS_FILE and path != self._file.path:
-                _scan_records(self.fs, path, [t for t in tags if t not in found], found)
+                _scan_records(self._lfs, path, [t for t in tags if t not in found], found)
             if len(found) == len(tags):
                 break
         return found
@@ -795,7 +869,7 @@ class RunWriter:
         """The records file's content, read once (call with ``_records_lock`` held)."""
         if self._records is None:
             try:
-                raw = self.fs.cat_file(self._records_path)
+                raw = self._lfs.cat_file(self._records_path)
             except FileNotFoundError:
                 raw = b""
             self._records = _parse_records(raw)
@@ -812,7 +886,9 @@ class RunWriter:
             self._records_dirty = False
         try:
             # The temporary name must not hold "tfevents": readers would take it for a run file.
-            _fs.write_bytes_atomic(self.fs, self._records_path, content, tmp_prefix=".tbx-records")
+            _fs.write_bytes_atomic(
+                self._lfs, self._records_path, content, tmp_prefix=".tbx-records"
+            )
         except Exception:
             self._records_dirty = True
             raise
@@ -833,9 +909,11 @@ class RunWriter:
                 # Everything added so far is on storage: the summary may say it covers it.
                 self._summary.covers(self._file.path, self._file.offset)
                 self._summary.save()
-            if not final and not _fs.is_local(self.fs) and self._file.offset >= self.segment_bytes:
+            if not final and self._spool is not None and self._file.offset >= self.segment_bytes:
                 self._next_segment()
             self._last_flush = time.monotonic()
+            if self._spool is not None:
+                self._spool.poke()
         except Exception as error:
             self._error = error
             return False
@@ -845,24 +923,24 @@ class RunWriter:
         """Closes the uploaded event file and goes on in a new one whose name sorts after it."""
         self._file.close()
         self._segment += 1
-        self._file = _EventFile(self.fs, f"{self._first_file}.seg{self._segment:06d}")
+        self._file = _EventFile(self._lfs, f"{self._first_file}.seg{self._segment:06d}")
         self._file.write(
             frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         )
 
     def _check_file_present(self) -> None:
         """A deleted run directory would swallow writes into an unlinked file: say so instead."""
-        if not _fs.is_local(self.fs) or os.path.exists(self._file.path):
+        if not _fs.is_local(self._lfs) or os.path.exists(self._file.path):
             return
         lost_path = self._file.path
         self._file.close()
-        _fs.makedirs(self.fs, self._path)
+        _fs.makedirs(self._lfs, self._path)
         # A new name: handles of records in the lost file must not patch the new one.
-        self._file = _EventFile(self.fs, f"{lost_path}.{next(_FILE_COUNTER)}")
+        self._file = _EventFile(self._lfs, f"{lost_path}.{next(_FILE_COUNTER)}")
         self._file.write(
             frame(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         )
-        raise FileNotFoundError(
+        raise RunWriterError(
             f"the event file {lost_path!r} was removed while the run was writing (deleted run "
             f"directory?); the directory was recreated and logging goes on in {self._file.path!r}"
         )
@@ -874,7 +952,7 @@ def _pwrite(path: str, offset: int, data: bytes) -> None:
     try:
         done = os.pwrite(fd, data, offset)
         if done != len(data):
-            raise OSError(f"short write to {path!r}: {done} of {len(data)} bytes")
+            raise RunWriterError(f"short write to {path!r}: {done} of {len(data)} bytes")
     finally:
         os.close(fd)
 

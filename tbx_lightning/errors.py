@@ -27,6 +27,7 @@ __all__ = [
     "LoggedTypeError",
     "LoggedValueError",
     "MissingDependencyError",
+    "RunInUseError",
     "RunNotStartedError",
     "RunWriterError",
     "TBXError",
@@ -146,3 +147,12 @@ class UsageError(TBXError, RuntimeError):
 
 class MissingDependencyError(TBXError, ImportError):
     """An optional dependency is not installed; the message gives the ``pip install`` line."""
+
+
+class RunInUseError(RunWriterError):
+    """Another live process holds the run directory (its lease file names the pid and host).
+
+    Raised instead of letting two writers merge one run's HParams row and status: pick
+    another ``version``, wait for that run to end, or remove the lease file named in the
+    message if that process is gone.
+    """

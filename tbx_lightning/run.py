@@ -48,8 +48,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import inspect
-import math
 import numbers
 import threading
 import time
@@ -61,10 +59,9 @@ import numpy as np
 import torch
 
 from tbx_lightning._layout import LayoutBuilder
+from tbx_lightning._rules import WRITER_OPTIONS, check_step, check_writer_options
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import (
-    ConfigError,
-    ConfigTypeError,
     GraphExportError,
     LoggedTypeError,
     LoggedValueError,
@@ -87,97 +84,12 @@ __all__ = [
     "status_key",
 ]
 
-# Every keyword-only option of RunWriter: read from its signature, so a new writer option
-# is accepted by both integrations at once (jsonargparse passes each one explicitly).
-WRITER_OPTIONS: frozenset[str] = frozenset(
-    name
-    for name, param in inspect.signature(RunWriter.__init__).parameters.items()
-    if param.kind is inspect.Parameter.KEYWORD_ONLY
-)
 STATUS_TEXT_TAG = "run/status"
-_MIN_STEP, _MAX_STEP = -(2**63), 2**63 - 1
 _PIL_FORMAT = "HWC"
-_POSITIVE_INTS = ("max_queue", "max_queue_bytes", "segment_bytes")
 
 
 # ---------------------------------------------------------------------- writer options
-def check_writer_options(options: Mapping[str, Any], *, owner: str, where: str) -> dict[str, Any]:
-    """Checks writer options before anything is opened; returns them as a dict.
-
-    Args:
-        options: Option name -> value, as the user passed them.
-        owner: Who takes the options, for the messages (``"TBXLogger"``).
-        where: Where the user sets them, for the messages
-            (``"logger.flush_secs in the config"``).
-
-    Raises:
-        ConfigTypeError: an unknown option name, or a value of the wrong type.
-        ConfigError: a value out of range (``flush_secs`` <= 0, ``max_queue`` < 1).
-    """
-    unknown = sorted(set(options) - WRITER_OPTIONS)
-    if unknown:
-        raise ConfigTypeError(
-            f"{owner} got unexpected keyword argument(s) {unknown}: writer options are "
-            f"{sorted(WRITER_OPTIONS)}."
-        )
-    out = dict(options)
-    if "flush_secs" in out:
-        value = out["flush_secs"]
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigTypeError(
-                f"`flush_secs` must be a number of seconds, got {type(value).__name__} "
-                f"{value!r}: set {where.format(option='flush_secs')}."
-            )
-        if not float(value) > 0 or not math.isfinite(value):
-            raise ConfigError(
-                f"Expected `flush_secs` > 0, got {value!r}: set "
-                f"{where.format(option='flush_secs')} to a positive number of seconds."
-            )
-    for name in _POSITIVE_INTS:
-        if name not in out:
-            continue
-        value = out[name]
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigTypeError(
-                f"`{name}` must be an int, got {type(value).__name__} {value!r}: set "
-                f"{where.format(option=name)}."
-            )
-        if int(value) < 1:
-            raise ConfigError(
-                f"Expected `{name}` >= 1, got {value!r}: set {where.format(option=name)}."
-            )
-    if out.get("purge_step") is not None:
-        out["purge_step"] = check_step(out["purge_step"], name="purge_step")
-    if "filename_suffix" in out and not isinstance(out["filename_suffix"], str):
-        raise ConfigTypeError(
-            f"`filename_suffix` must be a str, got {type(out['filename_suffix']).__name__}."
-        )
-    return out
-
-
 # ---------------------------------------------------------------------- steps and values
-def check_step(step: Any, *, name: str = "step") -> int:
-    """The step as an int: ints, NumPy integers and one-element integer tensors pass.
-
-    Raises:
-        LoggedTypeError: any other type (``1.5``, ``"7"``, ``True``, a float tensor).
-        LoggedValueError: an int outside int64, which the event file cannot hold.
-    """
-    value = step
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "iu":
-        value = value.item()
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise LoggedTypeError(
-            f"`{name}` must be an int or None, got {type(step).__name__} {step!r}: pass a whole "
-            f"number, e.g. {name}=trainer.global_step."
-        )
-    if not _MIN_STEP <= int(value) <= _MAX_STEP:
-        raise LoggedValueError(f"`{name}` must fit in a signed 64-bit integer, got {value}.")
-    return int(value)
-
-
 def _is_scalar(key: str, value: Any) -> bool:
     """True for values that become one scalar point; LoggedTypeError for tensors that cannot."""
     if isinstance(value, torch.Tensor):

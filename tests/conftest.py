@@ -21,3 +21,9 @@ def tensorboard() -> Iterator[Callable[[str | Path], TensorBoardServer]]:
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _spool_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Remote runs spool into the test's own folder, never the user's ~/.cache."""
+    monkeypatch.setenv("TBX_LIGHTNING_SPOOL", str(tmp_path / "spool"))

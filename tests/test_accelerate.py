@@ -52,7 +52,11 @@ def scalars(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
 
 
 def versions(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+    return (
+        sorted(p.name for p in root.iterdir() if not p.name.startswith("."))
+        if root.exists()
+        else []
+    )
 
 
 def run_python(code: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess[str]:

@@ -42,7 +42,7 @@ def test_eight_processes_get_eight_distinct_versions(tmp_path: Path) -> None:
     for proc in procs:
         proc.join(timeout=60)
     assert [proc.exitcode for proc in procs] == [0] * 8
-    runs = sorted(os.listdir(tmp_path / "exp"))
+    runs = sorted(n for n in os.listdir(tmp_path / "exp") if not n.startswith("."))
     assert runs == [f"version_{i}" for i in range(8)]
     # Each run holds exactly the one value its process logged: no two processes shared one.
     seen = []
@@ -148,7 +148,7 @@ def test_lightning_ddp_two_cpu_processes_write_one_run_from_rank_zero(tmp_path: 
     lines = [line for line in done.stdout.splitlines() if line.startswith("RANK")]
     assert sorted(line.split()[1] for line in lines) == ["0", "1"]
     assert len({line.split()[3] for line in lines}) == 1
-    assert sorted(os.listdir(logs / "ddp")) == ["version_0"]
+    assert sorted(n for n in os.listdir(logs / "ddp") if not n.startswith(".")) == ["version_0"]
     run_dir = logs / "ddp" / "version_0"
     # Written by rank 0 only: one event file, one config.
     assert len(glob.glob(str(run_dir / "*tfevents*"))) == 1

@@ -492,7 +492,6 @@ def test_data_dependent_control_flow_falls_back_and_says_why(tmp_path: Path) -> 
     assert "`torch.export`" in summary and "`torch.fx`" in summary
 
 
-
 def test_export_keeps_other_threads_output_and_drops_its_own(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -540,6 +539,7 @@ def test_export_keeps_other_threads_output_and_drops_its_own(
     assert "def forward" not in out and "torch.ops.aten" not in out, (
         "the partial graph torch printed is not shown"
     )
+
 
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_alone(method: str) -> None:

@@ -27,6 +27,7 @@ from tbx_lightning import (
     GraphExportError,
     LoggedTypeError,
     LoggedValueError,
+    RunWriter,
     TBXError,
     TBXLogger,
     TBXTracker,
@@ -381,14 +382,37 @@ def test_writer_options_are_accepted_on_both(make: Make) -> None:
         pytest.param({"segment_bytes": 1.5}, ConfigTypeError, r"`segment_bytes` must be", id="sb"),
         pytest.param({"purge_step": 1.5}, LoggedTypeError, r"`purge_step` must be an int", id="ps"),
         pytest.param({"flush_sec": 3}, ConfigTypeError, r"\['flush_sec'\]", id="typo"),
+        pytest.param(
+            {"upload_timeout": -1}, ConfigError, r"Expected `upload_timeout` >= 0", id="ut"
+        ),
+        pytest.param(
+            {"upload_timeout": float("inf")}, ConfigError, r"`upload_timeout` >= 0", id="ut-inf"
+        ),
     ],
 )
 def test_bad_writer_options_fail_at_construction(
-    make: Make, options: dict[str, Any], error: type[Exception], match: str
+    make: Make, options: dict[str, Any], error: type[Exception], match: str, tmp_path: Path
 ) -> None:
     with pytest.raises(error, match=match) as info:
         make(**options)
     assert isinstance(info.value, TBXError)
+    if "flush_sec" not in options:
+        # RunWriter itself applies the same rule, with the same words.
+        with pytest.raises(error, match=match):
+            RunWriter(tmp_path / "direct", **options)
+
+
+def test_writer_options_are_the_writers_keyword_arguments() -> None:
+    import inspect
+
+    from tbx_lightning._rules import WRITER_OPTIONS
+
+    keyword_only = {
+        name
+        for name, param in inspect.signature(RunWriter.__init__).parameters.items()
+        if param.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert keyword_only == WRITER_OPTIONS
 
 
 # ----------------------------------------------------------------------------- threads
@@ -419,7 +443,7 @@ def test_four_threads_on_first_use_write_one_run_at_exact_steps(make: Make, tria
     assert len(writers) == 1
     acc = closed(run)
     root = Path(run.log_dir).parent
-    assert sorted(p.name for p in root.iterdir()) == ["version_0"]
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["version_0"]
     assert len(list(Path(run.log_dir).glob("events.out.tfevents.*"))) == 1
     got = scalars(acc)
     assert sorted(got["value"]) == [(s, float(s)) for s in range(400)]

@@ -161,7 +161,10 @@ def test_version_is_claimed_when_first_read(tmp_path: Path) -> None:
     assert first.version == 0
     assert second.version == 1  # the first claim is visible before anything is logged
     assert first.version == 0
-    assert sorted(os.listdir(tmp_path / "e")) == ["version_0", "version_1"]
+    assert sorted(n for n in os.listdir(tmp_path / "e") if not n.startswith(".")) == [
+        "version_0",
+        "version_1",
+    ]
 
 
 def test_omegaconf_hyperparameters_are_dot_path_columns(tmp_path: Path) -> None:
@@ -213,7 +216,7 @@ def test_resume_continues_one_curve_in_the_same_run(tmp_path: Path) -> None:
         Regressor(), loader(), ckpt_path=os.path.join(first_dir, "checkpoints", "step=4.ckpt")
     )
     assert resumed_logger.log_dir == first_dir
-    assert sorted(os.listdir(tmp_path / "r")) == ["version_0"]
+    assert sorted(n for n in os.listdir(tmp_path / "r") if not n.startswith(".")) == ["version_0"]
     steps = [e.step for e in read(first_dir).Scalars("train/loss")]
     assert Counter(steps) == Counter(range(16)), "one value per step after resuming"
     assert steps == list(range(16))
@@ -332,7 +335,9 @@ def test_resume_when_hyperparameters_were_logged_before_fit(tmp_path: Path) -> N
 
     first = fit(2)
     fit(3, os.path.join(first.log_dir, "checkpoints", "last.ckpt"))
-    assert sorted(os.listdir(tmp_path / "early")) == ["version_0"]
+    assert sorted(n for n in os.listdir(tmp_path / "early") if not n.startswith(".")) == [
+        "version_0"
+    ]
     acc = read(first.log_dir)
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(12))
     start = metadata.parse_session_start_info_plugin_data(
@@ -419,7 +424,7 @@ def test_explicit_callback_instead_of_the_lookup(
         Regressor(), loader(), ckpt_path=os.path.join(first_dir, "checkpoints", "step=4.ckpt")
     )
     assert resumed.log_dir == first_dir
-    assert sorted(os.listdir(tmp_path / "r")) == ["version_0"]
+    assert sorted(n for n in os.listdir(tmp_path / "r") if not n.startswith(".")) == ["version_0"]
     assert [e.step for e in read(first_dir).Scalars("train/loss")] == list(range(12))
 
 

@@ -23,6 +23,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tbx_lightning import _fs
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import MASK, SESSION_END_TAG, SESSION_START_TAG, RunHParams
+from tests.rows import split_run_columns
 from tests.s3server import CREDENTIALS, S3Server
 
 pytest.importorskip("s3fs")
@@ -55,6 +56,13 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             fsspec.config.conf.pop("s3", None)
         else:
             fsspec.config.conf["s3"] = saved_conf
+
+
+@pytest.fixture(autouse=True)
+def spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Remote runs are written into a local spool first: keep it inside the test's folder."""
+    monkeypatch.setenv("TBX_LIGHTNING_SPOOL", str(tmp_path / "spool"))
+    return tmp_path / "spool"
 
 
 @pytest.fixture
@@ -95,7 +103,7 @@ def _session(run_dir: Path) -> tuple[dict[str, Any], list[int]]:
                 else:
                     for key, item in data.session_start_info.hparams.items():
                         hparams[key] = getattr(item, item.WhichOneof("kind"))
-    return hparams, statuses
+    return split_run_columns(hparams), statuses
 
 
 CONFIG = {"model": {"lr": 0.1, "width": 16}, "db": {"password": "hunter2"}, "api_key": "sk-123"}
@@ -217,7 +225,9 @@ def test_lightning_fit_logs_and_checkpoints_to_s3(bucket: str, tmp_path: Path) -
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
-    names = sorted(p.split("/runs/exp/version_0/", 1)[1] for p in fs.find(f"{bucket}/runs"))
+    found = fs.find(f"{bucket}/runs/exp/version_0")
+    names = sorted(p.split("/runs/exp/version_0/", 1)[1] for p in found)
+    assert fs.find(f"{bucket}/runs/exp/.tbx_claims") == [f"{bucket}/runs/exp/.tbx_claims/version_0"]
     assert "config.yaml" in names and "hparams.yaml" in names
     assert [n for n in names if n.startswith("checkpoints/")] == [
         "checkpoints/epoch=0-step=3.ckpt",

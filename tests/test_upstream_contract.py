@@ -138,7 +138,7 @@ def test_no_name_puts_versions_into_save_dir(tmp_path: Path, name: str | None) -
     logger.log_metrics({"x": 1.0}, step=0)
     logger.finalize("success")
     assert logger.log_dir == str(tmp_path / "version_0")
-    assert os.listdir(tmp_path) == ["version_0"]
+    assert [n for n in os.listdir(tmp_path) if not n.startswith(".")] == ["version_0"]
 
 
 def test_sub_dir_is_inside_the_version_folder(tmp_path: Path) -> None:
@@ -304,7 +304,11 @@ def test_no_writer_thread_is_left_after_each_fit(tmp_path: Path) -> None:
         logger = TBXLogger(tmp_path, name="sweep")
         fit(logger)
         assert writer_threads() - before == set(), f"fit {n} left its writer thread"
-    assert sorted(os.listdir(tmp_path / "sweep")) == ["version_0", "version_1", "version_2"]
+    assert sorted(n for n in os.listdir(tmp_path / "sweep") if not n.startswith(".")) == [
+        "version_0",
+        "version_1",
+        "version_2",
+    ]
 
 
 def test_two_hundred_fits_under_a_low_open_file_limit(tmp_path: Path) -> None:
@@ -354,7 +358,8 @@ def test_two_hundred_fits_under_a_low_open_file_limit(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "writer threads 0"
-    runs = sorted(os.listdir(tmp_path / "lightning_logs"), key=lambda v: int(v.split("_")[1]))
+    names = [n for n in os.listdir(tmp_path / "lightning_logs") if not n.startswith(".")]
+    runs = sorted(names, key=lambda v: int(v.split("_")[1]))
     assert runs == [f"version_{n}" for n in range(200)]
     last = read(tmp_path / "lightning_logs" / "version_199")
     assert [e.step for e in last.Scalars("loss")] == [0]

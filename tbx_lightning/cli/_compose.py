@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 ROOT_CONFIG = "train"
 DEFAULT_EXPERIMENT = "quickstart"
 RUNNERS = ("lightning", "accelerate")
-_COMMANDS = ("fit", "sweep", "hparams", "list", "-h", "--help", "--version")
+_COMMANDS = ("fit", "sweep", "hparams", "list", "upload", "-h", "--help", "--version")
 # Groups that are not part of the root config's defaults list.
 _NOT_COMPOSED = ("sweep",)
 # Hydra's own groups (launchers, sweepers): picked with hydra/launcher=..., not composed.

@@ -61,7 +61,7 @@ def _tensorboard_line(logdir: str) -> str:
 
 
 def _metric_text(metrics: dict[str, float], limit: int = 6) -> str:
-    """The epoch-level metrics under their own tag names (``val/acc``, ``train/loss_epoch``)."""
+    """The epoch-level metrics under their own tag names (``val/acc``, ``train/acc``)."""
     from tbx_lightning.templates.metrics import epoch_metrics
 
     return "  ".join(f"{k}={v:.4g}" for k, v in epoch_metrics(metrics, limit).items())
@@ -173,6 +173,20 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upload(args: argparse.Namespace) -> int:
+    """``tbx-lightning upload SPOOL_DIR``: finishes the upload of a remote run."""
+    from tbx_lightning._spool import upload_spool
+    from tbx_lightning.errors import RunWriterError
+
+    try:
+        sent = upload_spool(args.spool_dir, remove=not args.keep)
+    except RunWriterError as error:
+        print(f"tbx-lightning upload: error: {error}", file=sys.stderr)
+        return 1
+    print(f"Uploaded {sent} file(s) from {args.spool_dir}.")
+    return 0
+
+
 # ---------------------------------------------------------------------------- entry point
 def _parser() -> argparse.ArgumentParser:
     from tbx_lightning._version import __version__
@@ -274,6 +288,17 @@ def _parser() -> argparse.ArgumentParser:
         help="table format: at most N characters a line (default 120; 0: no limit)",
     )
     hparams.set_defaults(func=cmd_hparams)
+
+    upload = commands.add_parser(
+        "upload",
+        help="send what a remote run left in its local spool folder",
+        description="A remote run whose storage was unreachable at its end keeps the unsent "
+        "files in a local spool folder and names it in a warning; this sends them (with the "
+        "endpoint and credentials the run used) and deletes the folder once all is sent.",
+    )
+    upload.add_argument("spool_dir", metavar="SPOOL_DIR")
+    upload.add_argument("--keep", action="store_true", help="keep the folder after the upload")
+    upload.set_defaults(func=cmd_upload)
 
     listing = commands.add_parser("list", help="list experiments, config groups and sweeps")
     config_dir_option(listing)

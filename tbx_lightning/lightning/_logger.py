@@ -392,8 +392,7 @@ class TBXLogger(TensorBoardLogger):
             writer = run.writer
             if carried:
                 run.hparams.log(carried, step=step)
-                hparams_file = _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE)
-                save_hparams_to_yaml(_fs.url(self._fs, hparams_file), self.hparams)
+                save_hparams_to_yaml(self._hparams_target(writer), self.hparams)
             if old_root is not None and old_root != self._version_dir():
                 self._move_checkpoint_dirs(old_root, self._version_dir())
             if old_dir is not None and old_dir != self.log_dir:
@@ -476,10 +475,16 @@ class TBXLogger(TensorBoardLogger):
             self.hparams = run.hparams.masked(self._hparams_raw)
             self._save_hparams_file(writer)
 
-    def _save_hparams_file(self, writer: RunWriter) -> None:
+    def _hparams_target(self, writer: RunWriter) -> str:
+        """Where ``hparams.yaml`` is written: the spool folder of a remote run (uploaded with
+        the run, so an unreachable remote never blocks), else the run's own URL."""
+        if writer.spool_dir is not None:
+            return os.path.join(writer.spool_dir, self.NAME_HPARAMS_FILE)
         # A URL, not the bare path: Lightning picks the file system from the protocol.
-        hparams_file = _fs.url(self._fs, _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE))
-        save_hparams_to_yaml(hparams_file, self.hparams)
+        return _fs.url(self._fs, _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE))
+
+    def _save_hparams_file(self, writer: RunWriter) -> None:
+        save_hparams_to_yaml(self._hparams_target(writer), self.hparams)
 
     def _log_cli_config(self) -> None:
         """Under LightningCLI, logs the whole parsed config (trainer, model, data) once.
@@ -594,8 +599,8 @@ class TBXLogger(TensorBoardLogger):
             writer = run.writer
             try:
                 run.finish(status)
-                hparams_file = _fs.join(self._fs, writer.path, self.NAME_HPARAMS_FILE)
-                if not self._fs.exists(hparams_file):
+                hparams_file = _fs.join(writer.fs, writer.path, self.NAME_HPARAMS_FILE)
+                if not writer.fs.exists(hparams_file):
                     # As the stock logger: every finished run has one, {} if nothing was saved.
                     self._save_hparams_file(writer)
             finally:

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 
 from tbx_lightning import _fs
+from tbx_lightning._rules import check_step
 from tbx_lightning.errors import ConfigError, LoggedTypeError, LoggedValueError
 from tbx_lightning.projector import _files as files
 
@@ -343,7 +344,7 @@ def log_embedding(
     if not tag:
         raise LoggedValueError("`tag` must not be empty: give the embedding a name.")
     if step is not None:
-        step = _check_step(step)
+        step = check_step(step, minimum=0)
     if max_points is not None and (
         isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral)
     ):
@@ -455,16 +456,6 @@ def log_embedding(
 
 
 # ---------------------------------------------------------------------- config entries
-def _check_step(step: Any) -> int:
-    if isinstance(step, torch.Tensor) and step.numel() == 1:
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-        raise LoggedTypeError(f"`step` must be an int or None, got {type(step).__name__} {step!r}.")
-    if step < 0:
-        raise LoggedValueError(f"`step` must be >= 0, got {step}.")
-    return int(step)
-
-
 def _entry_folder(entry: Any) -> str | None:
     """``projector/<safe-tag>/<folder>`` of an entry this module wrote, else None."""
     parts = entry.tensor_path.split("/")
