@@ -25,8 +25,8 @@ def main(overrides: Sequence[str] = ()) -> str:
     """Composes configs/experiment/quickstart_accelerate.yaml and trains; returns the run dir.
 
     It writes the tags ``tbx-lightning fit quickstart`` writes with Lightning, at the
-    same steps: ``train/loss`` and ``train/acc`` every ``log_every_n_steps``, their
-    epoch means ``train/*_epoch`` and ``val/*`` at each epoch's last step, the graph
+    same steps: ``train/loss`` every ``log_every_n_steps``, ``train/acc`` (the epoch's
+    mean) and ``val/*`` at each epoch's last step, the graph
     and 32x32 digit sprites rooted at the same module (``net.backbone``, ...).
     """
     cfg = compose_config("quickstart_accelerate", list(overrides))
@@ -56,7 +56,7 @@ def main(overrides: Sequence[str] = ()) -> str:
             optimizer.zero_grad()
             epoch_mean.add(values, len(labels))
             if (step + 1) % every == 0:  # the steps Lightning logs at
-                accelerator.log({f"train/{k}": v.item() for k, v in values.items()}, step=step)
+                accelerator.log({"train/loss": values["loss"].item()}, step=step)
             step += 1
         val_mean = EpochMean()
         model.eval()
@@ -64,7 +64,7 @@ def main(overrides: Sequence[str] = ()) -> str:
             for images, labels in val:
                 val_mean.add(plain.batch_metrics(model(images), labels), len(labels))
         model.train()
-        at_epoch = {f"train/{k}_epoch": v for k, v in epoch_mean.means().items()}
+        at_epoch = {f"train/{k}": v for k, v in epoch_mean.means().items() if k != "loss"}
         at_epoch.update({f"val/{k}": v for k, v in val_mean.means().items()})
         accelerator.log({**at_epoch, "epoch": epoch}, step=step - 1)
 

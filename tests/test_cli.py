@@ -243,7 +243,7 @@ def test_hparams_prints_one_row_per_run(
         "val/acc best",
         "val/loss",
         "val/loss best",
-        "train/loss_epoch",
+        "train/loss",
         "status",
         "seconds",
     ]

@@ -188,7 +188,7 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, str]) -> None:
     _, log_dir = quickstart_run
     acc = _accumulator(log_dir)
     scalars = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/acc", "train/loss_epoch", "val/loss", "val/acc"} <= scalars
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= scalars
     assert not any(tag.endswith("_step") for tag in scalars)
     assert any(tag.startswith("monitor/weight_norm/") for tag in scalars)
     assert 0.0 <= acc.Scalars("val/acc")[-1].value <= 1.0
@@ -257,6 +257,7 @@ def test_tiny_lm_end_to_end(tmp_path: Path) -> None:
         "tiny_lm",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=4",
+        "callbacks.training_monitor.norm_every_n_steps=1",
         "trainer.limit_val_batches=2",
         "trainer.log_every_n_steps=1",
         "data.block_size=32",
@@ -270,12 +271,13 @@ def test_tiny_lm_end_to_end(tmp_path: Path) -> None:
     assert {
         "train/loss",
         "train/perplexity",
-        "train/tokens_per_sec",
-        "train/lr",
+        "monitor/tokens_per_sec",
+        "monitor/lr/group_0",
         "val/loss",
         "val/perplexity",
     } <= scalars
-    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert not {"train/lr", "train/tokens_per_sec"} & scalars, "the monitor's tags, once"
+    lrs = [e.value for e in acc.Scalars("monitor/lr/group_0")]
     assert lrs[0] < lrs[-1]  # warming up
     assert any("blocks" in node.name for node in acc.Graph().node)
     config = _projector(log_dir)
@@ -370,7 +372,7 @@ def test_examples_write_runs(tmp_path: Path) -> None:
     acc = _accumulator(log_dir)
     # The two examples write the same training tags, and the same 32x32 sprites.
     curves = {t for t in lightning.Tags()["scalars"] if t.startswith(("train/", "val/"))}
-    assert curves == {"train/loss", "train/acc", "train/loss_epoch", "train/acc_epoch"} | {
+    assert curves == {"train/loss", "train/acc"} | {
         "val/loss",
         "val/acc",
     }

@@ -100,9 +100,7 @@ def both_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_both_runners_write_the_same_run(both_runs: dict[str, Path]) -> None:
     lightning = _what_a_dashboard_sees(both_runs["lightning"])
     accelerate = _what_a_dashboard_sees(both_runs["accelerate"])
-    assert {"train/loss", "train/acc", "train/loss_epoch", "val/loss", "val/acc"} <= lightning[
-        "scalars"
-    ]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= lightning["scalars"]
     assert "monitor/grad_norm/net.backbone.0" in lightning["scalars"]
     for key in ("scalars", "histograms", "steps", "graph", "projector"):
         assert lightning[key] == accelerate[key], key
@@ -158,7 +156,7 @@ def test_redirected_output_has_a_line_per_epoch(tmp_path: Path, runner: str) -> 
     (shown,) = re.findall(r"metrics: +(.*)", text)
     names = {pair.split("=")[0] for pair in shown.split()}
     (run,) = (tmp_path / "runs" / EXPERIMENTS[runner]).glob("version_*")
-    assert names == {"val/acc", "val/loss", "train/acc_epoch", "train/loss_epoch"}
+    assert names == {"val/acc", "val/loss", "train/acc", "train/loss"}
     assert names <= set(_accumulator(run).Tags()["scalars"])
 
 

@@ -5,8 +5,8 @@ over the same configs, so that a run of either runner lands in the same TensorBo
 cards: the ``data`` config, the ``model`` config's module (used as a plain
 ``nn.Module``: its network, its ``batch_metrics`` and its scheduler interval) and
 ``model.optimizer`` / ``model.scheduler``. Tags and steps are those of
-:mod:`tbx_lightning.templates.metrics` (``train/loss`` per step, ``train/loss_epoch``,
-``val/loss``, ...); the graph, the monitor's groups (``net.backbone.0``) and the
+:mod:`tbx_lightning.templates.metrics` (``train/loss`` per step, ``train/acc`` per
+epoch, ``val/loss``, ...); the graph, the monitor's groups (``net.backbone.0``) and the
 projector's entries are rooted at the module, as Lightning's are. Settings come from
 the composed config:
 
@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from tbx_lightning.templates.metrics import EpochMean, epoch_tag, train_tag, val_tag
+from tbx_lightning.templates.metrics import STEP_METRIC, EpochMean, train_tag, val_tag
 from tbx_lightning.templates.progress import LoopProgress
 from tbx_lightning.templates.runner import (
     CONFIG_KEY,
@@ -211,7 +211,6 @@ def _train(
     plain = accelerator.unwrap_model(module)
     net = getattr(plain, "net", plain)
     batch_metrics = _metrics_of(plain)
-    step_rates = getattr(plain, "step_rates", None)
     example = getattr(plain, "example_input_array", None)
     if example is None:
         example = next(iter(val_loader))[0][:1]
@@ -256,8 +255,6 @@ def _train(
             for index, (inputs, targets) in enumerate(train_loader):
                 if cap is not None and index >= cap:
                     break
-                batch_started = time.perf_counter()
-                lr = float(optimizer.param_groups[0]["lr"])
                 if monitor is not None:
                     monitor.start_flop_count()  # the first step only
                 if hasattr(net, "train_step"):
@@ -283,11 +280,7 @@ def _train(
                     monitor.log_throughput(step, samples=len(inputs), tokens=tokens)
                     monitor.log_memory(step)
                 epoch_mean.add(values, len(inputs))
-                latest = {train_tag(name): float(value.detach()) for name, value in values.items()}
-                if callable(step_rates):
-                    seconds = time.perf_counter() - batch_started
-                    rates = step_rates(lr, int(inputs.numel()), seconds)
-                    latest.update({train_tag(name): value for name, value in rates.items()})
+                latest = {train_tag(STEP_METRIC): float(values[STEP_METRIC].detach())}
                 metrics.update(latest)
                 if (step + 1) % every == 0:  # the steps Lightning logs at
                     accelerator.log({**latest, "epoch": epoch}, step=step)
@@ -297,7 +290,11 @@ def _train(
                     break  # an alert with on_alert="stop": end cleanly, keep the checkpoint
             if monitor is not None and monitor.should_stop:
                 break
-            at_epoch = {epoch_tag(name): value for name, value in epoch_mean.means().items()}
+            at_epoch = {
+                train_tag(name): value
+                for name, value in epoch_mean.means().items()
+                if name != STEP_METRIC
+            }
             at_epoch.update(_evaluate(module, val_loader, accelerator, val_cap))
             metrics.update(at_epoch)
             # At the epoch's last training step, where Lightning writes epoch-level values.

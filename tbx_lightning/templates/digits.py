@@ -183,9 +183,8 @@ class DigitsCNN(nn.Module):
 class DigitsClassifier(pl.LightningModule):
     """Cross-entropy training of an image classifier; logs loss and accuracy per split.
 
-    Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss`` and
-    ``train/acc`` per step, their epoch means ``train/loss_epoch`` and
-    ``train/acc_epoch``, and ``val/loss`` and ``val/acc`` per epoch; the Accelerate
+    Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss`` per
+    step, ``train/acc`` per epoch, and ``val/loss`` and ``val/acc`` per epoch; the Accelerate
     loop logs the same. The optimizer arrives as a partial from the config
     (``_partial_: true``), so its hyperparameters stay config keys.
 

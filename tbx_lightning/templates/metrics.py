@@ -4,12 +4,18 @@ Each LightningModule of the templates computes its metrics per batch in a
 ``batch_metrics(logits, targets)`` method (``loss`` first). Lightning's modules and
 the Accelerate loop log them under the same tags, at the same steps:
 
-- ``train/<name>``: the batch's value, every ``trainer.log_every_n_steps`` steps,
-  at step ``s`` (0-based) when ``(s + 1) % log_every_n_steps == 0``, as Lightning does;
-- ``train/<name>_epoch``: the mean over the epoch's batches, weighted by batch size;
+- ``train/loss``: the batch's loss, every ``trainer.log_every_n_steps`` steps, at
+  step ``s`` (0-based) when ``(s + 1) % log_every_n_steps == 0``, as Lightning does:
+  the curve to watch while training;
+- ``train/<name>`` for every other metric (``acc``, ``perplexity``): the mean over the
+  epoch's batches, weighted by batch size (one batch's accuracy is mostly noise);
 - ``val/<name>``: the weighted mean over the validation batches, once per epoch.
 
-Epoch-level values are written at the step of the epoch's last training batch.
+Epoch-level values are written at the step of the epoch's last training batch. One
+tag per metric and split keeps TensorBoard's first screens on the metrics: its HParams
+table shows the first five metric columns by tag (``epoch``, ``train/acc``,
+``train/loss``, ``val/acc``, ``val/loss`` for the quickstart). Learning rate and
+throughput come from the training monitor, not from here.
 """
 
 from __future__ import annotations
@@ -20,28 +26,26 @@ from typing import Any
 import torch
 
 __all__ = [
+    "STEP_METRIC",
     "EpochMean",
     "epoch_metrics",
-    "epoch_tag",
     "log_batch_metrics",
     "train_tag",
     "val_tag",
 ]
 
+STEP_METRIC = "loss"
+"""The one training metric logged per step; the others are epoch means."""
+
 
 def train_tag(name: str) -> str:
-    """``train/<name>``: the per-step value."""
-    return f"train/{name}"
-
-
-def epoch_tag(name: str) -> str:
-    """``train/<name>_epoch``: the epoch's weighted mean.
+    """``train/<name>``: per step for :data:`STEP_METRIC`, else the epoch's mean.
 
     Example:
-        >>> epoch_tag("loss")
-        'train/loss_epoch'
+        >>> train_tag("acc")
+        'train/acc'
     """
-    return f"train/{name}_epoch"
+    return f"train/{name}"
 
 
 def val_tag(name: str) -> str:
@@ -62,9 +66,10 @@ def log_batch_metrics(
     """
     for name, value in values.items():
         shown = name == "loss"
-        if split == "train":
+        if split == "train" and name == STEP_METRIC:
             module.log(train_tag(name), value, on_step=True, on_epoch=False, prog_bar=shown)
-            module.log(epoch_tag(name), value, on_step=False, on_epoch=True, batch_size=batch_size)
+        elif split == "train":
+            module.log(train_tag(name), value, on_step=False, on_epoch=True, batch_size=batch_size)
         else:
             module.log(
                 val_tag(name),
@@ -113,25 +118,24 @@ def _number(value: Any) -> float | None:
 
 
 def epoch_metrics(metrics: Mapping[str, Any], limit: int = 6) -> dict[str, float]:
-    """The epoch-level metrics to show, by tag: ``val/*`` first, then ``train/*_epoch``.
+    """The metrics to show at an epoch's end, by tag: ``val/*``, then ``train/*``.
 
-    Per-step values (``train/loss`` while ``train/loss_epoch`` exists, Lightning's
-    ``*_step`` copies), ``monitor/*`` and ``epoch`` are left out; a per-step tag
-    without an epoch aggregate (``train/lr``) is shown after them.
+    ``train/loss`` (one batch's value) comes after the epoch means; Lightning's
+    ``*_step``/``*_epoch`` copies, ``monitor/*`` and ``epoch`` are left out.
 
     Example:
-        >>> epoch_metrics({"train/loss": 0.9, "train/loss_epoch": 1.2, "val/loss": 1.0})
-        {'val/loss': 1.0, 'train/loss_epoch': 1.2}
+        >>> epoch_metrics({"train/loss": 0.9, "train/acc": 0.5, "val/loss": 1.0})
+        {'val/loss': 1.0, 'train/acc': 0.5, 'train/loss': 0.9}
     """
     keys = {k for k in metrics if not k.startswith("monitor/") and k != "epoch"}
-    keys = {k for k in keys if not k.endswith("_step") and f"{k}_epoch" not in keys}
+    keys = {k for k in keys if not k.endswith(("_step", "_epoch"))}
 
     def rank(key: str) -> tuple[int, str]:
         if key.startswith("val/"):
             return (0, key)
-        if key.endswith("_epoch"):
-            return (1, key)
-        return (2, key)
+        if key == train_tag(STEP_METRIC):
+            return (2, key)
+        return (1, key)
 
     shown: dict[str, float] = {}
     for key in sorted(keys, key=rank):

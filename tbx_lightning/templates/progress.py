@@ -5,7 +5,7 @@ Accelerate loop). When stdout is a file, a pipe or a CI log, a bar would write
 every redraw into it, so both runners print one line per epoch instead, plus one
 line inside an epoch when the last line is more than ``every_s`` seconds old::
 
-    epoch 1/10  step 23  val/acc=0.3315  val/loss=2.161  train/acc_epoch=0.2086  train/loss_epoch=2.262  0.9 s
+    epoch 1/10  step 23  val/acc=0.3315  val/loss=2.161  train/acc=0.2086  train/loss=2.262  0.9 s
     epoch 2/10  40%  step 32  train/loss=1.912  31.2 s
 
 The metrics on an epoch line are the epoch-level ones (``val/*``, then the
@@ -66,8 +66,8 @@ def epoch_line(
     """One progress line: epoch (1-based), share of the epoch, step, metrics, elapsed time.
 
     Example:
-        >>> epoch_line(0, 10, 23, {"val/loss": 1.0374, "train/loss_epoch": 1.6851}, 0.94)
-        'epoch 1/10  step 23  val/loss=1.037  train/loss_epoch=1.685  0.9 s'
+        >>> epoch_line(0, 10, 23, {"val/loss": 1.0374, "train/acc": 0.6851}, 0.94)
+        'epoch 1/10  step 23  val/loss=1.037  train/acc=0.6851  0.9 s'
     """
     parts = [f"epoch {epoch + 1}/{max_epochs}" if max_epochs else f"epoch {epoch + 1}"]
     if fraction is not None:

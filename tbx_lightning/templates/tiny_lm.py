@@ -9,7 +9,6 @@ other characters map to ``?``.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tbx_lightning.errors import ConfigError, ConfigTypeError, UsageError
-from tbx_lightning.templates.metrics import log_batch_metrics, train_tag
+from tbx_lightning.templates.metrics import log_batch_metrics
 
 __all__ = [
     "VOCAB",
@@ -274,12 +273,12 @@ class TinyTransformer(nn.Module):
 
 
 class TinyLM(pl.LightningModule):
-    """Next-character training; logs loss, perplexity, tokens per second and learning rate.
+    """Next-character training; logs loss and perplexity.
 
-    Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss``,
-    ``train/perplexity``, ``train/tokens_per_sec`` and ``train/lr`` per step, the epoch
-    means ``train/loss_epoch`` and ``train/perplexity_epoch``, and ``val/loss`` and
-    ``val/perplexity`` per epoch; the Accelerate loop logs the same.
+    Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss`` per step,
+    ``train/perplexity`` per epoch, and ``val/loss`` and ``val/perplexity`` per epoch;
+    the Accelerate loop logs the same. Learning rate and tokens per second come from
+    the training monitor (``monitor/lr/...``, ``monitor/tokens_per_sec``).
 
     Args:
         net: The language model, e.g. :class:`TinyTransformer`.
@@ -316,32 +315,14 @@ class TinyLM(pl.LightningModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         return {"loss": loss, "perplexity": torch.exp(loss.detach())}
 
-    @staticmethod
-    def step_rates(lr: float, tokens: int, seconds: float) -> dict[str, float]:
-        """``lr`` and ``tokens_per_sec`` of one training step, logged as ``train/*``."""
-        rates = {"lr": float(lr)}
-        if seconds > 0:
-            rates["tokens_per_sec"] = tokens / seconds
-        return rates
-
     def _step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         ids, targets = batch
         values = self.batch_metrics(self(ids), targets)
         log_batch_metrics(self, split, values, batch_size=len(ids))
         return values["loss"]
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
-
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
-        self._step_lr = float(self.trainer.optimizers[0].param_groups[0]["lr"])  # this step's
         return self._step(batch, "train")
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._batch_started
-        rates = self.step_rates(self._step_lr, int(batch[0].numel()), elapsed)
-        for name, value in rates.items():
-            self.log(train_tag(name), value)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> Any:
         return self._step(batch, "val")
