@@ -69,8 +69,8 @@ class AlertRules:
             training, zero learning rate, straggler) must hold before it fires.
         lr_jump_factor: The learning rate jumps when it grows by more than this factor
             from one check to the next.
-        straggler_factor: A rank straggles when its step time exceeds this multiple of
-            the median over ranks.
+        straggler_factor: A rank straggles when its step time (waits for other ranks left
+            out) exceeds this multiple of the median over the other ranks.
 
     Example:
         >>> rules = AlertRules(loss_spike_k=6.0, lr_jump_factor=None)
@@ -301,12 +301,16 @@ class AlertEngine:
             self._last_lr[where] = lr
 
     def check_step_times(self, step: int, times: Sequence[float]) -> None:
-        """A rank whose step time exceeds ``straggler_factor`` times the median rank's."""
+        """A rank whose step time exceeds ``straggler_factor`` times the other ranks' median.
+
+        The median leaves the rank itself out: with two ranks, a median that counted the
+        slow rank would let it be 67% slower before a factor of 1.25 is crossed.
+        """
         factor = self.rules.straggler_factor
         if factor is None or len(times) < 2:
             return
-        median = _median(sorted(times))
         for rank, seconds in enumerate(times):
+            median = _median(sorted(t for r, t in enumerate(times) if r != rank))
             self._streak(
                 step,
                 "straggler",
@@ -314,9 +318,10 @@ class AlertEngine:
                 median > 0 and seconds > factor * median,
                 seconds,
                 factor * median,
-                f"rank {rank} takes {seconds * 1e3:.1f} ms per step, over {factor:g}x the "
-                f"median {median * 1e3:.1f} ms of {len(times)} ranks, for "
-                f"{self.rules.patience} checks: check its device, data loading and host",
+                f"rank {rank} takes {seconds * 1e3:.1f} ms per step (waits for other ranks "
+                f"left out), over {factor:g}x the median {median * 1e3:.1f} ms of the other "
+                f"{len(times) - 1} ranks, for {self.rules.patience} checks: check its device, "
+                "data loading and host",
             )
 
     # ------------------------------------------------------------------ output

@@ -383,6 +383,11 @@ class ModelMonitor:
         self._tp_tokens = 0.0
         self._tp_last_step: int | None = None
         self._tp_steps = 0
+        # Straggler timing under torch.distributed: when this rank's last gradient of the
+        # step was accumulated, and how long it then waited for the other ranks.
+        self._grad_hooks: list[Any] = []
+        self._grad_mark: float | None = None
+        self._tp_wait = 0.0
         self.flops_per_step = None if flops_per_step is None else float(flops_per_step)
         self.peak_flops = None if peak_flops is None else float(peak_flops)
         self.count_flops = count_flops
@@ -481,9 +486,10 @@ class ModelMonitor:
     def detach(self) -> None:
         """Writes what is pending and removes the optimizer hooks installed by :meth:`attach`."""
         self.flush()
-        for handle in self._hooks:
+        for handle in self._hooks + self._grad_hooks:
             handle.remove()
         self._hooks.clear()
+        self._grad_hooks.clear()
 
     close = detach
 
@@ -542,6 +548,11 @@ class ModelMonitor:
         A second call with the same step does nothing.
         """
         self._step = step
+        if self._grad_mark is not None:
+            # DDP waits for the other ranks' gradients at the end of backward: a rank that
+            # finished early waits here, and that wait is not its own step time.
+            self._tp_wait += time.perf_counter() - self._grad_mark
+            self._grad_mark = None
         if self._last_backward_step == step:
             return
         self._last_backward_step = step
@@ -635,12 +646,15 @@ class ModelMonitor:
         ``monitor/step_time_ms`` is written when neither count is given (otherwise the
         rates carry the same measurement); ``monitor/mfu`` when the FLOPs of a step and
         the device's peak are known. Under ``torch.distributed`` every rank must call
-        this: each rank's step time is summed over ranks for the straggler detector.
+        this: each rank's step time is summed over ranks for the straggler detector,
+        less the time it waited at the end of backward for the other ranks (measured
+        from the last gradient accumulated to :meth:`after_backward`).
         """
         now = time.perf_counter()
         if self._tp_start is None:
             self._tp_start = now
             self._tp_last_step = step
+            self._watch_backward()
             return
         self._tp_samples += samples or 0
         self._tp_tokens += tokens or 0
@@ -661,8 +675,9 @@ class ModelMonitor:
             mfu = self._mfu(step_time)
             if mfu is not None:
                 scalars["monitor/mfu"] = mfu
-            self._share_step_time(step, step_time)
+            self._share_step_time(step, max(elapsed - self._tp_wait, 0.0) / steps)
         self._tp_start, self._tp_samples, self._tp_tokens, self._tp_steps = now, 0.0, 0.0, 0
+        self._tp_wait = 0.0
         self._tp_last_step = step
         if scalars and self.sink is not None:
             self.sink.log_scalars(scalars, step)
@@ -843,18 +858,38 @@ class ModelMonitor:
             return None
         return flops / (step_time * peak)
 
-    def _share_step_time(self, step: int, step_time: float) -> None:
-        """Each rank's step time into one sum over ranks, read at the next flush."""
+    def _shares_step_times(self) -> bool:
         dist = torch.distributed
-        if (
-            self._alerts is None
-            or not self._stragglers
-            or not (dist.is_available() and dist.is_initialized())
-        ):
+        return (
+            self._alerts is not None
+            and self._stragglers
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def _watch_backward(self) -> None:
+        """Marks the end of this rank's own backward work, to leave out waits for others.
+
+        Under DDP every rank leaves backward when the slowest one's gradients are reduced,
+        so wall-clock step times are equal; the time from the last gradient accumulated
+        here to :meth:`after_backward` is the wait, subtracted from the shared step time.
+        """
+        if self._grad_hooks or not self._shares_step_times():
             return
+        for p in self._params:
+            if p.param.requires_grad:
+                self._grad_hooks.append(p.param.register_post_accumulate_grad_hook(self._mark))
+
+    def _mark(self, param: torch.Tensor) -> None:
+        self._grad_mark = time.perf_counter()
+
+    def _share_step_time(self, step: int, step_time: float) -> None:
+        """Each rank's own step time into one sum over ranks, read at the next flush."""
+        if not self._shares_step_times():
+            return
+        dist = torch.distributed
         world = dist.get_world_size(self.process_group)
-        if world < 2:
-            return
         if self._straggler is not None:
             self.flush()
         backend = dist.get_backend(self.process_group)

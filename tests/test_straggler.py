@@ -1,0 +1,147 @@
+"""The straggler alert under real DDP: two CPU processes (gloo), Lightning's ``ddp_fork``.
+
+Under DDP the ranks meet in the gradient all-reduce of every step, so a slow rank makes
+the others wait and every rank's wall-clock step time is the same. The test checks that
+the monitor still names the rank that does the extra work.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tbx_lightning.monitor import AlertRules
+from tbx_lightning.monitor._alerts import AlertEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Both fits run in one interpreter; each forks its two ranks (no second start-up).
+# Every step sleeps BASE seconds on both ranks (so the CPU's noise is small next to
+# the step) and EXTRA more on rank 1 in the "slow" fit.
+SCRIPT = """
+import sys, time
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from tbx_lightning import TBXLogger, TrainingMonitor
+
+BASE, EXTRA = 0.008, 0.012
+
+
+class Model(LightningModule):
+    def __init__(self, slow):
+        super().__init__()
+        self.slow = slow
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(BASE + (EXTRA if self.slow and self.global_rank == 1 else 0.0))
+        return self.net(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    data = TensorDataset(torch.randn(2 * 4 * 65, 8))
+    for name in ("slow", "even"):
+        trainer = Trainer(
+            accelerator="cpu",
+            devices=2,
+            strategy="ddp_fork",
+            max_steps=65,  # six checks (steps 10..60) for a patience of 3
+            logger=TBXLogger(out, name=name, version=0, flush_secs=0.1),
+            callbacks=[TrainingMonitor()],
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Model(name == "slow"), DataLoader(data, batch_size=4))
+        print("FIT DONE", name, flush=True)
+"""
+
+
+def read(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def alert_text(acc: EventAccumulator) -> str:
+    if "alerts/text_summary" not in acc.Tags()["tensors"]:
+        return ""
+    return "".join(
+        e.tensor_proto.string_val[0].decode() for e in acc.Tensors("alerts/text_summary")
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("straggler")
+    script = root / "straggler_ddp.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(root / "logs")],
+        cwd=str(ROOT),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # the forked ranks share its group: kill them together
+    )
+    try:
+        out, _ = proc.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(
+            f"the DDP fits did not finish in 100 s:\n{out.decode(errors='replace')[-4000:]}"
+        ) from None
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, text[-4000:]
+    assert text.count("FIT DONE") == 2, text[-4000:]
+    return root / "logs"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_consistently_slower_rank_is_named(runs: Path) -> None:
+    acc = read(runs / "slow" / "version_0")
+    text = alert_text(acc)
+    assert "| straggler | rank 1 |" in text, text
+    assert "rank 0" not in text, text
+    assert "rank 1 takes" in text
+    counts = [e.value for e in acc.Scalars("alerts/count")]
+    assert counts and counts[-1] >= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_equal_speed_ranks_raise_no_straggler(runs: Path) -> None:
+    acc = read(runs / "even" / "version_0")
+    assert "straggler" not in alert_text(acc)
+    assert "alerts/count" not in acc.Tags()["scalars"]
+    # The monitor ran: its scalars are there.
+    assert "monitor/samples_per_sec" in acc.Tags()["scalars"]
+
+
+def test_two_ranks_compare_with_the_other_rank() -> None:
+    # A median over both ranks would hold the slow rank itself: 0.15 s against a median
+    # of 0.125 s never crosses 1.25x, though rank 1 is 50% slower than rank 0.
+    checks = AlertEngine(AlertRules(patience=2), "warn", None, None)
+    for step in range(2):
+        checks.check_step_times(step, [0.10, 0.15])
+    (alert,) = checks.alerts
+    assert (alert.kind, alert.where, alert.step) == ("straggler", "rank 1", 1)
+    assert alert.threshold == pytest.approx(0.125)
+    assert "median 100.0 ms of the other 1 ranks" in alert.message
+    checks.check_step_times(2, [0.10, 0.12])  # within 1.25x: the streak ends
+    assert checks.counts == {("straggler", "rank 1"): 1}
