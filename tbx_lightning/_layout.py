@@ -12,7 +12,7 @@ the charts of a sweep's runs are equal and merge into one.
   ``_epoch`` suffixes belong to the same chart), ``loss`` first, then accuracy,
   then the others by name.
 - **monitor**: one chart per family of the training monitor's statistics
-  (``monitor/grad_norm/*``, ``monitor/lr/*``, ...) and one for ``alerts/*``.
+  (``vitals/grad_norm/*``, ``vitals/lr/*``, ...) and one for ``alerts/*``.
 
 Tags outside these namespaces (``epoch``, ``lr-Adam``) are left to the Scalars
 dashboard. :class:`LayoutBuilder` rebuilds the layout only when a new tag name
@@ -43,6 +43,8 @@ __all__ = [
 LAYOUT_TAG = "custom_scalars__config__"
 METRICS_CATEGORY = "metrics"
 MONITOR_CATEGORY = "monitor"
+# The training monitor's tag namespace; it sorts after train/ and val/ on purpose.
+MONITOR_NAMESPACE = "vitals"
 # Prefixes that name the split a metric was measured on, in the order users expect.
 SPLITS: tuple[str, ...] = (
     "train",
@@ -72,15 +74,15 @@ def metric_name(tag: str) -> str | None:
 
 
 def monitor_family(tag: str) -> str | None:
-    """The monitor chart a tag belongs to (``monitor/grad_norm/fc`` -> ``monitor/grad_norm``).
+    """The monitor chart a tag belongs to (``vitals/grad_norm/fc`` -> ``vitals/grad_norm``).
 
     Example:
-        >>> monitor_family("monitor/grad_norm/fc"), monitor_family("alerts/count")
-        ('monitor/grad_norm', 'alerts')
+        >>> monitor_family("vitals/grad_norm/fc"), monitor_family("alerts/count")
+        ('vitals/grad_norm', 'alerts')
     """
     parts = tag.split("/")
-    if parts[0] == "monitor" and len(parts) > 1 and parts[1]:
-        return f"monitor/{parts[1]}"
+    if parts[0] == MONITOR_NAMESPACE and len(parts) > 1 and parts[1]:
+        return f"{MONITOR_NAMESPACE}/{parts[1]}"
     if parts[0] == "alerts" and len(parts) > 1:
         return "alerts"
     return None
@@ -124,7 +126,7 @@ def layout(tags: Iterable[str]) -> Layout:
     """The layout for a run's scalar tags, as tensorboardX's ``custom_scalars`` takes it.
 
     Example:
-        >>> layout(["val/acc", "train/loss", "val/loss", "monitor/lr/group_0"])["metrics"]
+        >>> layout(["val/acc", "train/loss", "val/loss", "vitals/lr/group_0"])["metrics"]
         {'loss': ['Multiline', ['^(?:train|training|val|valid|validation|eval|test)[/_]loss(?:_step|_epoch)?$']], 'acc': ['Multiline', ['^(?:train|training|val|valid|validation|eval|test)[/_]acc(?:_step|_epoch)?$']]}
     """
     metrics, families = _charts(tags)

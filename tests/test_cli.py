@@ -235,7 +235,7 @@ def test_hparams_prints_one_row_per_run(
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [r["run"] for r in rows] == ["version_0", "version_1"]
     # Only the key that differs, the last and best of val/*, the training loss, status,
-    # seconds: no per-step accuracy, no monitor/*.
+    # seconds: no per-step accuracy, no vitals/*.
     assert list(rows[0]) == [
         "run",
         "model.optimizer.lr",

@@ -70,7 +70,7 @@ def test_both_runners_write_the_same_tags_and_graph(
     lightning, accelerate = finetuned["lightning"], finetuned["accelerate"]
     for kind in ("scalars", "histograms"):
         assert set(lightning.Tags()[kind]) == set(accelerate.Tags()[kind]), kind
-    for tag in ("train/loss", "train/perplexity", "val/perplexity", "monitor/tokens_per_sec"):
+    for tag in ("train/loss", "train/perplexity", "val/perplexity", "vitals/tokens_per_sec"):
         steps = [[e.step for e in acc.Scalars(tag)] for acc in (lightning, accelerate)]
         assert steps[0] == steps[1], tag
     graphs = [{n.name for n in acc.Graph().node} for acc in (lightning, accelerate)]
@@ -83,15 +83,15 @@ def test_finetune_lm_watches_adapters_and_logs_embeddings_twice(
 ) -> None:
     acc = finetuned[runner]
     tags = set(acc.Tags()["scalars"])
-    groups = {t.removeprefix("monitor/grad_norm/") for t in tags if "grad_norm/" in t}
+    groups = {t.removeprefix("vitals/grad_norm/") for t in tags if "grad_norm/" in t}
     # Both runners name groups from the same root module, so both land in the same cards.
     assert groups == {
         "net.tok_emb",
         *(f"net.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"),
     }
     assert {"train/loss", "train/perplexity", "val/loss", "val/perplexity"} <= tags
-    assert "monitor/frozen_params" in tags
-    assert "monitor/tokens_per_sec" in tags
+    assert "vitals/frozen_params" in tags
+    assert "vitals/tokens_per_sec" in tags
     assert not any("mlp" in t or "lm_head" in t or "gate_proj" in t for t in tags)
     assert "alerts/count" not in tags  # a healthy run raises nothing
     # One projector tag at two steps, before and after fine-tuning, with different rows.

@@ -146,45 +146,45 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
     groups += ["unused", "root"]
     trained = ["encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "head", "root"]
     watched = [g for g in groups if g != "embed"]  # a frozen group gets no statistics
-    assert set(acc.Tags()["histograms"]) == {f"monitor/weights/{g}" for g in watched} | {
-        f"monitor/grads/{g}" for g in trained
+    assert set(acc.Tags()["histograms"]) == {f"vitals/weights/{g}" for g in watched} | {
+        f"vitals/grads/{g}" for g in trained
     }
-    expected = {f"monitor/weight_norm/{g}" for g in watched}
+    expected = {f"vitals/weight_norm/{g}" for g in watched}
     # No gradient scalars for the frozen group, nor for `unused` (every grad is None).
-    expected |= {f"monitor/grad_norm/{g}" for g in trained}
-    expected |= {f"monitor/update_ratio/{g}" for g in watched}
+    expected |= {f"vitals/grad_norm/{g}" for g in trained}
+    expected |= {f"vitals/update_ratio/{g}" for g in watched}
     # One count per kind instead of a zero per layer; no constant lr or momentum curve.
     expected |= {
-        "monitor/nonfinite/weights",
-        "monitor/nonfinite/grads",
-        "monitor/frozen_params",
-        "monitor/grad_norm_total",
-        "monitor/grad_norm_total/post_clip",  # clipping changed the norm
-        "monitor/samples_per_sec",
-        "monitor/tokens_per_sec",
+        "vitals/nonfinite/weights",
+        "vitals/nonfinite/grads",
+        "vitals/frozen_params",
+        "vitals/grad_norm_total",
+        "vitals/grad_norm_total/post_clip",  # clipping changed the norm
+        "vitals/samples_per_sec",
+        "vitals/tokens_per_sec",
     }
     assert set(acc.Tags()["scalars"]) == expected  # no peak memory on the CPU
 
     numel = group_numel(model, 2)
     for g in watched:
-        for event in acc.Histograms(f"monitor/weights/{g}"):
+        for event in acc.Histograms(f"vitals/weights/{g}"):
             h = event.histogram_value
             assert sum(h.bucket) == h.num == numel[g]
             assert len(h.bucket) == len(h.bucket_limit) == 64
     # `unused` never gets a gradient; the frozen group has none either.
     trainable = {g: n for g, n in numel.items() if g in trained}
     for g in trained:
-        h = acc.Histograms(f"monitor/grads/{g}")[0].histogram_value
+        h = acc.Histograms(f"vitals/grads/{g}")[0].histogram_value
         assert sum(h.bucket) == h.num == trainable[g]
 
-    assert scalars(acc, "monitor/frozen_params") == {0: float(numel["embed"])}
-    assert scalars(acc, "monitor/nonfinite/weights") == {0: 0.0, 1: 0.0}
-    assert scalars(acc, "monitor/nonfinite/grads") == {0: 0.0, 1: 0.0}
-    assert scalars(acc, "monitor/update_ratio/unused") == {0: 0.0, 1: 0.0}
-    assert set(scalars(acc, "monitor/samples_per_sec")) == {1}  # step 0 starts the clock
-    assert scalars(acc, "monitor/samples_per_sec")[1] > 0
-    post = scalars(acc, "monitor/grad_norm_total/post_clip")
-    pre = scalars(acc, "monitor/grad_norm_total")
+    assert scalars(acc, "vitals/frozen_params") == {0: float(numel["embed"])}
+    assert scalars(acc, "vitals/nonfinite/weights") == {0: 0.0, 1: 0.0}
+    assert scalars(acc, "vitals/nonfinite/grads") == {0: 0.0, 1: 0.0}
+    assert scalars(acc, "vitals/update_ratio/unused") == {0: 0.0, 1: 0.0}
+    assert set(scalars(acc, "vitals/samples_per_sec")) == {1}  # step 0 starts the clock
+    assert scalars(acc, "vitals/samples_per_sec")[1] > 0
+    post = scalars(acc, "vitals/grad_norm_total/post_clip")
+    pre = scalars(acc, "vitals/grad_norm_total")
     for step in (0, 1):
         assert pre[step] > 0.05
         assert post[step] == pytest.approx(0.05, rel=1e-3)
@@ -207,11 +207,11 @@ def test_unclipped_norm_and_constant_schedules_write_one_curve(tmp_path: Path) -
     run.close()
     acc = read(tmp_path)
     tags = set(acc.Tags()["scalars"])
-    assert "monitor/grad_norm_total" in tags
-    assert "monitor/grad_norm_total/post_clip" not in tags  # equal to the pre-clip norm
-    assert not any(t.startswith("monitor/momentum/") for t in tags)  # constant 0.9
+    assert "vitals/grad_norm_total" in tags
+    assert "vitals/grad_norm_total/post_clip" not in tags  # equal to the pre-clip norm
+    assert not any(t.startswith("vitals/momentum/") for t in tags)  # constant 0.9
     # The lr changes at step 2: its curve starts at the first step with its first value.
-    assert scalars(acc, "monitor/lr/group_0") == {
+    assert scalars(acc, "vitals/lr/group_0") == {
         0: pytest.approx(0.1),
         2: pytest.approx(0.05),
         3: pytest.approx(0.05),
@@ -233,17 +233,17 @@ def test_values_match_torch(tmp_path: Path) -> None:
     opt.step()
     run.close()
     acc = read(tmp_path)
-    assert scalars(acc, "monitor/grad_norm_total")[0] == pytest.approx(pre, rel=1e-5)
+    assert scalars(acc, "vitals/grad_norm_total")[0] == pytest.approx(pre, rel=1e-5)
     for g in ("0", "2"):
         w = torch.cat([before[f"{g}.weight"].flatten(), before[f"{g}.bias"].flatten()])
         gr = torch.cat([grads[f"{g}.weight"].flatten(), grads[f"{g}.bias"].flatten()])
         upd = 0.5 * gr
-        assert scalars(acc, f"monitor/weight_norm/{g}")[0] == pytest.approx(float(w.norm()), 1e-5)
-        assert scalars(acc, f"monitor/grad_norm/{g}")[0] == pytest.approx(float(gr.norm()), 1e-5)
+        assert scalars(acc, f"vitals/weight_norm/{g}")[0] == pytest.approx(float(w.norm()), 1e-5)
+        assert scalars(acc, f"vitals/grad_norm/{g}")[0] == pytest.approx(float(gr.norm()), 1e-5)
         ratio = float(upd.norm() / w.norm())
-        assert scalars(acc, f"monitor/update_ratio/{g}")[0] == pytest.approx(ratio, rel=1e-4)
+        assert scalars(acc, f"vitals/update_ratio/{g}")[0] == pytest.approx(ratio, rel=1e-4)
         for kind, values in (("weights", w), ("grads", gr)):
-            h = acc.Histograms(f"monitor/{kind}/{g}")[0].histogram_value
+            h = acc.Histograms(f"vitals/{kind}/{g}")[0].histogram_value
             assert h.min == pytest.approx(float(values.min()))
             assert h.max == pytest.approx(float(values.max()))
             assert h.sum == pytest.approx(float(values.sum()), abs=1e-5)
@@ -259,13 +259,13 @@ def test_periods_are_separate(tmp_path: Path) -> None:
     train(Net(), run, 7, hist_every_n_steps=3, norm_every_n_steps=2, group_depth=1)
     run.close()
     acc = read(tmp_path)
-    assert [e.step for e in acc.Histograms("monitor/weights/head")] == [0, 3, 6]
-    assert [e.step for e in acc.Histograms("monitor/grads/head")] == [0, 3, 6]
-    assert set(scalars(acc, "monitor/weight_norm/head")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "monitor/update_ratio/head")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "monitor/grad_norm_total")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "monitor/nonfinite/grads")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "monitor/samples_per_sec")) == {2, 4, 6}
+    assert [e.step for e in acc.Histograms("vitals/weights/head")] == [0, 3, 6]
+    assert [e.step for e in acc.Histograms("vitals/grads/head")] == [0, 3, 6]
+    assert set(scalars(acc, "vitals/weight_norm/head")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "vitals/update_ratio/head")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "vitals/grad_norm_total")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "vitals/nonfinite/grads")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "vitals/samples_per_sec")) == {2, 4, 6}
 
 
 def test_histograms_only_weights_only(tmp_path: Path) -> None:
@@ -273,7 +273,7 @@ def test_histograms_only_weights_only(tmp_path: Path) -> None:
     train(Net(), run, 2, hist_every_n_steps=1, norm_every_n_steps=0, log_grads=False, group_depth=0)
     run.close()
     acc = read(tmp_path)
-    assert acc.Tags()["histograms"] == ["monitor/weights/all"]
+    assert acc.Tags()["histograms"] == ["vitals/weights/all"]
     assert acc.Tags()["scalars"] == []
 
 
@@ -288,20 +288,20 @@ def test_nonfinite_values_are_counted_not_fatal(tmp_path: Path) -> None:
     monitor.after_backward(0)
     run.close()
     acc = read(tmp_path)
-    assert scalars(acc, "monitor/nonfinite/weights") == {0: 3.0}
-    assert scalars(acc, "monitor/nonfinite/grads") == {0: 1.0}
-    assert math.isnan(scalars(acc, "monitor/weight_norm/0")[0])
-    assert math.isnan(scalars(acc, "monitor/grad_norm_total")[0])
+    assert scalars(acc, "vitals/nonfinite/weights") == {0: 3.0}
+    assert scalars(acc, "vitals/nonfinite/grads") == {0: 1.0}
+    assert math.isnan(scalars(acc, "vitals/weight_norm/0")[0])
+    assert math.isnan(scalars(acc, "vitals/grad_norm_total")[0])
     # The layers where it appeared are named in the alerts.
     assert {(a.kind, a.where) for a in monitor.alerts} == {
         ("nonfinite_weights", "0"),
         ("nonfinite_grads", "1"),
     }
-    h = acc.Histograms("monitor/weights/0")[0].histogram_value
+    h = acc.Histograms("vitals/weights/0")[0].histogram_value
     assert h.num == sum(h.bucket) == 64 + 16 - 3
     finite = model[0].weight.detach().flatten()[3:]
     assert h.min == pytest.approx(min(float(finite.min()), float(model[0].bias.detach().min())))
-    g = acc.Histograms("monitor/grads/1")[0].histogram_value
+    g = acc.Histograms("vitals/grads/1")[0].histogram_value
     assert g.num == sum(g.bucket) == 16 + 1 - 1
 
 
@@ -314,8 +314,8 @@ def test_all_nan_group_writes_no_histogram(tmp_path: Path) -> None:
     ModelMonitor(model, run, hist_every_n_steps=1, log_grads=False).after_backward(0)
     run.close()
     acc = read(tmp_path)
-    assert acc.Tags()["histograms"] == ["monitor/weights/0"]
-    assert scalars(acc, "monitor/nonfinite/weights") == {0: 3.0}
+    assert acc.Tags()["histograms"] == ["vitals/weights/0"]
+    assert scalars(acc, "vitals/nonfinite/weights") == {0: 3.0}
 
 
 def test_sampled_histograms_sum_to_numel_and_stay_close(tmp_path: Path) -> None:
@@ -333,8 +333,8 @@ def test_sampled_histograms_sum_to_numel_and_stay_close(tmp_path: Path) -> None:
         run.close()
     exact, sampled = read(exact_dir), read(sampled_dir)
     n = 300 * 400 + 400
-    h_s = sampled.Histograms("monitor/weights/0")[0].histogram_value
-    h_e = exact.Histograms("monitor/weights/0")[0].histogram_value
+    h_s = sampled.Histograms("vitals/weights/0")[0].histogram_value
+    h_e = exact.Histograms("vitals/weights/0")[0].histogram_value
     assert sum(h_s.bucket) == h_s.num == n
     # Documented bound: sqrt(ln(2 * bins / delta) / (2 * k)) per bin share, delta = 1e-3.
     eps = math.sqrt(math.log(2 * 64 / 1e-3) / (2 * 4096))
@@ -347,11 +347,11 @@ def test_sampled_histograms_sum_to_numel_and_stay_close(tmp_path: Path) -> None:
     assert np.abs(shares_s - ref / n).max() <= eps
     assert h_s.max <= h_e.max and h_s.min >= h_e.min
     # Norms stay exact in sampled mode.
-    for tag in ("monitor/weight_norm/0", "monitor/grad_norm/0", "monitor/weight_norm/1"):
+    for tag in ("vitals/weight_norm/0", "vitals/grad_norm/0", "vitals/weight_norm/1"):
         assert scalars(sampled, tag)[0] == pytest.approx(scalars(exact, tag)[0], rel=1e-6)
     # The second group is small (4010 elements <= 4096): binned exactly.
-    small_s = sampled.Histograms("monitor/weights/1")[0].histogram_value
-    small_e = exact.Histograms("monitor/weights/1")[0].histogram_value
+    small_s = sampled.Histograms("vitals/weights/1")[0].histogram_value
+    small_e = exact.Histograms("vitals/weights/1")[0].histogram_value
     assert list(small_s.bucket) == list(small_e.bucket)
 
 
@@ -371,10 +371,10 @@ def test_sampled_update_ratio_is_close(tmp_path: Path) -> None:
         monitor.after_backward(0)
         opt.step()
         run.close()
-        ratios[sample] = scalars(read(tmp_path / str(sample)), "monitor/update_ratio/0")[0]
+        ratios[sample] = scalars(read(tmp_path / str(sample)), "vitals/update_ratio/0")[0]
     assert ratios[8192] == pytest.approx(ratios[None], rel=0.1)
     # Adam's beta1 stays 0.9: a constant gets no curve.
-    assert "monitor/momentum/group_0" not in read(tmp_path / "None").Tags()["scalars"]
+    assert "vitals/momentum/group_0" not in read(tmp_path / "None").Tags()["scalars"]
 
 
 def test_device_path_matches_cpu_path() -> None:
@@ -401,7 +401,7 @@ def test_bf16_parameters(tmp_path: Path) -> None:
     run = RunWriter(tmp_path)
     ModelMonitor(model, run, hist_every_n_steps=1).after_backward(0)
     run.close()
-    h = read(tmp_path).Histograms("monitor/grads/root")[0].histogram_value
+    h = read(tmp_path).Histograms("vitals/grads/root")[0].histogram_value
     assert h.num == sum(h.bucket) == 64 * 64 + 64
 
 
@@ -414,7 +414,7 @@ def test_no_sink_computes_nothing_and_repeated_step_is_ignored(tmp_path: Path) -
     monitor.after_backward(0)
     monitor.after_backward(0)
     run.close()
-    assert len(read(tmp_path).Histograms("monitor/weights/head")) == 1
+    assert len(read(tmp_path).Histograms("vitals/weights/head")) == 1
 
 
 # ---------------------------------------------------------------------------- log_histograms
@@ -502,7 +502,7 @@ def test_wrapped_optimizer_is_unwrapped(tmp_path: Path) -> None:
     model(torch.randn(3, 2)).sum().backward()
     opt.step()  # no hook any more
     run.close()
-    lrs = scalars(read(tmp_path), "monitor/lr/main/group_0")
+    lrs = scalars(read(tmp_path), "vitals/lr/main/group_0")
     assert lrs == {5: pytest.approx(0.3), 6: pytest.approx(0.6)}
 
 
@@ -560,7 +560,7 @@ def test_sharded_counts_are_summed_over_ranks(tmp_path: Path) -> None:
     torch.manual_seed(0)
     full = torch.randn(1000)
     finite = torch.cat([full[:7], full[8:]])
-    h = acc.Histograms("monitor/weights/layer")[0].histogram_value
+    h = acc.Histograms("vitals/weights/layer")[0].histogram_value
     assert h.num == sum(h.bucket) == 999
     assert (h.min, h.max) == (
         pytest.approx(float(finite.min())),
@@ -568,11 +568,11 @@ def test_sharded_counts_are_summed_over_ranks(tmp_path: Path) -> None:
     )
     ref, _ = np.histogram(finite.numpy(), bins=64, range=(h.min, h.max))
     assert np.abs(np.asarray(h.bucket) - ref).sum() <= 2
-    assert scalars(acc, "monitor/nonfinite/weights") == {0: 1.0}
-    g = acc.Histograms("monitor/grads/layer")[0].histogram_value
+    assert scalars(acc, "vitals/nonfinite/weights") == {0: 1.0}
+    g = acc.Histograms("vitals/grads/layer")[0].histogram_value
     assert g.num == 1000 and g.sum == pytest.approx(300 * 1 + 700 * 2)
     norm = math.sqrt(300 * 1 + 700 * 4)
-    assert scalars(acc, "monitor/grad_norm/layer")[0] == pytest.approx(norm)
+    assert scalars(acc, "vitals/grad_norm/layer")[0] == pytest.approx(norm)
 
 
 # ---------------------------------------------------------------------------- Lightning
@@ -623,20 +623,20 @@ def test_lightning_callback_round_trip(tmp_path: Path) -> None:
     )
     acc = read(logger.log_dir)
     hists = acc.Tags()["histograms"]
-    assert "monitor/weights/net.encoder.layers.1" in hists
-    assert "monitor/grads/net.encoder.layers.1" in hists
-    assert "monitor/grads/net.embed" not in hists  # frozen
-    h = acc.Histograms("monitor/weights/net.encoder.layers.0")
+    assert "vitals/weights/net.encoder.layers.1" in hists
+    assert "vitals/grads/net.encoder.layers.1" in hists
+    assert "vitals/grads/net.embed" not in hists  # frozen
+    h = acc.Histograms("vitals/weights/net.encoder.layers.0")
     assert [e.step for e in h] == [0, 2]
     block = sum(p.numel() for p in Block(8).parameters())
     assert all(e.histogram_value.num == sum(e.histogram_value.bucket) == block for e in h)
-    assert scalars(acc, "monitor/frozen_params") == {0: 4.0 * 8 + 8}
-    assert set(scalars(acc, "monitor/update_ratio/net.head")) == {0, 1, 2, 3}
-    assert "monitor/lr/group_0" not in acc.Tags()["scalars"]  # constant: in the hparams
-    post = scalars(acc, "monitor/grad_norm_total/post_clip")
+    assert scalars(acc, "vitals/frozen_params") == {0: 4.0 * 8 + 8}
+    assert set(scalars(acc, "vitals/update_ratio/net.head")) == {0, 1, 2, 3}
+    assert "vitals/lr/group_0" not in acc.Tags()["scalars"]  # constant: in the hparams
+    post = scalars(acc, "vitals/grad_norm_total/post_clip")
     assert post == {s: pytest.approx(0.01, rel=1e-3) for s in range(4)}
-    assert set(scalars(acc, "monitor/samples_per_sec")) == {1, 2, 3}
-    assert set(scalars(acc, "monitor/tokens_per_sec")) == {1, 2, 3}
+    assert set(scalars(acc, "vitals/samples_per_sec")) == {1, 2, 3}
+    assert set(scalars(acc, "vitals/tokens_per_sec")) == {1, 2, 3}
     assert "train/loss" in acc.Tags()["scalars"]
 
 
@@ -661,13 +661,13 @@ def test_histograms_in_tensorboard(tmp_path: Path, tensorboard: Any) -> None:
     server = tensorboard(tmp_path)
     assert server.wait_for_runs(1) == ["run"]
     data = server.get_json(
-        "/data/plugin/histograms/histograms", {"run": "run", "tag": "monitor/weights/head"}
+        "/data/plugin/histograms/histograms", {"run": "run", "tag": "vitals/weights/head"}
     )
     assert [step for _, step, _ in data] == [0, 1]
     buckets = data[0][2]
     assert sum(count for _, _, count in buckets) == pytest.approx(9)
     scalars_json = server.get_json(
-        "/data/plugin/scalars/scalars", {"run": "run", "tag": "monitor/update_ratio/head"}
+        "/data/plugin/scalars/scalars", {"run": "run", "tag": "vitals/update_ratio/head"}
     )
     assert [step for _, step, _ in scalars_json] == [0, 1]
 
@@ -701,10 +701,10 @@ def test_group_without_any_gradient_gets_no_gradient_scalars(tmp_path: Path) -> 
             param.grad = None  # e.g. a branch the loss did not reach this step
         monitor.after_backward(0)
     tags = read(tmp_path).Tags()
-    assert "monitor/grad_norm/1" not in tags["scalars"]
-    assert "monitor/grads/1" not in tags["histograms"]
-    assert {"monitor/grad_norm/0", "monitor/grad_norm/2"} <= set(tags["scalars"])
-    assert "monitor/weight_norm/1" in tags["scalars"]
+    assert "vitals/grad_norm/1" not in tags["scalars"]
+    assert "vitals/grads/1" not in tags["histograms"]
+    assert {"vitals/grad_norm/0", "vitals/grad_norm/2"} <= set(tags["scalars"])
+    assert "vitals/weight_norm/1" in tags["scalars"]
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -747,26 +747,26 @@ def test_lora_statistics_cover_adapters_only(tmp_path: Path) -> None:
     acc = read(tmp_path)
     adapters = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert set(acc.Tags()["histograms"]) == {
-        f"monitor/{kind}/{g}" for kind in ("weights", "grads") for g in adapters
+        f"vitals/{kind}/{g}" for kind in ("weights", "grads") for g in adapters
     }
     expected = {
-        f"monitor/{k}/{g}" for k in ("weight_norm", "grad_norm", "update_ratio") for g in adapters
+        f"vitals/{k}/{g}" for k in ("weight_norm", "grad_norm", "update_ratio") for g in adapters
     }
     expected |= {
-        "monitor/nonfinite/weights",
-        "monitor/nonfinite/grads",
-        "monitor/grad_norm_total",
-        "monitor/frozen_params",
+        "vitals/nonfinite/weights",
+        "vitals/nonfinite/grads",
+        "vitals/grad_norm_total",
+        "vitals/frozen_params",
     }
     assert set(acc.Tags()["scalars"]) == expected
-    assert scalars(acc, "monitor/frozen_params") == {0: float(frozen)}
+    assert scalars(acc, "vitals/frozen_params") == {0: float(frozen)}
     # A group holds the two LoRA factors of one projection, not its frozen base weight.
     per_group = sum(n for name, n in trainable.items() if "layers.0.self_attn.q_proj" in name)
-    h = acc.Histograms("monitor/weights/model.layers.0.self_attn.q_proj")[0].histogram_value
+    h = acc.Histograms("vitals/weights/model.layers.0.self_attn.q_proj")[0].histogram_value
     assert h.num == sum(h.bucket) == per_group
     lora_b = [p for n, p in model.named_parameters() if "layers.1.self_attn.v_proj.lora_B" in n]
     # lora_B starts at zero: its norm after one step is the update itself.
-    assert scalars(acc, "monitor/weight_norm/model.layers.1.self_attn.v_proj")[0] > 0
+    assert scalars(acc, "vitals/weight_norm/model.layers.1.self_attn.v_proj")[0] > 0
     assert lora_b and lora_b[0].requires_grad
 
 
@@ -778,8 +778,8 @@ def test_frozen_backbone_watches_the_head_only(tmp_path: Path) -> None:
     train(model, run, 1, hist_every_n_steps=1, norm_every_n_steps=1, group_depth=1)
     run.close()
     acc = read(tmp_path)
-    assert set(acc.Tags()["histograms"]) == {"monitor/grads/2", "monitor/weights/2"}
-    assert scalars(acc, "monitor/frozen_params") == {0: 4.0 * 64 + 64 + 64 * 64 + 64}
+    assert set(acc.Tags()["histograms"]) == {"vitals/grads/2", "vitals/weights/2"}
+    assert scalars(acc, "vitals/frozen_params") == {0: 4.0 * 64 + 64 + 64 * 64 + 64}
     assert not any(t.endswith(("/0", "/1")) for t in acc.Tags()["scalars"])
 
 
@@ -804,13 +804,13 @@ def test_mfu_from_counted_flops_and_given_peak(tmp_path: Path) -> None:
     forward = 2 * 16 * (4 * 32 + 32)
     assert monitor.flops_per_step == forward + 2 * 16 * (4 * 32 + 32) + 2 * 16 * 32
     acc = read(tmp_path)
-    mfu, rate = scalars(acc, "monitor/mfu"), scalars(acc, "monitor/samples_per_sec")
+    mfu, rate = scalars(acc, "vitals/mfu"), scalars(acc, "vitals/samples_per_sec")
     assert set(mfu) == set(rate) == {2, 4, 6}
     for step, value in mfu.items():
         # MFU = flops / (step_time * peak) and samples_per_sec = 16 / step_time
         expected = monitor.flops_per_step * rate[step] / 16 / 1e9
         assert value == pytest.approx(expected, rel=1e-6)
-    assert "monitor/step_time_ms" not in acc.Tags()["scalars"]  # the rate says it
+    assert "vitals/step_time_ms" not in acc.Tags()["scalars"]  # the rate says it
 
 
 def test_step_time_without_counts_and_no_mfu_on_cpu(
@@ -825,9 +825,9 @@ def test_step_time_without_counts_and_no_mfu_on_cpu(
         monitor.log_throughput(step)
     run.close()
     acc = read(tmp_path)
-    assert set(scalars(acc, "monitor/step_time_ms")) == {1, 2, 3}
-    assert "monitor/mfu" not in acc.Tags()["scalars"]
-    notes = [r.getMessage() for r in caplog.records if "monitor/mfu is not written" in r.message]
+    assert set(scalars(acc, "vitals/step_time_ms")) == {1, 2, 3}
+    assert "vitals/mfu" not in acc.Tags()["scalars"]
+    notes = [r.getMessage() for r in caplog.records if "vitals/mfu is not written" in r.message]
     assert len(notes) == 1 and "peak_flops" in notes[0]
 
 
@@ -853,7 +853,7 @@ def test_quickstart_monitor_has_at_most_16_tags_and_2_constants(tmp_path: Path) 
         log_every_n_steps=5,
     ).fit(model, data)
     acc = read(logger.log_dir)
-    tags = [t for t in acc.Tags()["scalars"] if t.startswith("monitor/")]
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("vitals/")]
     assert 0 < len(tags) <= 16, tags
     constant = [t for t in tags if len({e.value for e in acc.Scalars(t)}) == 1]
-    assert sorted(constant) == ["monitor/nonfinite/grads", "monitor/nonfinite/weights"]
+    assert sorted(constant) == ["vitals/nonfinite/grads", "vitals/nonfinite/weights"]

@@ -130,7 +130,7 @@ def test_equal_speed_ranks_raise_no_straggler(runs: Path) -> None:
     assert "straggler" not in alert_text(acc)
     assert "alerts/count" not in acc.Tags()["scalars"]
     # The monitor ran: its scalars are there.
-    assert "monitor/samples_per_sec" in acc.Tags()["scalars"]
+    assert "vitals/samples_per_sec" in acc.Tags()["scalars"]
 
 
 def test_two_ranks_compare_with_the_other_rank() -> None:

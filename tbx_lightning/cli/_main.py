@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     hparams.add_argument(
         "--all",
         action="store_true",
-        help="every key, every metric but monitor/* with its best, no width limit",
+        help="every key, every metric but vitals/* with its best, no width limit",
     )
     hparams.add_argument(
         "--width",

@@ -37,7 +37,7 @@ __all__ = [
     "table_rows",
 ]
 
-_DEFAULT_EXCLUDE = ("monitor/*", "hp_metric", "epoch", "_hparams_/*")
+_DEFAULT_EXCLUDE = ("vitals/*", "hp_metric", "epoch", "_hparams_/*")
 FORMATS = ("table", "csv", "markdown", "json")
 _SESSION_MARK = b"_hparams_/session_"
 _HEADER = struct.Struct("<QI")
@@ -346,7 +346,7 @@ def table_rows(
             the best); default :func:`main_metrics`.
         keys: fnmatch patterns of the config keys to show (instead of the differing ones).
         best: Show a ``best`` column after every metric.
-        all_metrics: Show every metric but ``monitor/*`` (when ``metrics`` is not given).
+        all_metrics: Show every metric but ``vitals/*`` (when ``metrics`` is not given).
 
     Raises:
         TableError: ``sort`` names no metric of these runs.

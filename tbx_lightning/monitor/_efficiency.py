@@ -89,7 +89,7 @@ class FlopCounter:
             mode = FlopCounterMode(display=False)
             mode.__enter__()
         except Exception as error:  # pragma: no cover - depends on the torch build
-            _log.info("FLOPs of a step cannot be counted (%s): no monitor/mfu.", error)
+            _log.info("FLOPs of a step cannot be counted (%s): no vitals/mfu.", error)
             return
         self._mode = mode
 

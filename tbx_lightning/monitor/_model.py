@@ -11,16 +11,16 @@ Parameters are grouped by their place in the module tree (``group_depth``), so a
 
 Tags (``<group>`` is a module path such as ``encoder.layers.3``; frozen groups get none):
 
-- ``monitor/weights/<group>``, ``monitor/grads/<group>``: histograms.
-- ``monitor/weight_norm/<group>``, ``monitor/grad_norm/<group>``: L2 norms.
-- ``monitor/update_ratio/<group>``: ``||w_after - w_before|| / ||w_before||`` of one step.
-- ``monitor/nonfinite/weights``, ``monitor/nonfinite/grads``: NaN/Inf counts, whole model.
-- ``monitor/frozen_params``: frozen elements, once, when there are any.
-- ``monitor/grad_norm_total``; ``monitor/grad_norm_total/post_clip`` once clipping changed it.
-- ``monitor/lr/group_<i>``, ``monitor/momentum/group_<i>`` (``monitor/lr/<name>/group_<i>``
+- ``vitals/weights/<group>``, ``vitals/grads/<group>``: histograms.
+- ``vitals/weight_norm/<group>``, ``vitals/grad_norm/<group>``: L2 norms.
+- ``vitals/update_ratio/<group>``: ``||w_after - w_before|| / ||w_before||`` of one step.
+- ``vitals/nonfinite/weights``, ``vitals/nonfinite/grads``: NaN/Inf counts, whole model.
+- ``vitals/frozen_params``: frozen elements, once, when there are any.
+- ``vitals/grad_norm_total``; ``vitals/grad_norm_total/post_clip`` once clipping changed it.
+- ``vitals/lr/group_<i>``, ``vitals/momentum/group_<i>`` (``vitals/lr/<name>/group_<i>``
   for a named optimizer), once the value changed.
-- ``monitor/samples_per_sec``, ``monitor/tokens_per_sec``, ``monitor/step_time_ms``,
-  ``monitor/mfu``, ``monitor/peak_memory_mb``.
+- ``vitals/samples_per_sec``, ``vitals/tokens_per_sec``, ``vitals/step_time_ms``,
+  ``vitals/mfu``, ``vitals/peak_memory_mb``.
 - ``alerts`` (text) and ``alerts/count``: see :class:`AlertRules`.
 
 Every scalar of a step reaches the host in one packed transfer (:meth:`ModelMonitor.flush`),
@@ -607,7 +607,7 @@ class ModelMonitor:
                 self.flush()  # no optimizer hook will end this step: write now
 
     def after_clip(self, step: int) -> None:
-        """The total gradient norm after clipping (``monitor/grad_norm_total/post_clip``).
+        """The total gradient norm after clipping (``vitals/grad_norm_total/post_clip``).
 
         Written only where clipping changed the norm: an unclipped run has one curve.
         """
@@ -643,8 +643,8 @@ class ModelMonitor:
 
         Rates are averages over the wall time between two written values (the first
         call only starts the clock), which stays right with asynchronous devices.
-        ``monitor/step_time_ms`` is written when neither count is given (otherwise the
-        rates carry the same measurement); ``monitor/mfu`` when the FLOPs of a step and
+        ``vitals/step_time_ms`` is written when neither count is given (otherwise the
+        rates carry the same measurement); ``vitals/mfu`` when the FLOPs of a step and
         the device's peak are known. Under ``torch.distributed`` every rank must call
         this: each rank's step time is summed over ranks for the straggler detector,
         less the time it waited at the end of backward for the other ranks (measured
@@ -667,14 +667,14 @@ class ModelMonitor:
         if elapsed > 0 and steps > 0:
             step_time = elapsed / steps
             if samples is not None:
-                scalars["monitor/samples_per_sec"] = self._tp_samples / elapsed
+                scalars["vitals/samples_per_sec"] = self._tp_samples / elapsed
             if tokens is not None:
-                scalars["monitor/tokens_per_sec"] = self._tp_tokens / elapsed
+                scalars["vitals/tokens_per_sec"] = self._tp_tokens / elapsed
             if samples is None and tokens is None:
-                scalars["monitor/step_time_ms"] = step_time * 1e3
+                scalars["vitals/step_time_ms"] = step_time * 1e3
             mfu = self._mfu(step_time)
             if mfu is not None:
-                scalars["monitor/mfu"] = mfu
+                scalars["vitals/mfu"] = mfu
             self._share_step_time(step, max(elapsed - self._tp_wait, 0.0) / steps)
         self._tp_start, self._tp_samples, self._tp_tokens, self._tp_steps = now, 0.0, 0.0, 0
         self._tp_wait = 0.0
@@ -696,7 +696,7 @@ class ModelMonitor:
         peak = backend.max_memory_allocated(device) / 2**20
         if self.reset_peak_memory and hasattr(backend, "reset_peak_memory_stats"):
             backend.reset_peak_memory_stats(device)
-        self.sink.log_scalars({"monitor/peak_memory_mb": float(peak)}, step)
+        self.sink.log_scalars({"vitals/peak_memory_mb": float(peak)}, step)
 
     # ------------------------------------------------------------------ one transfer
     def _stage(self, step: int) -> dict[str, Any]:
@@ -766,14 +766,14 @@ class ModelMonitor:
             for i, (sumsq, bad) in enumerate(pairs):
                 if not mask[i]:
                     continue
-                scalars[f"monitor/{label}/{names[i]}"] = math.sqrt(sumsq)
+                scalars[f"vitals/{label}/{names[i]}"] = math.sqrt(sumsq)
                 nonfinite[names[i]] = bad
-            scalars[f"monitor/nonfinite/{key}"] = float(sum(nonfinite.values()))
+            scalars[f"vitals/nonfinite/{key}"] = float(sum(nonfinite.values()))
             if checks is not None:
                 checks.check_nonfinite(step, key, nonfinite)
             if key == "grads" and nonfinite:
                 total_sumsq = sum(pairs[i][0] for i in range(len(names)) if mask[i])
-                scalars["monitor/grad_norm_total"] = math.sqrt(total_sumsq)
+                scalars["vitals/grad_norm_total"] = math.sqrt(total_sumsq)
                 if checks is not None:
                     checks.check_grad_norm(step, math.sqrt(total_sumsq))
         if "post_clip" in staged:
@@ -781,12 +781,12 @@ class ModelMonitor:
             pre = None if total_sumsq is None else math.sqrt(total_sumsq)
             if self._clipped or pre is None or not math.isclose(post, pre, rel_tol=1e-6):
                 self._clipped = self._clipped or pre is not None
-                scalars["monitor/grad_norm_total/post_clip"] = post
+                scalars["vitals/grad_norm_total/post_clip"] = post
         if "ratios" in staged:
             values, mask = staged["ratios"]
             rows = take(values.numel())
             ratios = {names[i]: rows[i] for i in range(len(names)) if mask[i]}
-            scalars.update({f"monitor/update_ratio/{k}": v for k, v in ratios.items()})
+            scalars.update({f"vitals/update_ratio/{k}": v for k, v in ratios.items()})
             if checks is not None:
                 checks.check_update_ratios(step, ratios)
         if "lr" in staged:
@@ -796,9 +796,9 @@ class ModelMonitor:
                 checks.check_lr(
                     step,
                     {
-                        k.removeprefix("monitor/lr/"): v
+                        k.removeprefix("vitals/lr/"): v
                         for k, v in lrs.items()
-                        if k.startswith("monitor/lr/")
+                        if k.startswith("vitals/lr/")
                     },
                 )
         if losses and checks is not None:
@@ -815,7 +815,7 @@ class ModelMonitor:
             self._frozen_written = True
             frozen = self._frozen_count()
             if frozen:
-                scalars["monitor/frozen_params"] = float(frozen)
+                scalars["vitals/frozen_params"] = float(frozen)
         if scalars and self.sink is not None:
             self.sink.log_scalars(scalars, step)
         if checks is not None:
@@ -851,7 +851,7 @@ class ModelMonitor:
             if not self._mfu_note:
                 self._mfu_note = True
                 _log.info(
-                    "monitor/mfu is not written: the peak FLOP/s of device %s is not known; "
+                    "vitals/mfu is not written: the peak FLOP/s of device %s is not known; "
                     "pass peak_flops=... to the monitor.",
                     self._device(),
                 )
@@ -1160,12 +1160,12 @@ class ModelMonitor:
             if isinstance(lr, torch.Tensor):
                 lr = lr.item() if lr.device.type == "cpu" else None  # a device lr: no sync
             if lr is not None:
-                out[f"monitor/lr/{prefix}group_{i}"] = float(lr)
+                out[f"vitals/lr/{prefix}group_{i}"] = float(lr)
             momentum = group.get("momentum")
             if momentum is None and isinstance(group.get("betas"), Sequence):
                 momentum = group["betas"][0]
             if isinstance(momentum, int | float):
-                out[f"monitor/momentum/{prefix}group_{i}"] = float(momentum)
+                out[f"vitals/momentum/{prefix}group_{i}"] = float(momentum)
         return out
 
     # ------------------------------------------------------------------ writing
@@ -1179,7 +1179,7 @@ class ModelMonitor:
         for gi, g in enumerate(self._groups):
             _write_histogram(
                 experiment,
-                f"monitor/{kind}/{g.name}",
+                f"vitals/{kind}/{g.name}",
                 block[gi],
                 self.bins,
                 step,

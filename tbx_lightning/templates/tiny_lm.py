@@ -278,7 +278,7 @@ class TinyLM(pl.LightningModule):
     Logged tags (see :mod:`tbx_lightning.templates.metrics`): ``train/loss`` per step,
     ``train/perplexity`` per epoch, and ``val/loss`` and ``val/perplexity`` per epoch;
     the Accelerate loop logs the same. Learning rate and tokens per second come from
-    the training monitor (``monitor/lr/...``, ``monitor/tokens_per_sec``).
+    the training monitor (``vitals/lr/...``, ``vitals/tokens_per_sec``).
 
     Args:
         net: The language model, e.g. :class:`TinyTransformer`.
