@@ -11,7 +11,7 @@ the charts of a sweep's runs are equal and merge into one.
   ``val/``, ``test/``, ... or ``train_``, ``val_``...; Lightning's ``_step`` and
   ``_epoch`` suffixes belong to the same chart), ``loss`` first, then accuracy,
   then the others by name.
-- **monitor**: one chart per family of the training monitor's statistics
+- **vitals**: one chart per family of the training monitor's statistics
   (``vitals/grad_norm/*``, ``vitals/lr/*``, ...) and one for ``alerts/*``.
 
 Tags outside these namespaces (``epoch``, ``lr-Adam``) are left to the Scalars
@@ -42,7 +42,7 @@ __all__ = [
 
 LAYOUT_TAG = "custom_scalars__config__"
 METRICS_CATEGORY = "metrics"
-MONITOR_CATEGORY = "monitor"
+MONITOR_CATEGORY = "vitals"
 # The training monitor's tag namespace; it sorts after train/ and val/ on purpose.
 MONITOR_NAMESPACE = "vitals"
 # Prefixes that name the split a metric was measured on, in the order users expect.

@@ -1,7 +1,8 @@
 """A real browser on a real TensorBoard: HParams, projector and alerts as a user first sees them.
 
 Screenshots go to tmp_path; with ``TBX_UPDATE_SCREENSHOTS=1`` they replace
-docs/screenshots/hparams.png, projector.png and alerts.png (see scripts/screenshots.sh).
+docs/screenshots/hparams.png, custom_scalars.png, projector.png and alerts.png
+(see scripts/screenshots.sh).
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,19 +75,77 @@ def quickstart(
         server.stop()
 
 
-def test_hparams_dashboard_shows_config_keys_and_metric_columns(
+# TensorBoard's HParams table shows, before any click, the first five hyperparameter
+# columns (those that differ between runs first, then by name) and the first five metric
+# columns by tag; these are the columns a user sees first.
+FIRST_METRICS = ["epoch", "train/acc", "train/loss", "val/acc", "val/loss"]
+
+
+def _table_headers(page: Any) -> list[str]:
+    deadline = time.monotonic() + 90
+    while True:
+        headers = [h.strip() for h in page.locator(".table-header").all_inner_texts()]
+        if "val/loss" in headers or time.monotonic() > deadline:
+            return headers
+        time.sleep(0.5)
+
+
+def test_hparams_dashboard_opens_on_the_swept_key_and_the_runs_own_metrics(
+    quickstart: tuple[TensorBoardServer, Path], tmp_path: Path
+) -> None:
+    server, _ = quickstart
+    with browser.browser_page(tmp_path / "profile", width=2500, height=600) as page:
+        page.goto(server.url + "/#hparams", wait_until="domcontentloaded")
+        headers = _table_headers(page)
+        assert headers[:2] == ["Trial ID", "Show Metrics"], headers
+        hparams, metrics = headers[2:7], headers[7:]
+        # The swept key first, then the run's duration (it always differs).
+        assert hparams[:2] == ["model.optimizer.lr", "run.duration_s"], hparams
+        plumbing = [
+            h
+            for h in hparams
+            if h.endswith("_target_") or h.startswith(("callbacks.", "paths.", "trainer.limit_"))
+        ]
+        assert not plumbing, hparams
+        assert metrics == FIRST_METRICS, metrics
+        for run in RUNS:
+            browser.find_text(page, run)
+        page.screenshot(path=str(_screenshot_path(tmp_path, "hparams.png")))
+
+
+def test_time_series_shows_the_runs_metrics_before_the_monitor(
     quickstart: tuple[TensorBoardServer, Path], tmp_path: Path
 ) -> None:
     server, _ = quickstart
     with browser.browser_page(tmp_path / "profile", width=1600, height=900) as page:
-        page.goto(server.url + "/#hparams", wait_until="domcontentloaded")
-        for text in ("model.optimizer.lr", "model.net.channels", "trainer.max_epochs", "seed"):
-            browser.find_text(page, text)
-        for metric in ("val/acc", "val/loss", "train/loss"):
-            browser.find_text(page, metric)
-        for run in RUNS:
-            browser.find_text(page, run)
-        page.screenshot(path=str(_screenshot_path(tmp_path, "hparams.png")))
+        page.goto(server.url + "/#timeseries", wait_until="domcontentloaded")
+        groups: list[str] = []
+        deadline = time.monotonic() + 90
+        while "vitals" not in groups and time.monotonic() < deadline:
+            time.sleep(0.5)
+            groups = [
+                g.strip()
+                for g in page.locator(
+                    ".group-name, .group-title, .tag-group-name"
+                ).all_inner_texts()
+            ]
+        shown = [g for g in groups if g != "Pinned"]
+        assert shown[:3] == ["epoch", "train", "val"], groups
+        assert shown[-1] == "vitals", groups
+
+
+def test_custom_scalars_put_train_and_val_of_each_metric_on_one_chart(
+    quickstart: tuple[TensorBoardServer, Path], tmp_path: Path
+) -> None:
+    server, _ = quickstart
+    with browser.browser_page(tmp_path / "profile", width=1600, height=900) as page:
+        page.goto(server.url + "/#custom_scalars", wait_until="domcontentloaded")
+        # Each metric's chart matches its train and val tags in both runs: 2 x 2.
+        browser.find_text(page, "Matches (4)", timeout=90)
+        titles = page.get_by_text("vitals/grad_norm", exact=True)
+        assert titles.count() >= 1, "the monitor's charts follow the metrics"
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(_screenshot_path(tmp_path, "custom_scalars.png")))
 
 
 def test_projector_shows_the_embedding_points(

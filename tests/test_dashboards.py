@@ -360,7 +360,7 @@ def test_layout_puts_train_and_val_of_each_metric_on_one_chart(tmp_path: Path) -
     layout = dashboards.layout()
     assert _charts(layout) == [
         ("metrics", ["loss", "acc", "f1"]),
-        ("monitor", ["vitals/grad_norm", "vitals/lr"]),
+        ("vitals", ["vitals/grad_norm", "vitals/lr"]),
     ]
     (pattern,) = layout["category"][0]["chart"][0]["multiline"]["tag"]
     # The dashboard asks the plugin for each chart's tags by its regex, run by run.
