@@ -17,13 +17,13 @@ from pathlib import Path
 import fsspec
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import api_pb2, metadata
 
 from tbx_lightning._fs import claim_version, existing_versions, run_dir
 from tbx_lightning._lease import LEASE_FILE
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import RunInUseError, RunWriterError
 from tbx_lightning.hparams import RunHParams
+from tests.rows import session
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,16 +61,6 @@ def _start_holder(tmp_path: Path, log_dir: Path) -> subprocess.Popen[str]:
     return proc
 
 
-def _session(run: Path) -> tuple[dict[str, object], int]:
-    acc = EventAccumulator(str(run))
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    start = metadata.parse_session_start_info_plugin_data(content["_hparams_/session_start_info"])
-    end = metadata.parse_session_end_info_plugin_data(content["_hparams_/session_end_info"])
-    hparams = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
-    return hparams, int(end.status)
-
-
 def test_second_process_on_one_explicit_version_is_refused(tmp_path: Path) -> None:
     _, log_dir, _ = run_dir(tmp_path, "exp", 3)
     holder = _start_holder(tmp_path, Path(log_dir))
@@ -87,9 +77,9 @@ def test_second_process_on_one_explicit_version_is_refused(tmp_path: Path) -> No
         holder.stdin.write("finish\n")
         holder.stdin.flush()
         assert holder.wait(timeout=60) == 0
-    hparams, status = _session(Path(log_dir))
-    assert hparams["lr"] == 0.1 and hparams["owner"] == "first"
-    assert status == api_pb2.STATUS_SUCCESS
+    hparams, status = session(Path(log_dir))
+    assert hparams == {"lr": 0.1, "owner": "first"}  # the first run's row, not overwritten
+    assert status == "STATUS_SUCCESS"
     assert not os.path.exists(os.path.join(log_dir, LEASE_FILE))  # given back at close
     # Once the first run ended, its version can be resumed.
     with RunWriter(log_dir) as run:
