@@ -542,11 +542,14 @@ class RunWriter:
         # Under the lock that close() takes: an item is either queued before the run is
         # marked closed (and the writer thread, which drains after it sees that, writes
         # it) or refused. Never queued after the last drain and lost.
+        size_in = _item_bytes(item)
         with self._lock:
             if self._closed:
                 self._check_open()
             queue.append(item)
-        self._bytes_in += _item_bytes(item)
+            # Producers on several threads add to it; only the writer thread adds to
+            # _bytes_out. Without the lock two increments could lose one.
+            self._bytes_in += size_in
         size = len(queue)
         if size >= self._wake_at or self._bytes_in - self._bytes_out >= self.max_queue_bytes:
             self._wake.set()
