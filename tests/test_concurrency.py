@@ -104,6 +104,13 @@ class Tiny(LightningModule):
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
+    def on_train_end(self):
+        # Each rank says it finished while the process group still runs; the barrier
+        # keeps rank 0 from ending (and taking its launched rank with it) before rank 1
+        # has printed, however busy the machine is.
+        print("RANK", self.global_rank, "LOG_DIR", self.trainer.log_dir, flush=True)
+        self.trainer.strategy.barrier("printed")
+
 
 if __name__ == "__main__":
     torch.manual_seed(0)
@@ -120,7 +127,6 @@ if __name__ == "__main__":
         enable_model_summary=False,
     )
     trainer.fit(Tiny(), data)
-    print("RANK", trainer.global_rank, "LOG_DIR", trainer.log_dir, flush=True)
 """
 
 

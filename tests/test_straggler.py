@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Both fits run in one interpreter; each forks its two ranks (no second start-up).
 # Every step sleeps BASE seconds on both ranks (so the CPU's noise is small next to
-# the step) and EXTRA more on rank 1 in the "slow" fit.
+# the step, even beside other busy processes on a 2-core machine) and EXTRA more on
+# rank 1 in the "slow" fit.
 SCRIPT = """
 import sys, time
 
@@ -33,7 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import TBXLogger, TrainingMonitor
 
-BASE, EXTRA = 0.008, 0.012
+BASE, EXTRA = 0.05, 0.075
 
 
 class Model(LightningModule):
