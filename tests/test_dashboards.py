@@ -13,6 +13,7 @@ order (by tag), the first five.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +184,20 @@ class Dashboards:
 
 
 def _write_run(
-    root: Path, name: str, config: dict[str, Any], status: str, acc: float, **options: Any
+    root: Path,
+    name: str,
+    config: dict[str, Any],
+    status: str,
+    acc: float,
+    seconds: float = 0.0,
+    **options: Any,
 ) -> None:
     run = Run(lambda: str(root / name), writer_options={"flush_secs": 0.2}, **options)
     run.log_hyperparams(config)
     for epoch in range(3):
         run.log({"train/loss": 1.0 / (epoch + 1), "epoch": epoch}, step=epoch * 10)
         run.log({"val/loss": 0.9 / (epoch + 1), "val/acc": acc}, step=epoch * 10 + 9)
+    time.sleep(seconds)  # runs of a real sweep take different times; these take ms apart
     run.finish(status)
     run.release()
 
@@ -198,7 +206,9 @@ def _write_run(
 def sweep(tmp_path: Path) -> Dashboards:
     grid = [(0.01, 32, "success"), (0.003, 64, "success"), (0.001, 32, "failed")]
     for i, (lr, dim, status) in enumerate(grid):
-        _write_run(tmp_path, f"version_{i}", _swept(lr, dim), status, acc=0.5 + i / 10)
+        _write_run(
+            tmp_path, f"version_{i}", _swept(lr, dim), status, acc=0.5 + i / 10, seconds=0.05 * i
+        )
     return Dashboards(tmp_path)
 
 
