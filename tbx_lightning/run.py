@@ -18,7 +18,9 @@ logging is written here once, so the two integrations cannot drift:
   the scalars it belongs to.
 - **Writer options**: the keyword-only options of :class:`~tbx_lightning.RunWriter`
   (``flush_secs``, ``max_queue``, ``max_queue_bytes``, ``segment_bytes``,
-  ``purge_step``, ``filename_suffix``), checked once when the integration is built.
+  ``purge_step``, ``filename_suffix``, ``upload_timeout``), checked once when the
+  integration is built, by the same rules ``RunWriter`` applies
+  (:mod:`tbx_lightning._rules`).
 - **Graphs**: a graph that cannot be exported warns and training goes on; with
   ``strict_graph=True`` it raises :class:`GraphExportError`.
 - **Statuses**: any string. Known ones map to TensorBoard's statuses; any other is
@@ -88,7 +90,6 @@ STATUS_TEXT_TAG = "run/status"
 _PIL_FORMAT = "HWC"
 
 
-# ---------------------------------------------------------------------- writer options
 # ---------------------------------------------------------------------- steps and values
 def _is_scalar(key: str, value: Any) -> bool:
     """True for values that become one scalar point; LoggedTypeError for tensors that cannot."""
