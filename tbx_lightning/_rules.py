@@ -76,7 +76,10 @@ def check_step(
         )
     value = int(value)
     if value < minimum:
-        raise LoggedValueError(f"`{name}` must be >= {minimum}, got {value}.")
+        raise LoggedValueError(
+            f"`{name}` must be >= {minimum}, got {value}: pass the training step it belongs "
+            f"to, e.g. {name}=trainer.global_step."
+        )
     if value > MAX_STEP:
         raise LoggedValueError(f"`{name}` must fit in a signed 64-bit integer, got {value}.")
     return value
