@@ -377,6 +377,84 @@ def test_sampled_update_ratio_is_close(tmp_path: Path) -> None:
     assert "vitals/momentum/group_0" not in read(tmp_path / "None").Tags()["scalars"]
 
 
+def update_ratio_run(tmp_path: Path, ratio_sample: int | None) -> tuple[EventAccumulator, dict]:
+    """One Adam step of a 600 x 600 layer (360,600 weights, over a few fused chunks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(600, 600))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    run = RunWriter(tmp_path / str(ratio_sample))
+    monitor = ModelMonitor(model, run, ratio_sample=ratio_sample, hist_every_n_steps=0)
+    monitor.attach(opt)
+    model(torch.randn(4, 600)).pow(2).sum().backward()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    monitor.after_backward(0)
+    opt.step()
+    after = torch.cat([p.detach().flatten() for p in model.parameters()])
+    run.close()
+    truth = {
+        "ratio": float((after - before).double().norm() / before.double().norm()),
+        "weight_norm": float(before.double().norm()),
+    }
+    return read(tmp_path / str(ratio_sample)), truth
+
+
+def test_exact_update_ratio_matches_a_copy_by_hand(tmp_path: Path) -> None:
+    acc, truth = update_ratio_run(tmp_path, None)
+    # The copy measures the weight norm in the same pass; both match float64 by hand.
+    assert scalars(acc, "vitals/weight_norm/0")[0] == pytest.approx(truth["weight_norm"], rel=1e-5)
+    assert scalars(acc, "vitals/update_ratio/0")[0] == pytest.approx(truth["ratio"], rel=1e-4)
+
+
+def test_default_update_ratio_samples_a_large_group(tmp_path: Path) -> None:
+    acc, truth = update_ratio_run(tmp_path, 65536)
+    monitor = ModelMonitor(nn.Linear(600, 600))
+    assert monitor.ratio_sample == 65536  # the default
+    # 4,096 runs of 16 positions out of 360,600: within a few percent of the truth.
+    assert scalars(acc, "vitals/update_ratio/0")[0] == pytest.approx(truth["ratio"], rel=0.03)
+    # The weight norm stays exact.
+    assert scalars(acc, "vitals/weight_norm/0")[0] == pytest.approx(truth["weight_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("bad", [0, 1000, True, 2.5, "all"])
+def test_ratio_sample_is_checked(bad: Any) -> None:
+    with pytest.raises(ValueError, match="ratio_sample"):
+        ModelMonitor(nn.Linear(2, 2), ratio_sample=bad)
+
+
+class Sparse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20_000, 64)  # one row trains per step
+        self.lin = nn.Linear(64, 2048)  # has gradients, but is left out of the optimizer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.emb(ids)).sum()
+
+
+def test_sampled_ratio_missing_a_sparse_update_is_not_called_stuck(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = Sparse()
+    opt = torch.optim.SGD(model.emb.parameters(), lr=0.1)
+    run = RunWriter(tmp_path)
+    monitor = ModelMonitor(model, run, hist_every_n_steps=0, norm_every_n_steps=1)
+    monitor.attach(opt)
+    for step in range(8):
+        model(torch.tensor([step * 997])).backward()
+        monitor.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+    run.close()
+    ratios = scalars(read(tmp_path), "vitals/update_ratio/emb")
+    # 64 of 1.28 M weights change per step: the sample misses them at the first check;
+    # from then on the embedding is compared whole and its true ratio shows.
+    assert ratios[0] == 0.0
+    assert all(r > 0.0 for step, r in ratios.items() if step > 0), ratios
+    # Only the layer outside the optimizer is stuck. Its 133,120 weights are sampled too:
+    # the sampled 0 at step 0 is confirmed whole at steps 1-3 (patience 3).
+    stuck = [(a.where, a.step) for a in monitor.alerts if a.kind == "not_training"]
+    assert stuck == [("lin", 3)]
+
+
 def test_device_path_matches_cpu_path() -> None:
     """The accelerator code path (tensor bounds, no host sync) run on CPU tensors."""
     torch.manual_seed(0)
@@ -393,6 +471,22 @@ def test_device_path_matches_cpu_path() -> None:
     dev_counts = binner.bin_device(x, dev_row[4], dev_row[5])
     assert int(counts.sum()) == int(dev_counts.sum()) == 100_000
     assert (counts.double() - dev_counts).abs().sum() <= 2
+
+
+@pytest.mark.parametrize("bad", [None, 900_000])
+def test_cpu_row_over_several_chunks(bad: int | None) -> None:
+    # 1.2 M values: the CPU path reduces them in chunks; a NaN in a later chunk is found.
+    torch.manual_seed(1)
+    x = torch.randn(1_200_000) * 3 + 0.5
+    if bad is not None:
+        x[bad] = math.nan
+    row = _Binner(64).row_cpu(x, full=True).tolist()
+    finite = x[torch.isfinite(x)].double()
+    assert row[:2] == [finite.numel(), 0 if bad is None else 1]
+    assert row[2] == pytest.approx(float(finite.sum()), rel=1e-6)
+    assert row[3] == pytest.approx(float(finite.square().sum()), rel=1e-6)
+    assert row[6] == (row[3] if bad is None else pytest.approx(math.nan, nan_ok=True))
+    assert row[4:6] == [float(finite.min()), float(finite.max())]
 
 
 def test_bf16_parameters(tmp_path: Path) -> None:

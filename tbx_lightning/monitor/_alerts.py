@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -243,8 +243,14 @@ class AlertEngine:
                 return
         history.append(total)
 
-    def check_update_ratios(self, step: int, ratios: Mapping[str, float]) -> None:
-        """Layers that do not change, and layers whose updates vanish next to the rest."""
+    def check_update_ratios(
+        self, step: int, ratios: Mapping[str, float], *, unconfirmed: Set[str] = frozenset()
+    ) -> None:
+        """Layers that do not change, and layers whose updates vanish next to the rest.
+
+        ``unconfirmed`` names layers whose ratio of 0 comes from a sample, which may have
+        missed a sparse update: that 0 does not count as not training.
+        """
         finite = {k: v for k, v in ratios.items() if math.isfinite(v)}
         moving = sorted(v for v in finite.values() if v > 0)
         median = _median(moving) if moving else 0.0
@@ -254,7 +260,7 @@ class AlertEngine:
                 step,
                 "not_training",
                 where,
-                ratio == 0.0,
+                ratio == 0.0 and where not in unconfirmed,
                 ratio,
                 0.0,
                 f"{where} has trainable parameters but did not change for "

@@ -22,6 +22,9 @@ from tbx_lightning.monitor._sink import MonitorSink
 _CPU_CHUNK = 1 << 20
 # Elements per chunk on accelerators: bounds the size of the temporaries.
 _DEVICE_CHUNK = 1 << 24
+# Elements per chunk of the fused CPU passes (copy or difference, then norm): the chunk
+# is still in cache when its norm reads it, so a tensor is read from memory once.
+_FUSED_CHUNK = 1 << 18
 # Columns of a moments row.
 _N, _NONFINITE, _SUM, _SUMSQ, _MIN, _MAX, _SUMSQ_ALL = range(7)
 _ROW = 7
@@ -64,6 +67,49 @@ def _round_counts(counts: np.ndarray, total: int) -> np.ndarray:
     return out
 
 
+def _chunk_sumsq(chunk: torch.Tensor) -> float:
+    """``sum(chunk ** 2)`` of one CPU chunk.
+
+    float32/float64 use ``dot``: several times faster than ``vector_norm`` on the CPU,
+    whose float32 sum of 25 M squares is off by about 0.3%; a chunk's dot is within
+    1e-6, and the chunks add up in Python's float64. Half precision accumulates in float32.
+    """
+    if chunk.dtype in (torch.float32, torch.float64):
+        return float(torch.dot(chunk, chunk))
+    return float(torch.linalg.vector_norm(chunk, dtype=torch.float32)) ** 2
+
+
+def sumsq_cpu(x: torch.Tensor) -> float:
+    """``sum(x ** 2)`` of a flat CPU tensor, accurate to about 1e-6 (see :func:`_chunk_sumsq`)."""
+    step = _FUSED_CHUNK * 4
+    return sum(_chunk_sumsq(x[start : start + step]) for start in range(0, x.numel(), step))
+
+
+def copy_sumsq_cpu(src: torch.Tensor, dst: torch.Tensor) -> float:
+    """Copies flat CPU ``src`` into ``dst`` and returns ``sum(src ** 2)`` from the same pass."""
+    total = 0.0
+    for start in range(0, src.numel(), _FUSED_CHUNK):
+        chunk = dst[start : start + _FUSED_CHUNK]
+        chunk.copy_(src[start : start + _FUSED_CHUNK])
+        total += _chunk_sumsq(chunk)
+    return total
+
+
+def diff_sumsq_cpu(a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> float:
+    """``sum((a - b) ** 2)`` of flat CPU tensors, through a cache-sized ``scratch``.
+
+    Neither input is written and no full-size temporary is made: each chunk's
+    difference is formed in ``scratch`` (at least ``_FUSED_CHUNK`` long, ``a``'s dtype).
+    """
+    total = 0.0
+    for start in range(0, a.numel(), _FUSED_CHUNK):
+        x = a[start : start + _FUSED_CHUNK]
+        out = scratch[: x.numel()]
+        torch.sub(x, b[start : start + _FUSED_CHUNK], out=out)
+        total += _chunk_sumsq(out)
+    return total
+
+
 class _Binner:
     """Moments and fixed-width bin counts of flat tensors, on the tensors' device."""
 
@@ -82,12 +128,10 @@ class _Binner:
         return self.row_device(x, full)
 
     def row_cpu(self, x: torch.Tensor, full: bool) -> torch.Tensor:
-        # On the CPU a value check costs no transfer, so the common all-finite case takes
-        # three fast passes and only a tensor with NaN/Inf pays for a mask.
-        # Half precision accumulates in float32; float64 keeps its own precision.
-        norm_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        sumsq_all = float(torch.linalg.vector_norm(x, dtype=norm_dtype)) ** 2
+        # On the CPU a value check costs no transfer, so the common all-finite case reads
+        # the tensor once and only a tensor with NaN/Inf pays for a mask.
         if not full:
+            sumsq_all = sumsq_cpu(x)
             if math.isfinite(sumsq_all):
                 nonfinite = 0
             else:
@@ -96,9 +140,17 @@ class _Binner:
                     sumsq_all = float(x.double().square().sum())
             row = [x.numel() - nonfinite, nonfinite, 0.0, 0.0, 0.0, 0.0, sumsq_all]
             return torch.tensor(row, dtype=torch.float64)
-        lo, hi = (float(v) for v in torch.aminmax(x))
+        # Norm, minimum, maximum and sum chunk by chunk: each chunk is read from memory
+        # once and the other reductions find it in cache.
+        sumsq_all, lo, hi, total = 0.0, math.inf, -math.inf, 0.0
+        sum_dtype = torch.float64 if x.dtype == torch.float64 else None
+        for start in range(0, x.numel(), _FUSED_CHUNK * 2):
+            chunk = x[start : start + _FUSED_CHUNK * 2]
+            sumsq_all += _chunk_sumsq(chunk)
+            c_lo, c_hi = torch.aminmax(chunk)
+            lo, hi = min(lo, float(c_lo)), max(hi, float(c_hi))
+            total += float(chunk.sum(dtype=sum_dtype))
         if math.isfinite(sumsq_all) and math.isfinite(lo) and math.isfinite(hi):
-            total = float(x.sum(dtype=torch.float64 if x.dtype == torch.float64 else None))
             row = [x.numel(), 0, total, sumsq_all, lo, hi, sumsq_all]
             return torch.tensor(row, dtype=torch.float64)
         finite = x[torch.isfinite(x)]

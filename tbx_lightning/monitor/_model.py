@@ -50,6 +50,7 @@ from tbx_lightning.monitor._alerts import (
     TrainingAlertError,
 )
 from tbx_lightning.monitor._binning import (
+    _FUSED_CHUNK,
     _MAX,
     _MIN,
     _N,
@@ -64,6 +65,9 @@ from tbx_lightning.monitor._binning import (
     _is_sharded_param,
     _local,
     _write_histogram,
+    copy_sumsq_cpu,
+    diff_sumsq_cpu,
+    sumsq_cpu,
 )
 from tbx_lightning.monitor._sink import MonitorSink
 
@@ -135,6 +139,11 @@ def adapter_group(param_name: str) -> str:
     return ".".join(parts) or "root"
 
 
+# Consecutive positions per draw of the update ratio's sample: 16 float32 values are one
+# 64-byte cache line, so the gather reads 16x fewer lines than single positions would.
+_RATIO_RUN = 16
+
+
 @dataclass
 class _Param:
     name: str
@@ -153,8 +162,9 @@ class _Snapshot:
     """Weights (or a sample of them) before an optimizer step, for the update ratio."""
 
     step: int
-    # per parameter: (group, values before the step, sample indices or None, weight)
-    items: list[tuple[int, nn.Parameter, torch.Tensor, torch.Tensor | None, float]]
+    # per parameter: (group, values before the step, sample indices or None, weight,
+    # the squared norm of the values before the step where measured while copying)
+    items: list[tuple[int, nn.Parameter, torch.Tensor, torch.Tensor | None, float, float | None]]
 
 
 class ModelMonitor:
@@ -184,10 +194,20 @@ class ModelMonitor:
     share of the group is then within ``sqrt(ln(2 * bins / delta) / (2 * k))`` of the
     exact share (Hoeffding, union bound over bins): about 0.0095 for ``k=65536``,
     ``bins=64``, ``delta=0.001``. Norms and non-finite counts stay exact in sampled
-    mode; the histogram's minimum, maximum, sum and sum of squares are the sample's. The update ratio uses the same sample
-    when ``sample`` is set and an exact copy of the trainable weights otherwise (memory:
-    one copy of the trainable parameters, held from ``after_backward`` to
-    ``after_optimizer_step`` on scalar steps only).
+    mode; the histogram's minimum, maximum, sum and sum of squares are the sample's.
+
+    The update ratio compares the weights before and after the step at ``ratio_sample``
+    fixed positions per group (65,536 by default, drawn once, uniformly with
+    replacement; a group that small or smaller is compared whole), so a scalar step
+    copies a few hundred KiB rather than the model. Both norms of the ratio come from the
+    same positions; for weights and updates of similar spread the ratio's relative
+    standard error is about ``1 / sqrt(ratio_sample)`` (0.4% at the default).
+    ``ratio_sample=None`` copies every trainable weight for an exact ratio (memory: one
+    copy of the trainable parameters, held from ``after_backward`` to
+    ``after_optimizer_step`` on scalar steps only). A sample can miss a sparse update
+    (an embedding of which a few rows train per step), so a sampled ratio of 0 does not
+    count towards ``not_training``: from the next check on, that group's weights are
+    compared whole.
 
     Sharded parameters (FSDP2/DTensor, FSDP with ``use_orig_params=True``, DeepSpeed
     ZeRO-3) are handled by letting each rank bin its own shard, then summing counts and
@@ -210,6 +230,8 @@ class ModelMonitor:
         bins: Histogram bins, 2 to 1024.
         sample: ``None`` for exact histograms, or the number of elements to sample per
             group (at least 1024).
+        ratio_sample: Positions per group the update ratio compares (at least 1024), or
+            ``None`` for an exact ratio over every trainable weight.
         log_weights: Log weight histograms and norms.
         log_grads: Log gradient histograms and norms.
         log_update_ratio: Log the update/weight ratio.
@@ -247,6 +269,7 @@ class ModelMonitor:
         norm_every_n_steps: int = 10,
         bins: int = 64,
         sample: int | None = None,
+        ratio_sample: int | None = 65536,
         log_weights: bool = True,
         log_grads: bool = True,
         log_update_ratio: bool = True,
@@ -276,13 +299,16 @@ class ModelMonitor:
                 raise ConfigError(f"Expected `{key}` to be an int >= 0, got {value!r}.")
         if isinstance(bins, bool) or not isinstance(bins, int) or not 2 <= bins <= 1024:
             raise ConfigError(f"Expected `bins` to be an int in [2, 1024], got {bins!r}.")
-        if sample is not None and (
-            isinstance(sample, bool) or not isinstance(sample, int) or sample < 1024
+        for key, size, exact in (
+            ("sample", sample, "exact histograms"),
+            ("ratio_sample", ratio_sample, "an exact update ratio"),
         ):
-            raise ConfigError(
-                f"Expected `sample` to be None (exact histograms) or an int >= 1024, "
-                f"got {sample!r}."
-            )
+            if size is not None and (
+                isinstance(size, bool) or not isinstance(size, int) or size < 1024
+            ):
+                raise ConfigError(
+                    f"Expected `{key}` to be None ({exact}) or an int >= 1024, got {size!r}."
+                )
         if sink is not None and not (
             callable(getattr(sink, "log_scalars", None))
             and (hasattr(type(sink), "experiment") or hasattr(sink, "experiment"))
@@ -309,6 +335,7 @@ class ModelMonitor:
         self.norm_every_n_steps = norm_every_n_steps
         self.bins = bins
         self.sample = sample
+        self.ratio_sample = ratio_sample
         self.log_weights = log_weights
         self.log_grads = log_grads
         self.log_update_ratio = log_update_ratio
@@ -318,7 +345,13 @@ class ModelMonitor:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._binner = _Binner(bins)
-        self._sample_index: dict[tuple[int, tuple[int, ...], torch.device], list[torch.Tensor]] = {}
+        # (group, sample size, run length, tensor sizes, device) -> positions per tensor
+        self._sample_index: dict[
+            tuple[int, int, int, tuple[int, ...], torch.device], list[torch.Tensor]
+        ] = {}
+        # Groups whose update ratio is measured on every weight, though ``ratio_sample``
+        # is set: their sampled ratio read 0, which only a whole copy can confirm.
+        self._exact_ratio_groups: set[int] = set()
         self._groups: list[_Group] = []
         self._params: list[_Param] = []
         named = list(model.named_parameters())
@@ -372,6 +405,7 @@ class ModelMonitor:
             )
         self._snapshot: _Snapshot | None = None
         self._snap_buffers: dict[int, torch.Tensor] = {}
+        self._diff_scratch: dict[torch.dtype, torch.Tensor] = {}
         # Whether after_clip measures the norm again; TrainingMonitor turns it off when
         # the trainer does not clip (the norm would equal the pre-clip one).
         self.measure_post_clip = True
@@ -565,6 +599,8 @@ class ModelMonitor:
         # per kind: histogram moments, bin counts, norm moments (each may be absent)
         results: list[tuple[str, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]]
         results = []
+        # The update ratio's copy of the weights measures their norms in the same pass.
+        copied = self._take_snapshot(step) if norm and self.log_update_ratio else {}
         grad_tensors = self._tensors("grads")
         for kind in kinds:
             tensors = grad_tensors if kind == "grads" else self._tensors(kind)
@@ -574,10 +610,12 @@ class ModelMonitor:
                 if self.sample is None:
                     norm_m = hist_m  # exact moments hold the norms already
             if norm and norm_m is None:
-                norm_m = self._norms(tensors)
+                known = None
+                if kind == "weights" and copied:
+                    members = self._members(kind)
+                    known = [[copied.get(id(p.param)) for p in group] for group in members]
+                norm_m = self._norms(tensors, known)
             results.append((kind, hist_m, counts, norm_m if norm else None))
-        if norm and self.log_update_ratio:
-            self._take_snapshot(step)
         if self.sink is None:
             return
         norms: dict[str, torch.Tensor | np.ndarray] = {}
@@ -631,7 +669,8 @@ class ModelMonitor:
             return
         staged = self._stage(step)
         if snap is not None and snap.step == step:
-            staged["ratios"] = (self._update_ratios(snap), list(self._trainable))
+            sampled = sorted({item[0] for item in snap.items if item[3] is not None})
+            staged["ratios"] = (self._update_ratios(snap), list(self._trainable), sampled)
         if optimizer is not None:
             staged.setdefault("lr", {}).update(self._lr_values(optimizer, name))
         self.flush()
@@ -783,12 +822,16 @@ class ModelMonitor:
                 self._clipped = self._clipped or pre is not None
                 scalars["vitals/grad_norm_total/post_clip"] = post
         if "ratios" in staged:
-            values, mask = staged["ratios"]
+            values, mask, sampled = staged["ratios"]
             rows = take(values.numel())
             ratios = {names[i]: rows[i] for i in range(len(names)) if mask[i]}
             scalars.update({f"vitals/update_ratio/{k}": v for k, v in ratios.items()})
+            # A sample can miss a sparse update (an embedding of which a few rows train):
+            # a sampled 0 is compared whole from the next check on before it counts.
+            unconfirmed = {names[i] for i in sampled if mask[i] and rows[i] == 0.0}
+            self._exact_ratio_groups.update(i for i in sampled if mask[i] and rows[i] == 0.0)
             if checks is not None:
-                checks.check_update_ratios(step, ratios)
+                checks.check_update_ratios(step, ratios, unconfirmed=unconfirmed)
         if "lr" in staged:
             lrs: dict[str, float] = staged["lr"]
             scalars.update(self._changing(step, lrs))
@@ -939,16 +982,24 @@ class ModelMonitor:
         they exist), and so are frozen parameters of mixed groups in ``trainable_only``
         mode, and gradients that are ``None``.
         """
-        out: list[list[torch.Tensor]] = [[] for _ in self._groups]
+        if kind == "weights":
+            return [[_flat(p.param) for p in group] for group in self._members(kind)]
+        return [
+            [_flat(p.param.grad) for p in group]  # type: ignore[arg-type]
+            for group in self._members(kind)
+        ]
+
+    def _members(self, kind: str) -> list[list[_Param]]:
+        """Per group, the parameters whose ``kind`` :meth:`_tensors` returns, in order."""
+        out: list[list[_Param]] = [[] for _ in self._groups]
         for p in self._params:
             if not self._trainable[p.group]:
                 continue
             if kind == "weights":
-                if self.trainable_only and not p.param.requires_grad:
-                    continue
-                out[p.group].append(_flat(p.param))
+                if not (self.trainable_only and not p.param.requires_grad):
+                    out[p.group].append(p)
             elif p.param.requires_grad and p.param.grad is not None:
-                out[p.group].append(_flat(p.param.grad))
+                out[p.group].append(p)
         return out
 
     def _frozen_count(self) -> int:
@@ -961,18 +1012,33 @@ class ModelMonitor:
         return torch.zeros(*shape, dtype=_acc_dtype(device), device=device)
 
     def _moments(
-        self, tensors: list[list[torch.Tensor]], full: bool, weights: list[float] | None = None
+        self,
+        tensors: list[list[torch.Tensor]],
+        full: bool,
+        weights: list[float] | None = None,
+        known: list[list[float | None]] | None = None,
     ) -> torch.Tensor:
         """Per group moments (one row per group), reduced over ranks when sharded.
 
         ``weights`` scales the additive columns of each group (sampled histograms).
+        ``known`` holds, per tensor, a sum of squares measured already (norm rows only);
+        a finite one stands for the tensor's row, so the tensor is not read again.
         """
         rows = []
         for gi, group in enumerate(tensors):
             if not group:
                 rows.append(self._binner.row(torch.empty(0, device=self._device()), full))
                 continue
-            per = torch.stack([self._binner.row(t, full) for t in group])
+            per_tensor = []
+            for ti, t in enumerate(group):
+                sumsq = None if known is None or full else known[gi][ti]
+                if sumsq is not None and math.isfinite(sumsq):
+                    per_tensor.append(
+                        torch.tensor([t.numel(), 0, 0, 0, 0, 0, sumsq], dtype=torch.float64)
+                    )
+                else:
+                    per_tensor.append(self._binner.row(t, full))
+            per = torch.stack(per_tensor)
             row = per.sum(0)
             row[_MIN] = per[:, _MIN].min()
             row[_MAX] = per[:, _MAX].max()
@@ -994,8 +1060,10 @@ class ModelMonitor:
             moments[:, _MAX] = bounds[:, 1]
         return moments
 
-    def _norms(self, tensors: list[list[torch.Tensor]]) -> torch.Tensor:
-        return self._moments(tensors, full=False)
+    def _norms(
+        self, tensors: list[list[torch.Tensor]], known: list[list[float | None]] | None = None
+    ) -> torch.Tensor:
+        return self._moments(tensors, full=False, known=known)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
@@ -1051,7 +1119,8 @@ class ModelMonitor:
         self, gi: int, group: list[torch.Tensor]
     ) -> tuple[torch.Tensor | None, float]:
         """A uniform sample (with replacement) of the group's elements and its weight."""
-        index, weight = self._sample_positions(gi, group)
+        assert self.sample is not None
+        index, weight = self._sample_positions(gi, group, self.sample)
         if not group or sum(t.numel() for t in group) == 0:
             return None, 1.0
         if index is None:
@@ -1062,86 +1131,120 @@ class ModelMonitor:
         return torch.cat(picks), weight
 
     def _sample_positions(
-        self, gi: int, group: list[torch.Tensor]
+        self, gi: int, group: list[torch.Tensor], size: int, run: int = 1
     ) -> tuple[list[torch.Tensor] | None, float]:
-        """Per tensor, the sampled positions (None: the group is small, take it all)."""
-        assert self.sample is not None
+        """Per tensor, ``size`` sampled positions (None: the group is small, take it all).
+
+        ``run > 1`` draws ``size // run`` uniform starts of ``run`` consecutive positions
+        (wrapping at the end, so every position is equally likely): a gather then reads
+        whole cache lines instead of one value per line.
+        """
         sizes = tuple(t.numel() for t in group)
         total = sum(sizes)
-        if total <= self.sample:
+        if total <= size:
             return None, 1.0
         device = group[0].device
-        key = (gi, sizes, device)
+        key = (gi, size, run, sizes, device)
         index = self._sample_index.get(key)
         if index is None:
             # Drawn once: the same positions every call give smooth curves and cost one
             # index_select per tensor; being independent of the values, the sample's error
-            # bound holds at every call.
-            positions = (
-                torch.randint(
-                    total, (self.sample,), device=device, generator=self._generator(device)
-                )
-                .sort()
-                .values
-            )
-            ends = torch.tensor(sizes, device=device).cumsum(0)
-            cuts = torch.searchsorted(positions, ends).tolist()
+            # bound holds at every call. Drawn on the CPU, so that splitting them between
+            # the tensors reads nothing back from an accelerator.
+            cpu = torch.device("cpu")
+            gen = self._generator(cpu)
+            starts = torch.randint(total, (size // run, 1), generator=gen)
+            positions = (starts + torch.arange(run)).remainder_(total)
+            positions = positions.reshape(-1).sort().values
+            cuts = torch.searchsorted(positions, torch.tensor(sizes).cumsum(0)).tolist()
             index, start, offset = [], 0, 0
             for n, cut in zip(sizes, cuts, strict=True):
-                index.append((positions[start:cut] - offset).to(torch.int32))
+                part = (positions[start:cut] - offset).to(torch.int32)
+                index.append(part if device == cpu else part.to(device))
                 start, offset = cut, offset + n
             self._sample_index[key] = index
-        return index, total / self.sample
+        return index, total / ((size // run) * run)
 
     # ------------------------------------------------------------------ update ratio
-    def _take_snapshot(self, step: int) -> None:
-        items: list[tuple[int, nn.Parameter, torch.Tensor, torch.Tensor | None, float]] = []
+    def _take_snapshot(self, step: int) -> dict[int, float]:
+        """Keeps the trainable weights (or their sample) as they are before the step.
+
+        Returns the squared norms measured while copying, by ``id`` of the parameter.
+        """
+        items: list[
+            tuple[int, nn.Parameter, torch.Tensor, torch.Tensor | None, float, float | None]
+        ] = []
+        measured: dict[int, float] = {}
         for gi, g in enumerate(self._groups):
             members = [p.param for p in g.params if p.param.requires_grad]
             flats = [_flat(p) for p in members]
             index: list[torch.Tensor] | None = None
             weight = 1.0
-            if self.sample is not None and flats:
-                index, weight = self._sample_positions(gi, flats)
+            if self.ratio_sample is not None and flats and gi not in self._exact_ratio_groups:
+                index, weight = self._sample_positions(gi, flats, self.ratio_sample, run=_RATIO_RUN)
             for k, (param, flat) in enumerate(zip(members, flats, strict=True)):
                 if index is None:
-                    items.append((gi, param, self._copy(param, flat), None, 1.0))
+                    before, sumsq = self._copy(param, flat)
+                    items.append((gi, param, before, None, 1.0, sumsq))
+                    if sumsq is not None:
+                        measured[id(param)] = sumsq
                 elif len(index[k]):
                     before = torch.index_select(flat, 0, index[k])
-                    items.append((gi, param, before, index[k], weight))
+                    items.append((gi, param, before, index[k], weight, None))
         self._snapshot = _Snapshot(step, items)
+        return measured
 
-    def _copy(self, param: nn.Parameter, flat: torch.Tensor) -> torch.Tensor:
-        """A copy of ``flat``; on the CPU into a buffer kept between scalar steps.
+    def _copy(self, param: nn.Parameter, flat: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+        """A copy of ``flat``, with its squared norm where the copy measured it.
 
-        Fresh 100 MB allocations on the CPU cost page faults on every scalar step;
-        accelerators' caching allocators reuse memory anyway, so there the copy is
-        released after the step.
+        On the CPU the copy goes into a buffer kept between scalar steps (fresh 100 MB
+        allocations cost page faults on every scalar step) and float32/float64 values
+        are measured chunk by chunk as they are copied. Accelerators' caching allocators
+        reuse memory anyway, so there the copy is released after the step, and nothing
+        is read on the host.
         """
         if flat.device.type != "cpu":
-            return flat.clone()
+            return flat.clone(), None
         buf = self._snap_buffers.get(id(param))
         if buf is None or buf.shape != flat.shape or buf.dtype != flat.dtype:
-            buf = flat.clone()
+            buf = torch.empty_like(flat)
             self._snap_buffers[id(param)] = buf
-            return buf
-        return buf.copy_(flat)
+        if flat.dtype in (torch.float32, torch.float64):
+            return buf, copy_sumsq_cpu(flat, buf)
+        return buf.copy_(flat), None
+
+    def _scratch(self, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._diff_scratch.get(dtype)
+        if buf is None:
+            buf = self._diff_scratch[dtype] = torch.empty(_FUSED_CHUNK, dtype=dtype)
+        return buf
 
     def _update_ratios(self, snap: _Snapshot) -> torch.Tensor:
         acc = self._zeros(len(self._groups), 2)
-        for gi, param, before, idx, weight in snap.items:
+        # Groups measured on the host (CPU tensors): summed here, added once.
+        host = [[0.0, 0.0] for _ in self._groups]
+        for gi, param, before, idx, weight, base_sumsq in snap.items:
             now = _flat(param)
+            if base_sumsq is not None:
+                # The copy measured ||w_before||; ||w_after - w_before|| in one fused pass.
+                host[gi][0] += diff_sumsq_cpu(now, before, self._scratch(before.dtype))
+                host[gi][1] += base_sumsq
+                continue
             if idx is not None:
                 now = torch.index_select(now, 0, idx)
-            if before.dtype in (torch.float32, torch.float64):
-                # ``before`` is the monitor's own copy: subtract in place, no temporary.
-                base = torch.linalg.vector_norm(before) ** 2
-                diff = torch.linalg.vector_norm(before.sub_(now)) ** 2
-            else:
-                diff = torch.linalg.vector_norm(now.float() - before.float()) ** 2
-                base = torch.linalg.vector_norm(before.float()) ** 2
+            if before.dtype not in (torch.float32, torch.float64):
+                before, now = before.float(), now.float()
+            if before.device.type == "cpu":  # host floats: no small-tensor arithmetic
+                host[gi][1] += sumsq_cpu(before) * weight
+                host[gi][0] += sumsq_cpu(before.sub_(now)) * weight
+                continue
+            # ``before`` is the monitor's own copy: subtract in place, no temporary.
+            base = torch.linalg.vector_norm(before) ** 2
+            diff = torch.linalg.vector_norm(before.sub_(now)) ** 2
             acc[gi, 0] += diff.to(acc.dtype) * weight
             acc[gi, 1] += base.to(acc.dtype) * weight
+        if any(a or b for a, b in host):
+            acc += torch.tensor(host, dtype=acc.dtype, device=acc.device)
         if self.sharded:
             torch.distributed.all_reduce(
                 acc, op=torch.distributed.ReduceOp.SUM, group=self.process_group
