@@ -1,8 +1,9 @@
-"""The straggler alert under real DDP: two CPU processes (gloo), Lightning's ``ddp_fork``.
+"""Alerts under real DDP: two CPU processes (gloo), Lightning's ``ddp_fork``.
 
 Under DDP the ranks meet in the gradient all-reduce of every step, so a slow rank makes
-the others wait and every rank's wall-clock step time is the same. The test checks that
-the monitor still names the rank that does the extra work.
+the others wait and every rank's wall-clock step time is the same. The tests check that
+the monitor still names the rank that does the extra work, and that ``on_alert="stop"``
+(an alert that only rank 0 sees) stops every rank at the same step.
 """
 
 from __future__ import annotations
@@ -38,14 +39,22 @@ BASE, EXTRA = 0.05, 0.075
 
 
 class Model(LightningModule):
-    def __init__(self, slow):
+    def __init__(self, slow, nan_from=None):
         super().__init__()
         self.slow = slow
+        self.nan_from = nan_from
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
 
     def training_step(self, batch, batch_idx):
         time.sleep(BASE + (EXTRA if self.slow and self.global_rank == 1 else 0.0))
-        return self.net(batch[0]).pow(2).mean()
+        loss = self.net(batch[0]).pow(2).mean()
+        if self.nan_from is not None and self.global_step >= self.nan_from:
+            loss = loss * float("nan")
+        return loss
+
+    def on_train_end(self):
+        print(f"RANK {self.global_rank} ENDED AT STEP {self.global_step}", flush=True)
+        self.trainer.strategy.barrier()
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -55,19 +64,20 @@ if __name__ == "__main__":
     out = sys.argv[1]
     torch.set_num_threads(1)
     data = TensorDataset(torch.randn(2 * 4 * 65, 8))
-    for name in ("slow", "even"):
+    for name in ("slow", "even", "stop"):
         trainer = Trainer(
             accelerator="cpu",
             devices=2,
             strategy="ddp_fork",
             max_steps=65,  # six checks (steps 10..60) for a patience of 3
             logger=TBXLogger(out, name=name, version=0, flush_secs=0.1),
-            callbacks=[TrainingMonitor()],
+            callbacks=[TrainingMonitor(on_alert="stop" if name == "stop" else "warn")],
             enable_progress_bar=False,
             enable_checkpointing=False,
             enable_model_summary=False,
         )
-        trainer.fit(Model(name == "slow"), DataLoader(data, batch_size=4))
+        model = Model(name == "slow", nan_from=24 if name == "stop" else None)
+        trainer.fit(model, DataLoader(data, batch_size=4))
         print("FIT DONE", name, flush=True)
 """
 
@@ -108,7 +118,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ) from None
     text = out.decode(errors="replace")
     assert proc.returncode == 0, text[-4000:]
-    assert text.count("FIT DONE") == 2, text[-4000:]
+    assert text.count("FIT DONE") == 3, text[-4000:]
+    (root / "logs" / "stdout.txt").write_text(text)
     return root / "logs"
 
 
@@ -146,3 +157,17 @@ def test_two_ranks_compare_with_the_other_rank() -> None:
     assert "median 100.0 ms of the other 1 ranks" in alert.message
     checks.check_step_times(2, [0.10, 0.12])  # within 1.25x: the streak ends
     assert checks.counts == {("straggler", "rank 1"): 1}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_stop_on_alert_stops_every_rank_at_the_same_step(runs: Path) -> None:
+    # The loss turns NaN at step 24; rank 0 reads it at the flush of the check at step
+    # 30, and both ranks end that step: no rank waits in a collective the other left.
+    text = (runs / "stdout.txt").read_text().split("FIT DONE even")[1]
+    ends = sorted(line for line in text.splitlines() if line.startswith("RANK "))
+    assert ends == ["RANK 0 ENDED AT STEP 31", "RANK 1 ENDED AT STEP 31"], text[-3000:]
+    acc = read(runs / "stop" / "version_0")
+    assert "| nonfinite_loss |" in alert_text(acc)
+    checkpoints = list((runs / "stop" / "version_0" / "checkpoints").glob("alert-step=*.ckpt"))
+    assert [p.name for p in checkpoints] == ["alert-step=31.ckpt"]

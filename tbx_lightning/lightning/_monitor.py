@@ -59,6 +59,8 @@ class TrainingMonitor(Callback):
         norm_every_n_steps: Period of the scalar statistics; 0 turns them off.
         bins: Histogram bins, 2 to 1024.
         sample: ``None`` for exact histograms, or elements sampled per group.
+        ratio_sample: Positions per group the update ratio compares; ``None`` for an
+            exact ratio (a copy of every trainable weight on scalar steps).
         log_weights: Log weight histograms and norms.
         log_grads: Log gradient histograms and norms.
         log_update_ratio: Log the update/weight ratio.
@@ -77,6 +79,8 @@ class TrainingMonitor(Callback):
         flops_per_step: FLOPs of one optimizer step; ``None`` counts them once.
         peak_flops: The device's peak FLOP/s; ``None`` looks it up by device name.
         count_flops: Count the FLOPs of the first batch when ``flops_per_step`` is unset.
+        stragglers: Under DDP/FSDP, share each rank's step time and alert on a rank that
+            is consistently slower than the others.
 
     Example:
         >>> from lightning.pytorch import Trainer
@@ -96,6 +100,7 @@ class TrainingMonitor(Callback):
         norm_every_n_steps: int = 10,
         bins: int = 64,
         sample: int | None = None,
+        ratio_sample: int | None = 65536,
         log_weights: bool = True,
         log_grads: bool = True,
         log_update_ratio: bool = True,
@@ -110,6 +115,7 @@ class TrainingMonitor(Callback):
         flops_per_step: float | None = None,
         peak_flops: float | None = None,
         count_flops: bool = True,
+        stragglers: bool = True,
     ) -> None:
         super().__init__()
         self._options: dict[str, Any] = {
@@ -119,6 +125,7 @@ class TrainingMonitor(Callback):
             "norm_every_n_steps": norm_every_n_steps,
             "bins": bins,
             "sample": sample,
+            "ratio_sample": ratio_sample,
             "log_weights": log_weights,
             "log_grads": log_grads,
             "log_update_ratio": log_update_ratio,
@@ -131,6 +138,7 @@ class TrainingMonitor(Callback):
             "flops_per_step": flops_per_step,
             "peak_flops": peak_flops,
             "count_flops": count_flops,
+            "stragglers": stragglers,
         }
         # Validate now, on a throwaway module, so a bad option fails at construction.
         ModelMonitor(torch.nn.Linear(1, 1), None, **{**self._options, "sharded": False})
@@ -215,7 +223,15 @@ class TrainingMonitor(Callback):
         monitor.log_memory(self._step)
         stop = monitor.should_stop
         if trainer.world_size > 1:
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+            # Alerts fire on rank 0, at the flush of a scalar step. Only then, and only
+            # when an alert can stop the fit, do the ranks agree on it: one collective
+            # per interval rather than per step.
+            can_stop = self._options["on_alert"] == "stop" and self._options["alerts"] is not False
+            stop = (
+                trainer.strategy.reduce_boolean_decision(stop, all=False)
+                if can_stop and monitor.is_norm_step(self._step)
+                else False
+            )
         if stop and not trainer.should_stop:
             self._stop(trainer)
 
