@@ -1,7 +1,7 @@
 """What the default monitor adds to a training step, side by side with no logger.
 
 Model: a 6-layer MLP of width 2048 (about 25 M parameters), batch 8, Adam, fitted on
-the CPU by Lightning for ``--steps`` steps. Four set-ups:
+the CPU by Lightning for ``--steps`` steps. Four set-ups, one ``Trainer.fit`` each:
 
 - ``logger=False``: no logger, no callbacks;
 - ``TensorBoardLogger``: Lightning's stock logger;
@@ -9,16 +9,25 @@ the CPU by Lightning for ``--steps`` steps. Four set-ups:
 - ``TBXLogger + TrainingMonitor()``: the default monitor (histograms every 100 steps,
   scalars and alerts every 10).
 
-Made for a small shared machine, where other processes come and go: the set-ups run in
-``--repeat`` rounds, each round every set-up once in a shuffled order, so a burst of
-load hits every set-up alike. A fit's figure is its mean wall time per step after
-``--warmup`` steps (the mean, not a median of steps, so the monitor's every-tenth-step
-work counts). Each set-up's overhead is taken per round, against the ``logger=False``
-fit of the same round, and the median over rounds is reported with the range; the
-process CPU time per step (all threads) is reported beside the wall time. The load
-average before and after says how quiet the machine was.
+Lock-step: the four fits run at once, each in its own thread, and take turns one
+training step at a time (a baton passed in ``on_train_batch_start``; the order is
+shuffled every cycle). A step is timed from its batch start to the next one, so it
+holds everything the loop does for it (forward, backward, optimizer, callbacks, the
+logger's write) and nothing of the other fits. Step ``k`` of every set-up is measured
+within the same fraction of a second, so the load that other tenants of a shared
+machine put on memory and CPU, which moves a whole fit's time by tens of percent, hits
+all four alike.
 
-    python benchmarks/bench_monitor_cost.py [--steps 100] [--repeat 5] [--threads 2]
+Reported per set-up, against ``logger=False`` after ``--warmup`` steps:
+
+- *whole fit*: total time of the measured steps over the baseline's total;
+- *per 10 steps*: the same ratio over each window of 10 aligned steps (one scalar step
+  of the monitor each), as the median and the 10th-90th percentiles over windows.
+
+The monitor's own time (inside its hooks) is reported beside it: the cost without the
+other set-ups in the figure at all.
+
+    python benchmarks/bench_monitor_cost.py [--steps 300] [--threads 2] [--seed 0]
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import os
 import random
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -41,6 +51,7 @@ from tbx_lightning import TBXLogger, TrainingMonitor
 
 WIDTH, LAYERS, BATCH = 2048, 6, 8
 EVERY = 10  # the logger's and the monitor's scalar interval (both defaults)
+SETUPS = ("logger=False", "TensorBoardLogger", "TBXLogger", "TBXLogger + TrainingMonitor()")
 
 
 class MLP(LightningModule):
@@ -61,53 +72,58 @@ class MLP(LightningModule):
         return torch.optim.Adam(self.parameters(), lr=1e-4)
 
 
-class StepClock(Callback):
-    """Wall and CPU time of the steps after ``warmup``, each step's wall time kept."""
+class Baton:
+    """Lets one fit at a time run a training step; the order is shuffled every cycle."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start = self.end = 0.0
-        self.cpu_start = self.cpu_end = 0.0
-        self.steps = 0
-        self.last = 0.0
-        # wall time per step, by whether the step is a logging/scalar step (every 10th)
-        self.interval: list[float] = []
-        self.other: list[float] = []
+    def __init__(self, names: list[str], seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.active = list(names)
+        self.cycle = list(names)
+        self.cond = threading.Condition()
+
+    def wait(self, name: str) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.cycle[0] == name)
+
+    def done(self, name: str, leaving: bool = False) -> None:
+        with self.cond:
+            if leaving:
+                self.active.remove(name)
+            if name in self.cycle:
+                self.cycle.remove(name)
+            if not self.cycle and self.active:
+                self.cycle = self.rng.sample(self.active, len(self.active))
+            self.cond.notify_all()
+
+
+class LockStep(Callback):
+    """Times each training step of its fit, running only while it holds the baton."""
+
+    def __init__(self, baton: Baton, name: str) -> None:
+        self.baton, self.name = baton, name
+        self.times: list[float] = []
+        self.start: float | None = None
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            self.start = self.last = time.perf_counter()
-            self.cpu_start = time.process_time()
+        if self.start is not None:
+            self.times.append(time.perf_counter() - self.start)
+            self.baton.done(self.name)
+        self.baton.wait(self.name)
+        self.start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: Trainer, *args: Any) -> None:
-        now = time.perf_counter()
-        self.end, self.cpu_end = now, time.process_time()
-        step = trainer.global_step - 1  # the step that just ended
-        if step >= self.warmup:
-            (self.interval if step % EVERY == 0 else self.other).append(now - self.last)
-        self.last = now
-        self.steps = trainer.global_step - self.warmup
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.start is not None:
+            self.times.append(time.perf_counter() - self.start)
+        self.baton.done(self.name, leaving=True)
 
-    def per_step(self) -> tuple[float, float, float]:
-        """Mean wall, mean CPU, and robust wall time per step.
-
-        The robust figure weighs the median every-10th step and the median other step
-        by how often each occurs: a burst of load lengthens a few steps and moves the
-        mean, not the medians, while the monitor's every-10th-step work still counts.
-        """
-        steps = max(self.steps, 1)
-        robust = (
-            statistics.median(self.interval) + (EVERY - 1) * statistics.median(self.other)
-        ) / EVERY
-        return (self.end - self.start) / steps, (self.cpu_end - self.cpu_start) / steps, robust
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, error: BaseException
+    ) -> None:
+        self.baton.done(self.name, leaving=True)
 
 
 class TimedMonitor(TrainingMonitor):
-    """``TrainingMonitor()`` that adds up the wall time spent in its own hooks.
-
-    The sum is the monitor's work itself, with no other step in the comparison, so it
-    is far less exposed to other processes than a difference of two fits.
-    """
+    """``TrainingMonitor()`` that adds up the wall time spent in its own hooks."""
 
     def __init__(self, warmup: int) -> None:
         super().__init__()
@@ -139,20 +155,18 @@ class TimedMonitor(TrainingMonitor):
         self._timed(trainer, super().on_train_batch_end, trainer, *args)
 
 
-def fit_once(setup: str, steps: int, warmup: int, root: str) -> tuple[float, float, float, float]:
-    """Mean wall, mean CPU, robust wall, and the monitor's own time, per step."""
+def build(setup: str, baton: Baton, steps: int, warmup: int, root: str) -> dict[str, Any]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(steps * BATCH, WIDTH), torch.randn(steps * BATCH, WIDTH))
-    clock = StepClock(warmup)
+    clock = LockStep(baton, setup)
     callbacks: list[Callback] = [clock]
     logger: Any = False
     if setup == "TensorBoardLogger":
         logger = TensorBoardLogger(root, name="stock")
     elif setup.startswith("TBXLogger"):
-        logger = TBXLogger(root, name="tbx")
-    monitor = None
-    if setup.endswith("TrainingMonitor()"):
-        monitor = TimedMonitor(warmup)
+        logger = TBXLogger(root, name="tbx" + ("_monitor" if "Monitor" in setup else ""))
+    monitor = TimedMonitor(warmup) if setup.endswith("TrainingMonitor()") else None
+    if monitor is not None:
         callbacks.append(monitor)
     trainer = Trainer(
         max_steps=steps,
@@ -164,84 +178,80 @@ def fit_once(setup: str, steps: int, warmup: int, root: str) -> tuple[float, flo
         enable_checkpointing=False,
         log_every_n_steps=EVERY,
     )
-    trainer.fit(MLP(), DataLoader(data, batch_size=BATCH))
-    inside = 0.0 if monitor is None else monitor.inside / max(clock.steps, 1)
-    return (*clock.per_step(), inside)
-
-
-def _ms(values: list[float]) -> str:
-    return (
-        f"{statistics.median(values) * 1e3:8.2f} [{min(values) * 1e3:.1f}-{max(values) * 1e3:.1f}]"
-    )
+    return {
+        "trainer": trainer,
+        "model": MLP(),
+        "data": DataLoader(data, batch_size=BATCH),
+        "clock": clock,
+        "monitor": monitor,
+    }
 
 
 def _pct(values: list[float]) -> str:
-    return f"{statistics.median(values):+6.1f}% [{min(values):+.1f}% to {max(values):+.1f}%]"
+    deciles = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+    return f"{statistics.median(values):+6.1f}% [{deciles[0]:+.1f}% to {deciles[-1]:+.1f}%]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the round order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the turn order")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    setups = [
-        "logger=False",
-        "TensorBoardLogger",
-        "TBXLogger",
-        "TBXLogger + TrainingMonitor()",
-    ]
-    order = random.Random(args.seed)
-    names = ("wall", "robust", "CPU")
-    times: dict[str, dict[str, list[float]]] = {n: {s: [] for s in setups} for n in names}
-    own: list[float] = []  # the monitor's hooks, per step
-    own_share: list[float] = []  # ... over the rest of the same fit's step, in %
+    baton = Baton(list(SETUPS), args.seed)
     load_before = os.getloadavg()[0]
+    errors: list[BaseException] = []
     with tempfile.TemporaryDirectory() as root:
-        for round_ in range(args.repeat):
-            shuffled = list(setups)
-            order.shuffle(shuffled)
-            for setup in shuffled:
-                wall, cpu, robust, inside = fit_once(setup, args.steps, args.warmup, root)
-                if setup.endswith("TrainingMonitor()"):
-                    own.append(inside)
-                    own_share.append(100 * inside / max(wall - inside, 1e-9))
-                for name, value in zip(names, (wall, robust, cpu), strict=True):
-                    times[name][setup].append(value)
-                print(
-                    f"# round {round_}: {setup}: {wall * 1e3:.2f} ms/step wall (mean), "
-                    f"{robust * 1e3:.2f} robust, {cpu * 1e3:.2f} CPU"
-                    + (f", {inside * 1e3:.2f} in the monitor" if inside else ""),
-                    flush=True,
-                )
+        fits = {s: build(s, baton, args.steps, args.warmup, root) for s in SETUPS}
+
+        def run(fit: dict[str, Any]) -> None:
+            try:
+                fit["trainer"].fit(fit["model"], fit["data"])
+            except BaseException as error:  # reported after the join
+                errors.append(error)
+
+        threads = [threading.Thread(target=run, args=(fits[s],), name=s) for s in SETUPS]
+        began = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        took = time.perf_counter() - began
+    if errors:
+        raise errors[0]
     load_after = os.getloadavg()[0]
+    times = {s: fits[s]["clock"].times[args.warmup : args.steps] for s in SETUPS}
+    n = min(len(t) for t in times.values())
+    base = times["logger=False"][:n]
     params = sum(p.numel() for p in MLP().parameters())
     print(
         f"{LAYERS}-layer MLP, width {WIDTH}, {params / 1e6:.1f} M parameters, batch {BATCH}, "
-        f"{args.steps} steps, {args.threads} threads, {args.repeat} rounds, "
-        f"{os.cpu_count()} CPUs, 1-min load average {load_before:.1f} before, "
-        f"{load_after:.1f} after"
+        f"{args.steps} steps in lock-step ({n} measured after {args.warmup}), "
+        f"{args.threads} threads, {os.cpu_count()} CPUs, {took:.0f} s, 1-min load average "
+        f"{load_before:.1f} before, {load_after:.1f} after"
     )
     print(
-        "median over rounds [min-max]; overheads paired per round with logger=False; "
-        "robust = (median 10th step + 9 x median other step) / 10"
+        f"{'set-up':30} {'median ms/step':>15} {'whole fit':>10} "
+        f"{'per 10 steps: median [p10 to p90]':>36}"
     )
+    for setup in SETUPS:
+        mine = times[setup][:n]
+        whole = 100 * (sum(mine) / sum(base) - 1)
+        windows = [
+            100 * (sum(mine[i : i + EVERY]) / sum(base[i : i + EVERY]) - 1)
+            for i in range(0, n - EVERY + 1, EVERY)
+        ]
+        print(
+            f"{setup:30} {statistics.median(mine) * 1e3:15.2f} {whole:+9.1f}% {_pct(windows):>36}"
+        )
+    monitor = fits["TBXLogger + TrainingMonitor()"]["monitor"]
+    inside = monitor.inside / n
+    rest = sum(times["TBXLogger + TrainingMonitor()"][:n]) / n - inside
     print(
-        f"{'set-up':30} {'robust ms/step':>22} " + " ".join(f"{n + ' overhead':>28}" for n in names)
-    )
-    for setup in setups:
-        cells = []
-        for name in names:
-            base = times[name]["logger=False"]
-            over = [100 * (t / b - 1) for t, b in zip(times[name][setup], base, strict=True)]
-            cells.append(f"{_pct(over):>28}")
-        print(f"{setup:30} {_ms(times['robust'][setup]):>22} " + " ".join(cells))
-    print(
-        f"time inside the monitor's hooks: {_ms(own)} ms/step, {_pct(own_share)} of the "
-        "rest of the same fit's step (the least exposed figure to other processes)"
+        f"time inside the monitor's hooks: {inside * 1e3:.2f} ms/step, "
+        f"{100 * inside / rest:.1f}% of the rest of its step"
     )
 
 
