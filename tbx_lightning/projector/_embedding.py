@@ -368,17 +368,11 @@ def log_embedding(
     if label_img is not None:
         _check_image_count(label_img, total)
 
-    # Everything but the tensor is built before any file is touched.
-    metadata_bytes = None
-    if columns is not None:
-        metadata_bytes = _metadata_tsv(header, columns, index)
-    sprite_bytes = None
-    thumb = None
-    if label_img is not None:
-        sprite_bytes, thumb = _sprite_png(label_img, index)
-    sample_bytes = None
-    if index is not None:
-        sample_bytes = _sample_json(seed, max_points, total, index)
+    # The side files (labels, sprite, sample) are built on a helper thread while this
+    # one streams the tensor: building them is Python work, the write is the kernel's
+    # copy into the page cache (the GIL released), so on two cores they overlap. Both
+    # finish before the config names the entry: an error in either leaves none.
+    side = files.Background(_side_files, header, columns, label_img, index, seed, max_points, total)
 
     fs = run.fs
     run_path: str = getattr(run, "path", None) or run._path
@@ -390,9 +384,10 @@ def log_embedding(
         rel_folder = f"{tag_dir}/{files.new_folder_name(step)}"
         folder = _fs.join(fs, run_path, *rel_folder.split("/"))
         written: dict[str, str] = {}
-        files.make_folder(fs, folder)
         try:
+            files.make_folder(fs, folder)
             tensor_path, stats = files.write_matrix(fs, folder, source, index)
+            metadata_bytes, sprite_bytes, thumb, sample_bytes = side.result()
             for filename, data in (
                 (_METADATA, metadata_bytes),
                 (_SPRITE, sprite_bytes),
@@ -403,6 +398,7 @@ def log_embedding(
                     files.write_new(fs, path, data)
                     written[filename] = path
         except BaseException:
+            side.wait()
             files.remove_folder(fs, folder)  # never named by the config: nothing changes
             raise
         tensor_file = "tensors.tsv" if stats.tensor_format == "tsv" else "tensors.bin"
@@ -453,6 +449,26 @@ def log_embedding(
         seed=seed if index is not None else None,
         sample_path=url(_SAMPLE),
     )
+
+
+def _side_files(
+    header: list[str] | None,
+    columns: list[list[Any]] | None,
+    label_img: Any,
+    index: np.ndarray | None,
+    seed: int,
+    max_points: int | None,
+    total: int,
+) -> tuple[bytes | None, bytes | None, int | None, bytes | None]:
+    """The bytes of ``metadata.tsv``, ``sprite.png`` (and its thumbnail size), ``sample.json``."""
+    metadata_bytes = None if columns is None else _metadata_tsv(header, columns, index)
+    sprite_bytes = thumb = None
+    if label_img is not None:
+        sprite_bytes, thumb = _sprite_png(label_img, index)
+    sample_bytes = None
+    if index is not None:
+        sample_bytes = _sample_json(seed, max_points, total, index)
+    return metadata_bytes, sprite_bytes, thumb, sample_bytes
 
 
 # ---------------------------------------------------------------------- config entries

@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -149,6 +150,33 @@ def _convert_into(
     np.copyto(out, rows, casting="unsafe")
 
 
+class Background:
+    """Runs ``fn(*args)`` on a helper thread; :meth:`result` joins it and returns or raises."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, args), name="tbx-projector-files", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, fn: Any, args: tuple[Any, ...]) -> None:
+        try:
+            self._value = fn(*args)
+        except BaseException as error:  # handed to the caller by result()
+            self._error = error
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def _count_bad_rows(block: np.ndarray) -> int:
     # A float32 sum is one fast pass; NaN and Inf propagate into it. A sum that
     # overflows from finite values is caught by the exact check that follows.
@@ -210,15 +238,26 @@ def write_matrix(
     name = "tensors.tsv" if as_text else "tensors.bin"
     path = _fs.join(fs, folder, name)
     bad_rows = 0
+    # A matrix written from its own memory is checked for NaN/Inf on a helper thread
+    # while the kernel copies it (numpy's sum releases the GIL): the check costs no time.
+    whole = None if as_text or index is not None else _zero_copy_array(source)
+    checker = None if whole is None else Background(_count_bad_rows, whole)
+    if whole is not None and _fs.is_local(fs):
+        # Unbuffered local file: one write call hands the kernel the whole matrix. (A
+        # remote file buffers what it is given, so there blocks keep memory bounded.)
+        block, chunks = whole, iter(())
     with _open_new(fs, path) as handle:
         while block is not None:
             if as_text:
                 handle.write(_tsv_rows(block))
             else:
                 _write_all(handle, block.data.cast("B"))
-            bad_rows += _count_bad_rows(block)  # after the write: the block is still in cache
+            if checker is None:
+                bad_rows += _count_bad_rows(block)  # after the write: the block is in cache
             block = None  # dropped before the next one is made: one block at a time
             block = next(chunks, None)
+    if checker is not None:
+        bad_rows = checker.result()
     stats = MatrixStats(total, dim, "tsv" if as_text else "float32", bad_rows)
     return path, stats
 
