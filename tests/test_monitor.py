@@ -426,33 +426,56 @@ class Sparse(nn.Module):
         super().__init__()
         self.emb = nn.Embedding(20_000, 64)  # one row trains per step
         self.lin = nn.Linear(64, 2048)  # has gradients, but is left out of the optimizer
+        self.head = nn.Linear(2048, 1)  # trains densely
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.lin(self.emb(ids)).sum()
+        return self.head(self.lin(self.emb(ids))).sum()
 
 
-def test_sampled_ratio_missing_a_sparse_update_is_not_called_stuck(tmp_path: Path) -> None:
+def sparse_fit(tmp_path: Path, steps: int, lr: float = 0.1) -> tuple[ModelMonitor, dict]:
     torch.manual_seed(0)
     model = Sparse()
-    opt = torch.optim.SGD(model.emb.parameters(), lr=0.1)
+    params = [*model.emb.parameters(), *model.head.parameters()]
+    opt = torch.optim.SGD(params, lr=lr)
     run = RunWriter(tmp_path)
     monitor = ModelMonitor(model, run, hist_every_n_steps=0, norm_every_n_steps=1)
     monitor.attach(opt)
-    for step in range(8):
+    for step in range(steps):
         model(torch.tensor([step * 997])).backward()
         monitor.after_backward(step)
         opt.step()
         opt.zero_grad()
     run.close()
-    ratios = scalars(read(tmp_path), "vitals/update_ratio/emb")
-    # 64 of 1.28 M weights change per step: the sample misses them at the first check;
-    # from then on the embedding is compared whole and its true ratio shows.
-    assert ratios[0] == 0.0
-    assert all(r > 0.0 for step, r in ratios.items() if step > 0), ratios
+    acc = read(tmp_path)
+    return monitor, {g: scalars(acc, f"vitals/update_ratio/{g}") for g in ("emb", "lin", "head")}
+
+
+def test_sampled_ratio_missing_a_sparse_update_is_not_called_stuck(tmp_path: Path) -> None:
+    monitor, ratios = sparse_fit(tmp_path, 8)
+    # 64 of 1.28 M embedding weights change per step: the sample misses them at most
+    # checks (each misses a given row with probability 0.78). The check after the first
+    # miss compares the embedding whole, finds it moving, and keeps comparing it whole:
+    # its curve shows its true ratio from then on.
+    missed = [step for step, r in sorted(ratios["emb"].items()) if r == 0.0]
+    assert missed, ratios["emb"]
+    assert all(r > 0.0 for step, r in ratios["emb"].items() if step > missed[0]), ratios["emb"]
+    assert monitor._ratio_sparse == {0}
     # Only the layer outside the optimizer is stuck. Its 133,120 weights are sampled too:
     # the sampled 0 at step 0 is confirmed whole at steps 1-3 (patience 3).
     stuck = [(a.where, a.step) for a in monitor.alerts if a.kind == "not_training"]
     assert stuck == [("lin", 3)]
+    assert 1 not in monitor._ratio_sparse
+
+
+def test_a_step_that_moved_nothing_copies_nothing_whole(tmp_path: Path) -> None:
+    # lr=0 (a warm-up's first step, a skipped step): every ratio is 0, and no sampled
+    # group is compared whole for it. The small head, compared whole anyway, is named
+    # beside the zero learning rate; the sampled layers are not.
+    monitor, ratios = sparse_fit(tmp_path, 3, lr=0.0)
+    assert all(v == 0.0 for r in ratios.values() for v in r.values())
+    assert monitor._ratio_whole == {} and monitor._ratio_sparse == set()
+    fired = {(a.kind, a.where) for a in monitor.alerts}
+    assert fired == {("not_training", "head"), ("lr_zero", "group_0")}
 
 
 def test_device_path_matches_cpu_path() -> None:

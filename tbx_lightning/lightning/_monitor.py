@@ -225,7 +225,8 @@ class TrainingMonitor(Callback):
         if trainer.world_size > 1:
             # Alerts fire on rank 0, at the flush of a scalar step. Only then, and only
             # when an alert can stop the fit, do the ranks agree on it: one collective
-            # per interval rather than per step.
+            # per scalar step (per micro-batch of it under gradient accumulation) rather
+            # than per batch. Every rank sees the same options and global step.
             can_stop = self._options["on_alert"] == "stop" and self._options["alerts"] is not False
             stop = (
                 trainer.strategy.reduce_boolean_decision(stop, all=False)

@@ -143,7 +143,7 @@ class _Binner:
         # Norm, minimum, maximum and sum chunk by chunk: each chunk is read from memory
         # once and the other reductions find it in cache.
         sumsq_all, lo, hi, total = 0.0, math.inf, -math.inf, 0.0
-        sum_dtype = torch.float64 if x.dtype == torch.float64 else None
+        sum_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         for start in range(0, x.numel(), _FUSED_CHUNK * 2):
             chunk = x[start : start + _FUSED_CHUNK * 2]
             sumsq_all += _chunk_sumsq(chunk)

@@ -201,13 +201,16 @@ class ModelMonitor:
     replacement; a group that small or smaller is compared whole), so a scalar step
     copies a few hundred KiB rather than the model. Both norms of the ratio come from the
     same positions; for weights and updates of similar spread the ratio's relative
-    standard error is about ``1 / sqrt(ratio_sample)`` (0.4% at the default).
+    standard error is about ``1 / sqrt(ratio_sample)`` (0.4% at the default; values
+    correlated within a run of 16 widen it, to at most 1.6%).
     ``ratio_sample=None`` copies every trainable weight for an exact ratio (memory: one
     copy of the trainable parameters, held from ``after_backward`` to
     ``after_optimizer_step`` on scalar steps only). A sample can miss a sparse update
     (an embedding of which a few rows train per step), so a sampled ratio of 0 does not
-    count towards ``not_training``: from the next check on, that group's weights are
-    compared whole.
+    count towards ``not_training``: that group is compared whole for the next
+    ``patience`` checks, and from then on if it moved (it trains sparsely). A step where
+    no group moved (a zero learning rate, a skipped step) starts no whole comparison.
+    Sharded parameters are compared whole, each rank its own shard.
 
     Sharded parameters (FSDP2/DTensor, FSDP with ``use_orig_params=True``, DeepSpeed
     ZeRO-3) are handled by letting each rank bin its own shard, then summing counts and
@@ -343,15 +346,16 @@ class ModelMonitor:
         self.reset_peak_memory = reset_peak_memory
         self.unavailable: dict[str, str] = {}
         self._seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._generators: dict[int, torch.Generator] = {}
         self._binner = _Binner(bins)
         # (group, sample size, run length, tensor sizes, device) -> positions per tensor
         self._sample_index: dict[
             tuple[int, int, int, tuple[int, ...], torch.device], list[torch.Tensor]
         ] = {}
-        # Groups whose update ratio is measured on every weight, though ``ratio_sample``
-        # is set: their sampled ratio read 0, which only a whole copy can confirm.
-        self._exact_ratio_groups: set[int] = set()
+        # Confirming a sampled update ratio of 0: group -> scalar checks left to compare
+        # it whole; and the groups found to train sparsely, compared whole from then on.
+        self._ratio_whole: dict[int, int] = {}
+        self._ratio_sparse: set[int] = set()
         self._groups: list[_Group] = []
         self._params: list[_Param] = []
         named = list(model.named_parameters())
@@ -826,10 +830,7 @@ class ModelMonitor:
             rows = take(values.numel())
             ratios = {names[i]: rows[i] for i in range(len(names)) if mask[i]}
             scalars.update({f"vitals/update_ratio/{k}": v for k, v in ratios.items()})
-            # A sample can miss a sparse update (an embedding of which a few rows train):
-            # a sampled 0 is compared whole from the next check on before it counts.
-            unconfirmed = {names[i] for i in sampled if mask[i] and rows[i] == 0.0}
-            self._exact_ratio_groups.update(i for i in sampled if mask[i] and rows[i] == 0.0)
+            unconfirmed = self._confirm_zero_ratios(sampled, mask, rows)
             if checks is not None:
                 checks.check_update_ratios(step, ratios, unconfirmed=unconfirmed)
         if "lr" in staged:
@@ -863,6 +864,44 @@ class ModelMonitor:
             self.sink.log_scalars(scalars, step)
         if checks is not None:
             checks.publish(step)
+
+    def _ratio_sampled(self, gi: int) -> bool:
+        """Whether this scalar step compares group ``gi``'s weights at sampled positions."""
+        return (
+            self.ratio_sample is not None
+            and not self.sharded
+            and gi not in self._ratio_whole
+            and gi not in self._ratio_sparse
+        )
+
+    def _confirm_zero_ratios(
+        self, sampled: list[int], mask: list[bool], ratios: list[float]
+    ) -> set[str]:
+        """The groups whose ratio of 0 does not count as not training (yet).
+
+        A sample can miss a sparse update (an embedding of which a few rows train per
+        step). A sampled 0 is therefore compared whole for the next ``patience`` checks,
+        which either show the group stuck (the alert counts those; then it goes back to
+        the sample) or show it moving: it trains sparsely and is compared whole from then
+        on, so its curve shows its true ratio. A step where no group moved at all (a zero
+        learning rate, a skipped step) starts no whole comparison: that would copy the
+        whole model for nothing.
+        """
+        for gi in list(self._ratio_whole):
+            if ratios[gi] > 0.0:
+                self._ratio_sparse.add(gi)
+                del self._ratio_whole[gi]
+            else:
+                self._ratio_whole[gi] -= 1
+                if self._ratio_whole[gi] <= 0:
+                    del self._ratio_whole[gi]
+        zeros = [gi for gi in sampled if mask[gi] and ratios[gi] == 0.0]
+        moved = any(mask[gi] and ratios[gi] > 0.0 for gi in range(len(ratios)))
+        if self._alerts is not None and moved:
+            for gi in zeros:
+                if gi not in self._ratio_sparse:
+                    self._ratio_whole[gi] = self._alerts.rules.patience
+        return {self._groups[gi].name for gi in zeros}
 
     def _changing(self, step: int, values: Mapping[str, float]) -> dict[str, float]:
         """Learning rates and momenta, once they differ from their first value.
@@ -1065,13 +1104,14 @@ class ModelMonitor:
     ) -> torch.Tensor:
         return self._moments(tensors, full=False, known=known)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        gen = self._generators.get(device)
+    def _generator(self, stream: int) -> torch.Generator:
+        """A CPU generator per sample kind (0: histograms, 1: update ratio) and rank."""
+        gen = self._generators.get(stream)
         if gen is None:
-            gen = torch.Generator(device=device)
+            gen = torch.Generator()
             rank = torch.distributed.get_rank() if self.sharded else 0
-            gen.manual_seed(self._seed + 1000003 * rank)
-            self._generators[device] = gen
+            gen.manual_seed(self._seed + 1000003 * rank + 7919 * stream)
+            self._generators[stream] = gen
         return gen
 
     def _histograms(self, tensors: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1131,14 +1171,16 @@ class ModelMonitor:
         return torch.cat(picks), weight
 
     def _sample_positions(
-        self, gi: int, group: list[torch.Tensor], size: int, run: int = 1
+        self, gi: int, group: list[torch.Tensor], size: int, *, ratio: bool = False
     ) -> tuple[list[torch.Tensor] | None, float]:
         """Per tensor, ``size`` sampled positions (None: the group is small, take it all).
 
-        ``run > 1`` draws ``size // run`` uniform starts of ``run`` consecutive positions
-        (wrapping at the end, so every position is equally likely): a gather then reads
-        whole cache lines instead of one value per line.
+        Histograms draw single positions. The update ratio (``ratio=True``) draws
+        ``size // 16`` uniform starts of 16 consecutive positions (wrapping at the end, so
+        every position is equally likely): its gather reads whole cache lines instead of
+        one value per line. Each kind has its own generator, so one does not move the other.
         """
+        run = _RATIO_RUN if ratio else 1
         sizes = tuple(t.numel() for t in group)
         total = sum(sizes)
         if total <= size:
@@ -1152,7 +1194,7 @@ class ModelMonitor:
             # bound holds at every call. Drawn on the CPU, so that splitting them between
             # the tensors reads nothing back from an accelerator.
             cpu = torch.device("cpu")
-            gen = self._generator(cpu)
+            gen = self._generator(1 if ratio else 0)
             starts = torch.randint(total, (size // run, 1), generator=gen)
             positions = (starts + torch.arange(run)).remainder_(total)
             positions = positions.reshape(-1).sort().values
@@ -1180,8 +1222,9 @@ class ModelMonitor:
             flats = [_flat(p) for p in members]
             index: list[torch.Tensor] | None = None
             weight = 1.0
-            if self.ratio_sample is not None and flats and gi not in self._exact_ratio_groups:
-                index, weight = self._sample_positions(gi, flats, self.ratio_sample, run=_RATIO_RUN)
+            if self._ratio_sampled(gi) and flats:
+                assert self.ratio_sample is not None
+                index, weight = self._sample_positions(gi, flats, self.ratio_sample, ratio=True)
             for k, (param, flat) in enumerate(zip(members, flats, strict=True)):
                 if index is None:
                     before, sumsq = self._copy(param, flat)
