@@ -461,6 +461,26 @@ def test_bad_arguments_raise_and_write_nothing(
     with pytest.raises(error, match=match):
         log_embedding(run, "bad", torch.randn(3, 2), **kwargs)
     assert not (Path(run.log_dir) / pj.CONFIG_FILENAME).exists()
+    # Checked before any file is touched: not even the projector folder exists.
+    assert not (Path(run.log_dir) / "projector").exists()
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("this label cannot be printed")
+
+
+def test_an_error_while_building_the_labels_leaves_no_entry(run: RunWriter) -> None:
+    # The labels are made on a helper thread while the tensor is written; its error
+    # reaches the caller and the written tensor's folder is removed.
+    log_embedding(run, "ok", torch.randn(3, 2), step=0)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="cannot be printed"):
+        log_embedding(run, "bad", torch.randn(3, 2), metadata=["a", Unprintable(), "c"])
+    assert set(threading.enumerate()) <= before  # the helper thread was joined
+    config = pj.read_config(run.fs, run.log_dir)
+    assert [e.tensor_name for e in config.embeddings] == ["ok:00000000"]
+    assert list((Path(run.log_dir) / "projector" / pj.safe_tag("bad")).iterdir()) == []
 
 
 @pytest.mark.parametrize(

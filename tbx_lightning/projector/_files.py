@@ -179,11 +179,16 @@ class Background:
 
 def _count_bad_rows(block: np.ndarray) -> int:
     # A float32 sum is one fast pass; NaN and Inf propagate into it. A sum that
-    # overflows from finite values is caught by the exact check that follows.
+    # overflows from finite values is caught by the exact check that follows, made in
+    # blocks of rows so that its mask stays small next to a large matrix.
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(block.sum()):
             return 0
-    return int((~np.isfinite(block).all(axis=1)).sum())
+    rows = max(1, CHUNK_BYTES // max(1, block.shape[1] * 4))
+    return sum(
+        int((~np.isfinite(block[i : i + rows]).all(axis=1)).sum())
+        for i in range(0, block.shape[0], rows)
+    )
 
 
 def _valid_utf8(prefix: memoryview, final: bool) -> bool:
@@ -246,16 +251,20 @@ def write_matrix(
         # Unbuffered local file: one write call hands the kernel the whole matrix. (A
         # remote file buffers what it is given, so there blocks keep memory bounded.)
         block, chunks = whole, iter(())
-    with _open_new(fs, path) as handle:
-        while block is not None:
-            if as_text:
-                handle.write(_tsv_rows(block))
-            else:
-                _write_all(handle, block.data.cast("B"))
-            if checker is None:
-                bad_rows += _count_bad_rows(block)  # after the write: the block is in cache
-            block = None  # dropped before the next one is made: one block at a time
-            block = next(chunks, None)
+    try:
+        with _open_new(fs, path) as handle:
+            while block is not None:
+                if as_text:
+                    handle.write(_tsv_rows(block))
+                else:
+                    _write_all(handle, block.data.cast("B"))
+                if checker is None:
+                    bad_rows += _count_bad_rows(block)  # after the write: block in cache
+                block = None  # dropped before the next one is made: one block at a time
+                block = next(chunks, None)
+    finally:
+        if checker is not None:
+            checker.wait()  # also when the write failed
     if checker is not None:
         bad_rows = checker.result()
     stats = MatrixStats(total, dim, "tsv" if as_text else "float32", bad_rows)
