@@ -17,7 +17,7 @@
 Both outputs of part 1 are read back and compared with the input, so the numbers
 describe equal results.
 
-Run: ``python benchmarks/bench_projector.py [--points 20000] [--dim 256] [--repeats 20]
+Run: ``python benchmarks/bench_projector.py [--points 20000] [--dim 256] [--repeats 30]
 [--mem-rows 32000] [--mem-dim 4096]``
 """
 
@@ -277,7 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=20_000)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--mem-rows", type=int, default=32_000)
     parser.add_argument("--mem-dim", type=int, default=4096)
     parser.add_argument("--skip-memory", action="store_true")

@@ -371,58 +371,59 @@ def log_embedding(
         label_img = _image_tensor(label_img)
         _sprite_layout(total if index is None else len(index), *label_img.shape[2:])
 
-    # The side files (labels, sprite, sample) are built on a helper thread while this
-    # one streams the tensor: building them is Python work, the write is the kernel's
-    # copy into the page cache (the GIL released), so on two cores they overlap. Both
-    # finish before the config names the entry: an error in either leaves none.
-    side = files.Background(_side_files, header, columns, label_img, index, seed, max_points, total)
-    try:
-        fs = run.fs
-        run_path: str = getattr(run, "path", None) or run._path
-        with _run_lock(fs, run_path):
-            config = read_config(fs, run_path)
-            if step is None:
-                step = _next_step(config, tag)
-            tag_dir = f"{_SUBDIR}/{safe_tag(tag)}"
-            rel_folder = f"{tag_dir}/{files.new_folder_name(step)}"
-            folder = _fs.join(fs, run_path, *rel_folder.split("/"))
-            written: dict[str, str] = {}
-            try:
-                files.make_folder(fs, folder)
-                tensor_path, stats = files.write_matrix(fs, folder, source, index)
-                metadata_bytes, sprite_bytes, thumb, sample_bytes = side.result()
-                for filename, data in (
-                    (_METADATA, metadata_bytes),
-                    (_SPRITE, sprite_bytes),
-                    (_SAMPLE, sample_bytes),
-                ):
-                    if data is not None:
-                        path = _fs.join(fs, folder, filename)
-                        files.write_new(fs, path, data)
-                        written[filename] = path
-            except BaseException:
-                files.remove_folder(fs, folder)  # never named by the config: nothing changes
-                raise
-            tensor_file = "tensors.tsv" if stats.tensor_format == "tsv" else "tensors.bin"
-            entry = ProjectorConfig().embeddings.add()
-            entry.tensor_name = tensor_name(tag, step)
-            entry.tensor_path = f"{rel_folder}/{tensor_file}"
-            entry.tensor_shape.extend([stats.rows, stats.dim])
-            if metadata_bytes is not None:
-                entry.metadata_path = f"{rel_folder}/{_METADATA}"
-            if sprite_bytes is not None and thumb is not None:
-                entry.sprite.image_path = f"{rel_folder}/{_SPRITE}"
-                entry.sprite.single_image_dim.extend([thumb, thumb])
-            config, old = _put_entry(config, tag, step, entry)
-            name = next(e.tensor_name for e in config.embeddings if e.tensor_path == entry.tensor_path)
-            config_path = _fs.join(fs, run_path, CONFIG_FILENAME)
-            # The switch: readers see the old entry and its files, or the new ones.
-            config_bytes = text_format.MessageToString(config, as_utf8=True).encode("utf-8")
-            _fs.write_bytes_atomic(fs, config_path, config_bytes)
-            _remember(_fs.url(fs, config_path), config_bytes, config)
-            _remove_unused(fs, run_path, config, old, tag_dir, step)
-    finally:
-        side.wait()  # also when an error ends the write early
+    # The side files (labels, sprite, sample) are built on the writer's helper thread
+    # while the tensor streams: building them is Python work, the write is the kernel's
+    # copy into the page cache, so on two cores they overlap. Both finish before the
+    # config names the entry: an error in either leaves none.
+    side = functools.partial(
+        _side_files, header, columns, label_img, index, seed, max_points, total
+    )
+    fs = run.fs
+    run_path: str = getattr(run, "path", None) or run._path
+    with _run_lock(fs, run_path):
+        config = read_config(fs, run_path)
+        if step is None:
+            step = _next_step(config, tag)
+        tag_dir = f"{_SUBDIR}/{safe_tag(tag)}"
+        rel_folder = f"{tag_dir}/{files.new_folder_name(step)}"
+        folder = _fs.join(fs, run_path, *rel_folder.split("/"))
+        written: dict[str, str] = {}
+        try:
+            files.make_folder(fs, folder)
+            tensor_path, stats, side_bytes = files.write_matrix(
+                fs, folder, source, index, beside=side
+            )
+            metadata_bytes, sprite_bytes, thumb, sample_bytes = side_bytes
+            for filename, data in (
+                (_METADATA, metadata_bytes),
+                (_SPRITE, sprite_bytes),
+                (_SAMPLE, sample_bytes),
+            ):
+                if data is not None:
+                    path = _fs.join(fs, folder, filename)
+                    files.write_new(fs, path, data)
+                    written[filename] = path
+        except BaseException:
+            files.remove_folder(fs, folder)  # never named by the config: nothing changes
+            raise
+        tensor_file = "tensors.tsv" if stats.tensor_format == "tsv" else "tensors.bin"
+        entry = ProjectorConfig().embeddings.add()
+        entry.tensor_name = tensor_name(tag, step)
+        entry.tensor_path = f"{rel_folder}/{tensor_file}"
+        entry.tensor_shape.extend([stats.rows, stats.dim])
+        if metadata_bytes is not None:
+            entry.metadata_path = f"{rel_folder}/{_METADATA}"
+        if sprite_bytes is not None and thumb is not None:
+            entry.sprite.image_path = f"{rel_folder}/{_SPRITE}"
+            entry.sprite.single_image_dim.extend([thumb, thumb])
+        config, old = _put_entry(config, tag, step, entry)
+        name = next(e.tensor_name for e in config.embeddings if e.tensor_path == entry.tensor_path)
+        config_path = _fs.join(fs, run_path, CONFIG_FILENAME)
+        # The switch: readers see the old entry and its files, or the new ones.
+        config_bytes = text_format.MessageToString(config, as_utf8=True).encode("utf-8")
+        _fs.write_bytes_atomic(fs, config_path, config_bytes)
+        _remember(_fs.url(fs, config_path), config_bytes, config)
+        _remove_unused(fs, run_path, config, old, tag_dir, step)
 
     if stats.bad_rows:
         warnings.warn(

@@ -221,16 +221,22 @@ def _open_new(fs: Any, path: str) -> Any:
 
 
 def write_matrix(
-    fs: Any, folder: str, source: Any, index: np.ndarray | None
-) -> tuple[str, MatrixStats]:
+    fs: Any, folder: str, source: Any, index: np.ndarray | None, beside: Any = None
+) -> tuple[str, MatrixStats, Any]:
     """Streams the matrix into ``folder`` as ``tensors.bin`` (or ``tensors.tsv``).
 
     The first block decides the format: TensorBoard parses a tensor file as TSV
     text when its first bytes decode as UTF-8, so such a matrix (all zeros, small
     integers) is written as exact TSV text instead of raw float32.
 
+    A helper thread works while the kernel copies the matrix (the write releases the
+    GIL): it checks a matrix written from its own memory for NaN/Inf (numpy's sum
+    releases the GIL too), then calls ``beside()``, the caller's other work, whose
+    result (or error) comes back once the matrix is written. One helper, so that with
+    the writing thread no more than two threads compete for two cores.
+
     Returns:
-        The path written and what was found on the way.
+        The path written, what was found on the way, and what ``beside()`` returned.
     """
     total = int(source.shape[0]) if index is None else len(index)
     dim = int(source.shape[1])
@@ -243,10 +249,13 @@ def write_matrix(
     name = "tensors.tsv" if as_text else "tensors.bin"
     path = _fs.join(fs, folder, name)
     bad_rows = 0
-    # A matrix written from its own memory is checked for NaN/Inf on a helper thread
-    # while the kernel copies it (numpy's sum releases the GIL): the check costs no time.
     whole = None if as_text or index is not None else _zero_copy_array(source)
-    checker = None if whole is None else Background(_count_bad_rows, whole)
+
+    def helper_work() -> tuple[int | None, Any]:
+        bad = None if whole is None else _count_bad_rows(whole)
+        return bad, (None if beside is None else beside())
+
+    helper = Background(helper_work) if whole is not None or beside is not None else None
     if whole is not None and _fs.is_local(fs):
         # Unbuffered local file: one write call hands the kernel the whole matrix. (A
         # remote file buffers what it is given, so there blocks keep memory bounded.)
@@ -258,17 +267,20 @@ def write_matrix(
                     handle.write(_tsv_rows(block))
                 else:
                     _write_all(handle, block.data.cast("B"))
-                if checker is None:
+                if whole is None:
                     bad_rows += _count_bad_rows(block)  # after the write: block in cache
                 block = None  # dropped before the next one is made: one block at a time
                 block = next(chunks, None)
     finally:
-        if checker is not None:
-            checker.wait()  # also when the write failed
-    if checker is not None:
-        bad_rows = checker.result()
+        if helper is not None:
+            helper.wait()  # also when the write failed
+    result = None
+    if helper is not None:
+        bad, result = helper.result()
+        if bad is not None:
+            bad_rows = bad
     stats = MatrixStats(total, dim, "tsv" if as_text else "float32", bad_rows)
-    return path, stats
+    return path, stats, result
 
 
 def _write_all(handle: Any, view: memoryview) -> None:
