@@ -9,36 +9,32 @@ the CPU by Lightning for ``--steps`` steps. Four set-ups, one ``Trainer.fit`` ea
 - ``TBXLogger + TrainingMonitor()``: the default monitor (histograms every 100 steps,
   scalars and alerts every 10).
 
-Lock-step: the four fits run at once, each in its own thread, and take turns one
-training step at a time (a baton passed in ``on_train_batch_start``; the order is
-shuffled every cycle). A step is timed from its batch start to the next one, so it
-holds everything the loop does for it (forward, backward, optimizer, callbacks, the
-logger's write) and nothing of the other fits. Step ``k`` of every set-up is measured
-within the same fraction of a second, so the load that other tenants of a shared
-machine put on memory and CPU, which moves a whole fit's time by tens of percent, hits
-all four alike.
+The four fits of a round run in lock-step (``benchmarks/_lockstep.py``): at once,
+each in its own thread, one training step at a time in an order shuffled every cycle,
+so step ``k`` of every set-up is timed within the same second and a shared machine's
+passing load hits all four alike. Each round builds fresh models: where a fit's
+tensors land in memory makes the same fit up to 10% faster or slower for its whole
+life, so one round cannot tell a few percent; the median over ``--rounds`` can.
 
-Reported per set-up, against ``logger=False`` after ``--warmup`` steps:
+Reported per set-up, against the same round's ``logger=False`` after ``--warmup``
+steps: the overhead of the whole fit (total time of the measured steps over the
+baseline's), as the median over rounds with its range, and the median and 10th-90th
+percentiles over all rounds' windows of 10 aligned steps (one scalar step of the
+monitor each). The time inside the monitor's own hooks is reported beside it: a cost
+with no other fit in the figure at all.
 
-- *whole fit*: total time of the measured steps over the baseline's total;
-- *per 10 steps*: the same ratio over each window of 10 aligned steps (one scalar step
-  of the monitor each), as the median and the 10th-90th percentiles over windows.
-
-The monitor's own time (inside its hooks) is reported beside it: the cost without the
-other set-ups in the figure at all.
-
-    python benchmarks/bench_monitor_cost.py [--steps 300] [--threads 2] [--seed 0]
+    python benchmarks/bench_monitor_cost.py [--rounds 5] [--steps 110] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 import statistics
+import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +44,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import TBXLogger, TrainingMonitor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _lockstep import LockStep, lockstep_clocks, overheads, run_fits, spread
 
 WIDTH, LAYERS, BATCH = 2048, 6, 8
 EVERY = 10  # the logger's and the monitor's scalar interval (both defaults)
@@ -70,56 +69,6 @@ class MLP(LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-4)
-
-
-class Baton:
-    """Lets one fit at a time run a training step; the order is shuffled every cycle."""
-
-    def __init__(self, names: list[str], seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.active = list(names)
-        self.cycle = list(names)
-        self.cond = threading.Condition()
-
-    def wait(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.cycle[0] == name)
-
-    def done(self, name: str, leaving: bool = False) -> None:
-        with self.cond:
-            if leaving:
-                self.active.remove(name)
-            if name in self.cycle:
-                self.cycle.remove(name)
-            if not self.cycle and self.active:
-                self.cycle = self.rng.sample(self.active, len(self.active))
-            self.cond.notify_all()
-
-
-class LockStep(Callback):
-    """Times each training step of its fit, running only while it holds the baton."""
-
-    def __init__(self, baton: Baton, name: str) -> None:
-        self.baton, self.name = baton, name
-        self.times: list[float] = []
-        self.start: float | None = None
-
-    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        if self.start is not None:
-            self.times.append(time.perf_counter() - self.start)
-            self.baton.done(self.name)
-        self.baton.wait(self.name)
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.start is not None:
-            self.times.append(time.perf_counter() - self.start)
-        self.baton.done(self.name, leaving=True)
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, error: BaseException
-    ) -> None:
-        self.baton.done(self.name, leaving=True)
 
 
 class TimedMonitor(TrainingMonitor):
@@ -155,10 +104,9 @@ class TimedMonitor(TrainingMonitor):
         self._timed(trainer, super().on_train_batch_end, trainer, *args)
 
 
-def build(setup: str, baton: Baton, steps: int, warmup: int, root: str) -> dict[str, Any]:
+def build(setup: str, clock: LockStep, steps: int, warmup: int, root: str) -> dict[str, Any]:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(steps * BATCH, WIDTH), torch.randn(steps * BATCH, WIDTH))
-    clock = LockStep(baton, setup)
     callbacks: list[Callback] = [clock]
     logger: Any = False
     if setup == "TensorBoardLogger":
@@ -187,71 +135,76 @@ def build(setup: str, baton: Baton, steps: int, warmup: int, root: str) -> dict[
     }
 
 
-def _pct(values: list[float]) -> str:
-    deciles = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
-    return f"{statistics.median(values):+6.1f}% [{deciles[0]:+.1f}% to {deciles[-1]:+.1f}%]"
+def fit_round(args: argparse.Namespace, seed: int) -> tuple[dict[str, list[float]], float]:
+    """One lock-step round: per set-up the measured step times; the monitor's own time."""
+    clocks = lockstep_clocks(SETUPS, seed)
+    with tempfile.TemporaryDirectory() as root:
+        fits = {s: build(s, clocks[s], args.steps, args.warmup, root) for s in SETUPS}
+        run_fits({s: (f["trainer"], f["model"], f["data"]) for s, f in fits.items()})
+    times = {s: clocks[s].times[args.warmup : args.steps] for s in SETUPS}
+    n = min(len(t) for t in times.values())
+    return {s: t[:n] for s, t in times.items()}, fits[SETUPS[-1]]["monitor"].inside / n
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=110)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0, help="seed of the turn order")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    baton = Baton(list(SETUPS), args.seed)
     load_before = os.getloadavg()[0]
-    errors: list[BaseException] = []
-    with tempfile.TemporaryDirectory() as root:
-        fits = {s: build(s, baton, args.steps, args.warmup, root) for s in SETUPS}
-
-        def run(fit: dict[str, Any]) -> None:
-            try:
-                fit["trainer"].fit(fit["model"], fit["data"])
-            except BaseException as error:  # reported after the join
-                errors.append(error)
-
-        threads = [threading.Thread(target=run, args=(fits[s],), name=s) for s in SETUPS]
-        began = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        took = time.perf_counter() - began
-    if errors:
-        raise errors[0]
+    began = time.perf_counter()
+    whole: dict[str, list[float]] = {s: [] for s in SETUPS}
+    windows: dict[str, list[float]] = {s: [] for s in SETUPS}
+    medians: dict[str, list[float]] = {s: [] for s in SETUPS}
+    inside: list[float] = []
+    share: list[float] = []
+    for round_ in range(args.rounds):
+        times, own = fit_round(args, args.seed + round_)
+        for setup in SETUPS:
+            total, per_window = overheads(times[setup], times["logger=False"], EVERY)
+            whole[setup].append(total)
+            windows[setup].extend(per_window)
+            medians[setup].append(statistics.median(times[setup]) * 1e3)
+        monitored = times[SETUPS[-1]]
+        inside.append(own)
+        share.append(100 * own / (sum(monitored) / len(monitored) - own))
+        print(
+            f"# round {round_}: "
+            + ", ".join(f"{s} {whole[s][-1]:+.1f}%" for s in SETUPS[1:])
+            + f"; {own * 1e3:.2f} ms/step in the monitor's hooks",
+            flush=True,
+        )
+    took = time.perf_counter() - began
     load_after = os.getloadavg()[0]
-    times = {s: fits[s]["clock"].times[args.warmup : args.steps] for s in SETUPS}
-    n = min(len(t) for t in times.values())
-    base = times["logger=False"][:n]
     params = sum(p.numel() for p in MLP().parameters())
+    n = len(next(iter(times.values())))
     print(
-        f"{LAYERS}-layer MLP, width {WIDTH}, {params / 1e6:.1f} M parameters, batch {BATCH}, "
-        f"{args.steps} steps in lock-step ({n} measured after {args.warmup}), "
-        f"{args.threads} threads, {os.cpu_count()} CPUs, {took:.0f} s, 1-min load average "
-        f"{load_before:.1f} before, {load_after:.1f} after"
+        f"{LAYERS}-layer MLP, width {WIDTH}, {params / 1e6:.1f} M parameters, batch {BATCH}; "
+        f"{args.rounds} rounds of {args.steps} steps in lock-step ({n} measured after "
+        f"{args.warmup}); {args.threads} threads, {os.cpu_count()} CPUs, {took:.0f} s, "
+        f"1-min load average {load_before:.1f} before, {load_after:.1f} after"
     )
     print(
-        f"{'set-up':30} {'median ms/step':>15} {'whole fit':>10} "
+        f"{'set-up':30} {'ms/step':>8} {'whole fit: median [range]':>30} "
         f"{'per 10 steps: median [p10 to p90]':>36}"
     )
     for setup in SETUPS:
-        mine = times[setup][:n]
-        whole = 100 * (sum(mine) / sum(base) - 1)
-        windows = [
-            100 * (sum(mine[i : i + EVERY]) / sum(base[i : i + EVERY]) - 1)
-            for i in range(0, n - EVERY + 1, EVERY)
-        ]
-        print(
-            f"{setup:30} {statistics.median(mine) * 1e3:15.2f} {whole:+9.1f}% {_pct(windows):>36}"
+        rounds = (
+            f"{statistics.median(whole[setup]):+6.1f}% "
+            f"[{min(whole[setup]):+.1f}% to {max(whole[setup]):+.1f}%]"
         )
-    monitor = fits["TBXLogger + TrainingMonitor()"]["monitor"]
-    inside = monitor.inside / n
-    rest = sum(times["TBXLogger + TrainingMonitor()"][:n]) / n - inside
+        print(
+            f"{setup:30} {statistics.median(medians[setup]):8.2f} {rounds:>30} "
+            f"{spread(windows[setup]):>36}"
+        )
     print(
-        f"time inside the monitor's hooks: {inside * 1e3:.2f} ms/step, "
-        f"{100 * inside / rest:.1f}% of the rest of its step"
+        f"time inside the monitor's hooks: {statistics.median(inside) * 1e3:.2f} ms/step "
+        f"[{min(inside) * 1e3:.2f}-{max(inside) * 1e3:.2f}], {statistics.median(share):.1f}% "
+        f"[{min(share):.1f}-{max(share):.1f}%] of the rest of its step"
     )
 
 

@@ -10,8 +10,10 @@ compare like with like. Two figures per writer:
   put everything on disk.
 
 The fit table trains a tiny model that logs 10 metrics every step with
-``logger=False``, ``CSVLogger``, Lightning's ``TensorBoardLogger`` and ``TBXLogger``
-and reports the overhead per step over ``logger=False``.
+``logger=False``, ``CSVLogger``, Lightning's ``TensorBoardLogger`` and ``TBXLogger``,
+the four fits in lock-step (``benchmarks/_lockstep.py``: one training step at a time,
+turns shuffled, so a shared machine's load hits all alike), and reports the overhead
+per step over ``logger=False`` as the median of the rounds.
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ import gc
 import os
 import platform
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _lockstep import lockstep_clocks, run_fits
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -157,35 +165,39 @@ def fit_table(steps: int, repeats: int) -> list[tuple[str, float]]:
         TensorDataset(torch.randn(steps * 4, 8), torch.randn(steps * 4, 1)), batch_size=4
     )
 
-    def run(make_logger: Callable[[str], Any]) -> float:
-        directory = tempfile.mkdtemp(prefix="tbx-fit-")
-        try:
-            trainer = Trainer(
-                logger=make_logger(directory),
-                max_epochs=1,
-                log_every_n_steps=1,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                accelerator="cpu",
-            )
-            start = time.perf_counter()
-            trainer.fit(Tiny(), data)
-            return (time.perf_counter() - start) / steps * 1e6
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-
     cases: list[tuple[str, Callable[[str], Any]]] = [
         ("logger=False", lambda d: False),
         ("CSVLogger", lambda d: CSVLogger(d)),
         ("Lightning TensorBoardLogger", lambda d: TensorBoardLogger(d)),
         ("tbx_lightning TBXLogger", lambda d: TBXLogger(d)),
     ]
-    timings = {name: [] for name, _ in cases}  # type: dict[str, list[float]]
-    for _ in range(repeats):  # interleave repeats so drift hits every case alike
-        for name, make in cases:
-            timings[name].append(run(make))
-    return [(name, min(values)) for name, values in timings.items()]
+    names = [name for name, _ in cases]
+    warmup = min(20, steps // 5)
+    per_step: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):  # fresh fits each round: memory placement differs
+        clocks = lockstep_clocks(names, seed=round_)
+        directory = tempfile.mkdtemp(prefix="tbx-fit-")
+        try:
+            fits = {}
+            for name, make in cases:
+                trainer = Trainer(
+                    logger=make(os.path.join(directory, name.replace(" ", "_"))),
+                    max_epochs=1,
+                    log_every_n_steps=1,
+                    enable_checkpointing=False,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    accelerator="cpu",
+                    callbacks=[clocks[name]],
+                )
+                fits[name] = (trainer, Tiny(), data)
+            run_fits(fits)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+        for name in names:
+            measured = clocks[name].times[warmup:]
+            per_step[name].append(sum(measured) / len(measured) * 1e6)
+    return [(name, statistics.median(values)) for name, values in per_step.items()]
 
 
 def main() -> None:
@@ -214,7 +226,11 @@ def main() -> None:
     fit = fit_table(steps, repeats)
     base = fit[0][1]
     stock = next(v for n, v in fit if n == "Lightning TensorBoardLogger") - base
-    print(f"\nWhole fit: {steps} steps, {METRICS} metrics per step, best of {repeats}\n")
+    print(
+        f"\nWhole fit: {steps} steps, {METRICS} metrics per step, the four fits in lock-step "
+        f"(benchmarks/_lockstep.py), mean step time after the first {min(20, steps // 5)}, "
+        f"median of {repeats} rounds\n"
+    )
     print("| logger | us/step | overhead us/step | overhead vs TensorBoardLogger |")
     print("|---|---:|---:|---:|")
     for name, value in fit:
