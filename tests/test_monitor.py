@@ -447,6 +447,15 @@ def test_sampled_ratio_missing_a_sparse_update_is_not_called_stuck(tmp_path: Pat
     assert 1 not in monitor._ratio_sparse
 
 
+def test_a_confirmed_stuck_layer_goes_back_to_its_sample(tmp_path: Path) -> None:
+    # Compared whole at steps 1-3, sampled again at step 4: its copy is given back.
+    monitor, _ = sparse_fit(tmp_path, 5)
+    model = monitor.model
+    assert isinstance(model, Sparse)
+    assert id(model.lin.weight) not in monitor._snap_buffers
+    assert id(model.head.weight) in monitor._snap_buffers  # small: always compared whole
+
+
 def test_a_step_that_moved_nothing_copies_nothing_whole(tmp_path: Path) -> None:
     # lr=0 (a warm-up's first step, a skipped step): every ratio is 0, and no sampled
     # group is compared whole for it. The small head, compared whole anyway, is named

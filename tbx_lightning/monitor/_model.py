@@ -1234,6 +1234,10 @@ class ModelMonitor:
                 elif len(index[k]):
                     before = torch.index_select(flat, 0, index[k])
                     items.append((gi, param, before, index[k], weight, None))
+        # A group back on its sample (a confirmed stuck layer) gives its copy back.
+        whole = {id(item[1]) for item in items if item[3] is None}
+        for key in [k for k in self._snap_buffers if k not in whole]:
+            del self._snap_buffers[key]
         self._snapshot = _Snapshot(step, items)
         return measured
 
