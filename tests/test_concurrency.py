@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,9 @@ class Tiny(LightningModule):
         # Each rank says it finished while the process group still runs; the barrier
         # keeps rank 0 from ending (and taking its launched rank with it) before rank 1
         # has printed, however busy the machine is.
-        print("RANK", self.global_rank, "LOG_DIR", self.trainer.log_dir, flush=True)
+        # One write call: the ranks share the pipe, and print() writes the text and its
+        # newline separately, so two ranks' lines could run into each other.
+        os.write(1, f"RANK {self.global_rank} LOG_DIR {self.trainer.log_dir}\\n".encode())
         self.trainer.strategy.barrier("printed")
 
 
@@ -151,9 +154,9 @@ def test_lightning_ddp_two_cpu_processes_write_one_run_from_rank_zero(tmp_path: 
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     # Both ranks finished and agree on one log dir.
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RANK")]
-    assert sorted(line.split()[1] for line in lines) == ["0", "1"]
-    assert len({line.split()[3] for line in lines}) == 1
+    ranks = re.findall(r"RANK (\d) LOG_DIR (\S+)", done.stdout)
+    assert sorted(rank for rank, _ in ranks) == ["0", "1"], done.stdout[-3000:]
+    assert len({log_dir for _, log_dir in ranks}) == 1
     assert sorted(n for n in os.listdir(logs / "ddp") if not n.startswith(".")) == ["version_0"]
     run_dir = logs / "ddp" / "version_0"
     # Written by rank 0 only: one event file, one config.

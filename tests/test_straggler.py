@@ -9,6 +9,7 @@ the monitor still names the rank that does the extra work, and that ``on_alert="
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # the step, even beside other busy processes on a 2-core machine) and EXTRA more on
 # rank 1 in the "slow" fit.
 SCRIPT = """
-import sys, time
+import os, sys, time
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -53,7 +54,9 @@ class Model(LightningModule):
         return loss
 
     def on_train_end(self):
-        print(f"RANK {self.global_rank} ENDED AT STEP {self.global_step}", flush=True)
+        # One write call: print() writes the text and its newline separately, and two
+        # ranks' lines on the shared pipe could run into each other.
+        os.write(1, f"RANK {self.global_rank} ENDED AT STEP {self.global_step}\\n".encode())
         self.trainer.strategy.barrier()
 
     def configure_optimizers(self):
@@ -165,8 +168,8 @@ def test_stop_on_alert_stops_every_rank_at_the_same_step(runs: Path) -> None:
     # The loss turns NaN at step 24; rank 0 reads it at the flush of the check at step
     # 30, and both ranks end that step: no rank waits in a collective the other left.
     text = (runs / "stdout.txt").read_text().split("FIT DONE even")[1]
-    ends = sorted(line for line in text.splitlines() if line.startswith("RANK "))
-    assert ends == ["RANK 0 ENDED AT STEP 31", "RANK 1 ENDED AT STEP 31"], text[-3000:]
+    ends = sorted(re.findall(r"RANK (\d) ENDED AT STEP (\d+)", text))
+    assert ends == [("0", "31"), ("1", "31")], text[-3000:]
     acc = read(runs / "stop" / "version_0")
     assert "| nonfinite_loss |" in alert_text(acc)
     checkpoints = list((runs / "stop" / "version_0" / "checkpoints").glob("alert-step=*.ckpt"))
