@@ -41,23 +41,23 @@ def _proc_start(pid: int) -> str | None:
 
     It tells a running holder from a later process that got the same pid.
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read().decode("ascii", "replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[19] if len(fields) > 19 else None
+    fields = _proc_stat_fields(pid)
+    return fields[19] if fields is not None and len(fields) > 19 else None
 
 
 def _proc_state_and_parent(pid: int) -> tuple[str, int] | None:
+    fields = _proc_stat_fields(pid)
+    return None if fields is None else (fields[0], int(fields[1]))
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name, or None where unknown."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read().decode("ascii", "replace")
     except OSError:
         return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    return fields[0], int(fields[1])
+    return stat[stat.rfind(")") + 2 :].split()
 
 
 def _pid_running(pid: int, started: str | None) -> bool:
