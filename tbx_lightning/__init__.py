@@ -40,7 +40,7 @@ if _typing.TYPE_CHECKING:
     from tbx_lightning.lightning import RunStateCallback, TBXLogger
     from tbx_lightning.lightning._monitor import TrainingMonitor
     from tbx_lightning.lightning._projector import EmbeddingProjector
-    from tbx_lightning.monitor import ModelMonitor
+    from tbx_lightning.monitor import ModelMonitor, MonitorOptions
     from tbx_lightning.monitor._alerts import Alert, AlertRules
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "LoggedValueError",
     "MissingDependencyError",
     "ModelMonitor",
+    "MonitorOptions",
     "RunInUseError",
     "RunNotStartedError",
     "RunStateCallback",
@@ -85,6 +86,7 @@ _LAZY = {
     "LoggedValueError": "tbx_lightning.errors",
     "MissingDependencyError": "tbx_lightning.errors",
     "ModelMonitor": "tbx_lightning.monitor",
+    "MonitorOptions": "tbx_lightning.monitor",
     "RunInUseError": "tbx_lightning.errors",
     "RunNotStartedError": "tbx_lightning.errors",
     "RunStateCallback": "tbx_lightning.lightning",

@@ -11,8 +11,10 @@ the charts of a sweep's runs are equal and merge into one.
   ``val/``, ``test/``, ... or ``train_``, ``val_``...; Lightning's ``_step`` and
   ``_epoch`` suffixes belong to the same chart), ``loss`` first, then accuracy,
   then the others by name.
-- **vitals**: one chart per family of the training monitor's statistics
-  (``vitals/grad_norm/*``, ``vitals/lr/*``, ...) and one for ``alerts/*``.
+- **vitals**: one chart per family of the training monitor's statistics, run-level
+  ones (``vitals/lr/*``, ``vitals/grad_norm_total``, ``vitals/alerts``, ...) first,
+  then the per-layer ones (``vitals_layers/grad_norm/*``, ...), every layer's curve
+  on its family's chart.
 
 Tags outside these namespaces (``epoch``, ``lr-Adam``) are left to the Scalars
 dashboard. :class:`LayoutBuilder` rebuilds the layout only when a new tag name
@@ -43,8 +45,10 @@ __all__ = [
 LAYOUT_TAG = "custom_scalars__config__"
 METRICS_CATEGORY = "metrics"
 MONITOR_CATEGORY = "vitals"
-# The training monitor's tag namespace; it sorts after train/ and val/ on purpose.
+# The training monitor's tag namespaces: run-level, then per layer. Both sort after
+# train/ and val/ on purpose, and the per-layer one after the run-level one.
 MONITOR_NAMESPACE = "vitals"
+LAYER_NAMESPACE = "vitals_layers"
 # Prefixes that name the split a metric was measured on, in the order users expect.
 SPLITS: tuple[str, ...] = (
     "train",
@@ -74,17 +78,15 @@ def metric_name(tag: str) -> str | None:
 
 
 def monitor_family(tag: str) -> str | None:
-    """The monitor chart a tag belongs to (``vitals/grad_norm/fc`` -> ``vitals/grad_norm``).
+    """The monitor chart a tag belongs to (``vitals_layers/grad_norm/fc`` -> ``vitals_layers/grad_norm``).
 
     Example:
-        >>> monitor_family("vitals/grad_norm/fc"), monitor_family("alerts/count")
-        ('vitals/grad_norm', 'alerts')
+        >>> monitor_family("vitals_layers/grad_norm/fc"), monitor_family("vitals/alerts")
+        ('vitals_layers/grad_norm', 'vitals/alerts')
     """
     parts = tag.split("/")
-    if parts[0] == MONITOR_NAMESPACE and len(parts) > 1 and parts[1]:
-        return f"{MONITOR_NAMESPACE}/{parts[1]}"
-    if parts[0] == "alerts" and len(parts) > 1:
-        return "alerts"
+    if parts[0] in (MONITOR_NAMESPACE, LAYER_NAMESPACE) and len(parts) > 1 and parts[1]:
+        return f"{parts[0]}/{parts[1]}"
     return None
 
 

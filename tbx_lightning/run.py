@@ -50,7 +50,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import numbers
+import re
 import threading
 import time
 import warnings
@@ -79,6 +81,7 @@ __all__ = [
     "STATUS_TEXT_TAG",
     "WRITER_OPTIONS",
     "Run",
+    "RunSink",
     "check_step",
     "check_writer_options",
     "flatten_values",
@@ -380,6 +383,13 @@ class Run:
         self._started: float | None = None
         self._layout = LayoutBuilder()
         self._layout_tags = 0
+        # Why training ended early, when an alert ended it: (kind, step, message, action).
+        self.alert_stop: tuple[str, int, str, str] | None = None
+        self._sink: RunSink | None = None
+        # Tags also written against tokens or samples seen: axis -> patterns, and the
+        # counts the monitor reported per step.
+        self._mirrors: dict[str, re.Pattern[str]] = {}
+        self._counts: dict[str, dict[int, float]] = {}
 
     # ------------------------------------------------------------------ writer
     @property
@@ -488,6 +498,61 @@ class Run:
         """Records that something was logged at ``step``."""
         self._step = step if self._step is None else max(self._step, step)
 
+    # ------------------------------------------------------------------ monitors
+    @property
+    def monitor_sink(self) -> RunSink:
+        """What a training monitor writes into: follows this run's writer across reopenings."""
+        with self.lock:
+            if self._sink is None:
+                self._sink = RunSink(self)
+            return self._sink
+
+    def mirror_by(self, axis: str, patterns: Sequence[str]) -> None:
+        """Also writes scalar tags matching ``patterns`` as ``by_<axis>/<tag>`` against the
+        count of ``axis`` (``tokens`` or ``samples``) seen at their step."""
+        if not patterns:
+            return
+        regex = "|".join(fnmatch.translate(p) for p in patterns)
+        with self.lock:
+            old = self._mirrors.get(axis)
+            self._mirrors[axis] = re.compile(regex if old is None else f"{old.pattern}|{regex}")
+            self._counts.setdefault(axis, {})
+
+    def count_seen(self, step: int, **counts: float) -> None:
+        """Records the tokens/samples seen up to ``step`` (for :meth:`mirror_by`)."""
+        for axis, count in counts.items():
+            seen = self._counts.get(axis)
+            if seen is None:
+                continue
+            seen[step] = count
+            if len(seen) > 4096:
+                for old in sorted(seen)[:2048]:
+                    del seen[old]
+
+    def mirror(self, writer: RunWriter, scalars: Mapping[str, Any], step: int) -> None:
+        """Writes the ``by_<axis>/`` copies of ``scalars`` logged at ``step``."""
+        for axis, pattern in self._mirrors.items():
+            seen = self._counts.get(axis) or {}
+            count = seen.get(step)
+            if count is None:
+                earlier = [s for s in seen if s <= step]
+                if not earlier:
+                    continue
+                count = seen[max(earlier)]
+            copies = {
+                f"by_{axis}/{tag}": value
+                for tag, value in scalars.items()
+                if pattern.fullmatch(tag) and not tag.startswith("by_")
+            }
+            if copies:
+                writer.log_scalars(copies, int(count))
+
+    def alert_stopped(self, kind: str, step: int, message: str, action: str) -> None:
+        """Records that an alert ended training: :meth:`finish` then records a failure."""
+        with self.lock:
+            if self.alert_stop is None:
+                self.alert_stop = (kind, step, message, action)
+
     # ------------------------------------------------------------------ values
     def log(self, values: Mapping[Any, Any], step: Any = None, *, prefix: str = "") -> int | None:
         """Logs numbers as scalars and strings as text; returns the step used (None if empty).
@@ -504,6 +569,8 @@ class Run:
             at = self.step_for(step, advance=True)
             if scalars:
                 writer.log_scalars(scalars, at)
+                if self._mirrors:
+                    self.mirror(writer, scalars, at)
             for tag, text in texts.items():
                 writer.experiment.add_text(tag, text, global_step=at)
             self.seen(at)
@@ -664,15 +731,27 @@ class Run:
         Any string is accepted: ``success``/``finished``, ``failed``/``failure``,
         ``aborted``, ``interrupted``, ``running`` and ``unknown`` map to TensorBoard's
         statuses (case-insensitive); any other string is recorded as ``unknown``, and
-        the string itself as a text entry under ``run/status``.
+        the string itself as a text entry under ``run/status``. A run that an alert
+        stopped or raised in (see :meth:`alert_stopped`) is recorded as ``failed``, the
+        ``run.status`` column shows ``alert: <kind>`` and ``run/status`` the alert.
         """
         key, known = status_key(status)
+        label = key if known else str(status)
         with self.lock:
             hparams = self.hparams
-            if not known:
+            note = None if known else str(status)
+            if self.alert_stop is not None and key in ("success", "finished", "failed"):
+                kind, step, message, action = self.alert_stop
+                key, label = "failed", f"alert: {kind}"
+                verb = "stopped" if action == "stop" else "raised"
+                note = (
+                    f"failed: training {verb} by the alert {kind} at step {step} "
+                    f"(on_alert={action!r}): {message}"
+                )
+            if note is not None:
                 at = self.step_for(None, advance=False)
-                self.writer.experiment.add_text(STATUS_TEXT_TAG, str(status), global_step=at)
-            hparams.finish(key, label=key if known else str(status))
+                self.writer.experiment.add_text(STATUS_TEXT_TAG, note, global_step=at)
+            hparams.finish(key, label=label)
             writer = self.writer
             if writer.has_data:
                 # The last tags of the run (logged since the last check) get their charts.
@@ -697,6 +776,51 @@ class Run:
         self.lock = threading.RLock()
         self._layout = LayoutBuilder()
         self._layout_tags = 0
+
+
+class RunSink:
+    """A run as a training monitor sees it (:class:`~tbx_lightning.monitor.MonitorSink`).
+
+    Every call goes to the run's writer of the moment, so a monitor set up before
+    Lightning moved the logger to a checkpoint's run (``fit(ckpt_path=...)``), or
+    before a fit's end released the writer, writes into the right run. It also
+    records an alert that ended training (:meth:`alert_stopped`), so the run's status
+    says so, and carries the ``by_tokens``/``by_samples`` counts.
+    """
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def experiment(self) -> Any:
+        """The current writer's tensorboardX ``SummaryWriter``."""
+        return self._run.writer.experiment
+
+    @property
+    def log_dir(self) -> str:
+        """The run directory (opens the writer)."""
+        return self._run.writer.log_dir
+
+    def log_scalars(self, metrics: Mapping[str, Any], step: int) -> None:
+        """Writes ``metrics`` at ``step`` into the current writer."""
+        run = self._run
+        writer = run.writer
+        writer.log_scalars(metrics, step)
+        if run._mirrors:
+            with run.lock:
+                run.mirror(writer, metrics, step)
+
+    def alert_stopped(self, alert: Any, action: str) -> None:
+        """Records that ``alert`` ended training with ``action`` ("stop" or "raise")."""
+        self._run.alert_stopped(alert.kind, alert.step, alert.message, action)
+
+    def count_seen(self, step: int, **counts: float) -> None:
+        """Tokens/samples seen up to ``step``."""
+        self._run.count_seen(step, **counts)
+
+    def mirror_by(self, axis: str, patterns: Sequence[str]) -> None:
+        """See :meth:`Run.mirror_by`."""
+        self._run.mirror_by(axis, patterns)
 
 
 @contextlib.contextmanager

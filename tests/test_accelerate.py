@@ -753,8 +753,8 @@ def test_model_monitor_from_accelerator_writes_into_the_run(tmp_path: Path) -> N
     optimizer.step()
     accelerator.end_training()
     acc = read(tmp_path / "mon" / "version_0")
-    assert {"vitals/grads/0", "vitals/grads/1"} <= set(acc.Tags()["histograms"])
-    assert acc.Histograms("vitals/grads/0")[0].histogram_value.num == 4 * 8 + 8
+    assert {"vitals_layers/grads/0", "vitals_layers/grads/1"} <= set(acc.Tags()["histograms"])
+    assert acc.Histograms("vitals_layers/grads/0")[0].histogram_value.num == 4 * 8 + 8
 
 
 # ----------------------------------------------------------------------------- resume

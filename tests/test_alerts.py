@@ -100,7 +100,9 @@ def test_default_monitor_reports_spike_and_nan_once_per_kind(
         ("nonfinite_weights", "net.0"),
         ("nonfinite_weights", "net.2"),
     }
-    # Each alert's first occurrence is written once into the run, at its step.
+    # Each alert's first occurrence is written once into the run, at the step of the
+    # check that found it (here the step it belongs to: the step's loss is checked at
+    # the end of its step), so the entries of the tag never go back in steps.
     assert "| 40 | loss_spike | model |" in texts[40]
     assert "| 60 | nonfinite_grads | net.0 |" in texts[60]
     assert "| 60 | nonfinite_loss | model |" in texts[60]
@@ -109,15 +111,20 @@ def test_default_monitor_reports_spike_and_nan_once_per_kind(
         row = f"| {kind} | {where or 'model'} |"
         assert sum(row in t for t in texts.values()) == 1
 
-    counts = {e.step: e.value for e in acc.Scalars("alerts/count")}
+    counts = {e.step: e.value for e in acc.Scalars("vitals/alerts")}
     assert counts[min(counts)] == 1.0 and min(counts) <= 50  # the spike, at the next check
     assert counts[max(counts)] > len(kinds)  # repeats after step 60 are counted
 
-    # The terminal shows each kind and place once, however often it repeats.
+    steps = [e.step for e in acc.Tensors("alerts/text_summary")]
+    assert steps == sorted(steps)
+
+    # The terminal shows one line per kind, naming its layers, however often it repeats.
     lines = alert_records(caplog)
-    assert len(lines) == len(kinds)
+    assert len(lines) == len({k for k, _, _ in kinds}) == 4
     assert sum("loss_spike" in line for line in lines) == 1
     assert sum("nonfinite_loss" in line for line in lines) == 1
+    grads = next(line for line in lines if "nonfinite_grads" in line)
+    assert "in 2 layers (net.0, net.2)" in grads
     assert any("loss 1" in line or "above" in line for line in lines)
 
 
@@ -166,7 +173,7 @@ def test_accelerate_style_loop_stop_flag(tmp_path: Path) -> None:
     assert monitor.alerts[0].kind in {"nonfinite_grads", "nonfinite_loss"}
     assert monitor.alerts[0].step == 10
     acc = read(tmp_path)
-    assert max(e.step for e in acc.Scalars("alerts/count")) <= 12  # the loop ended there
+    assert max(e.step for e in acc.Scalars("vitals/alerts")) <= 12  # the loop ended there
 
 
 def test_on_alert_raise_and_callable(tmp_path: Path) -> None:
@@ -185,7 +192,7 @@ def test_alerts_can_be_turned_off(tmp_path: Path) -> None:
     monitor, run = plain_loop(tmp_path, 16, nan_from=4, alerts=False)
     run.close()
     assert monitor.alerts == []
-    assert "alerts/count" not in read(tmp_path).Tags()["scalars"]
+    assert "vitals/alerts" not in read(tmp_path).Tags()["scalars"]
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def quickstart(
 # TensorBoard's HParams table shows, before any click, the first five hyperparameter
 # columns (those that differ between runs first, then by name) and the first five metric
 # columns by tag; these are the columns a user sees first.
-FIRST_METRICS = ["epoch", "train/acc", "train/loss", "val/acc", "val/loss"]
+FIRST_METRICS = ["train/acc", "train/loss", "trainer/epoch", "val/acc", "val/loss"]
 
 
 def _table_headers(page: Any) -> list[str]:
@@ -130,7 +130,7 @@ def test_time_series_shows_the_runs_metrics_before_the_monitor(
                 ).all_inner_texts()
             ]
         shown = [g for g in groups if g != "Pinned"]
-        assert shown[:3] == ["epoch", "train", "val"], groups
+        assert shown[:3] == ["train", "trainer", "val"], groups
         assert shown[-1] == "vitals", groups
 
 

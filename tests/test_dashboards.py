@@ -362,7 +362,7 @@ def _charts(layout: dict[str, Any]) -> list[tuple[str, list[str]]]:
 def test_layout_puts_train_and_val_of_each_metric_on_one_chart(tmp_path: Path) -> None:
     run = Run(lambda: str(tmp_path / "run"), writer_options={"flush_secs": 0.2})
     run.log({"train/f1": 0.1, "train/acc": 0.2, "train/loss_step": 1.0, "epoch": 0}, step=0)
-    run.writer.log_scalars({"vitals/grad_norm/fc": 1.0, "vitals/lr/group_0": 0.1}, step=0)
+    run.writer.log_scalars({"vitals_layers/grad_norm/fc": 1.0, "vitals/lr/group_0": 0.1}, step=0)
     run.log({"val/loss": 0.9, "val/acc": 0.3, "val/f1": 0.2, "train/loss_epoch": 0.8}, step=1)
     run.finish("success")
     run.release()
@@ -370,7 +370,7 @@ def test_layout_puts_train_and_val_of_each_metric_on_one_chart(tmp_path: Path) -
     layout = dashboards.layout()
     assert _charts(layout) == [
         ("metrics", ["loss", "acc", "f1"]),
-        ("vitals", ["vitals/grad_norm", "vitals/lr"]),
+        ("vitals", ["vitals/lr", "vitals_layers/grad_norm"]),
     ]
     (pattern,) = layout["category"][0]["chart"][0]["multiline"]["tag"]
     # The dashboard asks the plugin for each chart's tags by its regex, run by run.
@@ -444,6 +444,7 @@ def test_plain_lightning_user_sees_own_hparams_metrics_and_charts(tmp_path: Path
     dashboards = Dashboards(tmp_path)
     hparams, metrics = dashboards.shown_columns()
     assert set(hparams) == {"lr", "width", "run.duration_s", "run.status"}
-    assert metrics == ["epoch", "train/loss", "val/acc"]
+    # Lightning's `epoch` is `trainer/epoch`: the run's own metrics come first.
+    assert metrics == ["train/loss", "trainer/epoch", "val/acc"]
     assert dashboards.sessions()["version_0"]["hparams"]["run.status"] == "success"
     assert _charts(dashboards.layout()) == [("metrics", ["loss", "acc"])]

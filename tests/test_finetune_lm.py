@@ -83,7 +83,7 @@ def test_finetune_lm_watches_adapters_and_logs_embeddings_twice(
 ) -> None:
     acc = finetuned[runner]
     tags = set(acc.Tags()["scalars"])
-    groups = {t.removeprefix("vitals/grad_norm/") for t in tags if "grad_norm/" in t}
+    groups = {t.removeprefix("vitals_layers/grad_norm/") for t in tags if "grad_norm/" in t}
     # Both runners name groups from the same root module, so both land in the same cards.
     assert groups == {
         "net.tok_emb",
@@ -93,7 +93,7 @@ def test_finetune_lm_watches_adapters_and_logs_embeddings_twice(
     assert "vitals/frozen_params" in tags
     assert "vitals/tokens_per_sec" in tags
     assert not any("mlp" in t or "lm_head" in t or "gate_proj" in t for t in tags)
-    assert "alerts/count" not in tags  # a healthy run raises nothing
+    assert "vitals/alerts" not in tags  # a healthy run raises nothing
     # One projector tag at two steps, before and after fine-tuning, with different rows.
     text = (Path(acc.path) / "projector_config.pbtxt").read_text(encoding="utf-8")
     config = text_format.Parse(text, ProjectorConfig())
@@ -127,4 +127,4 @@ def test_alerts_demo_shows_spike_and_nan(tmp_path: Path, runner: str) -> None:
     assert "| 14 | loss_spike | model |" in texts
     assert "| 18 | nonfinite_loss | model |" in texts
     assert "nonfinite_grads" in texts
-    assert acc.Scalars("alerts/count")[-1].value >= 3
+    assert acc.Scalars("vitals/alerts")[-1].value >= 3

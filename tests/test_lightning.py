@@ -94,7 +94,7 @@ def test_fit_then_test_in_one_run(tmp_path: Path) -> None:
     ckpts = os.listdir(os.path.join(logger.log_dir, "checkpoints"))
     assert ckpts == ["epoch=1-step=8.ckpt"]
     acc = read(logger.log_dir)
-    assert {"train/loss", "val/loss", "test/loss", "epoch"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "val/loss", "test/loss", "trainer/epoch"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(8))
     assert len(acc.Scalars("test/loss")) == 1
     assert status_of(acc) == api_pb2.STATUS_SUCCESS
@@ -263,7 +263,7 @@ def test_hparams_dashboard_over_several_fits(tmp_path: Path, tensorboard) -> Non
         "fail_at",
         *RUN_COLUMNS,
     }
-    assert {"train/loss", "val/loss", "epoch"} <= {
+    assert {"train/loss", "val/loss", "trainer/epoch"} <= {
         m["name"]["tag"] for m in experiment["metricInfos"]
     }
     assert "hp_metric" not in {m["name"]["tag"] for m in experiment["metricInfos"]}

@@ -146,13 +146,13 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
     groups += ["unused", "root"]
     trained = ["encoder.layers.0", "encoder.layers.1", "encoder.layers.2", "head", "root"]
     watched = [g for g in groups if g != "embed"]  # a frozen group gets no statistics
-    assert set(acc.Tags()["histograms"]) == {f"vitals/weights/{g}" for g in watched} | {
-        f"vitals/grads/{g}" for g in trained
+    assert set(acc.Tags()["histograms"]) == {f"vitals_layers/weights/{g}" for g in watched} | {
+        f"vitals_layers/grads/{g}" for g in trained
     }
-    expected = {f"vitals/weight_norm/{g}" for g in watched}
+    expected = {f"vitals_layers/weight_norm/{g}" for g in watched}
     # No gradient scalars for the frozen group, nor for `unused` (every grad is None).
-    expected |= {f"vitals/grad_norm/{g}" for g in trained}
-    expected |= {f"vitals/update_ratio/{g}" for g in watched}
+    expected |= {f"vitals_layers/grad_norm/{g}" for g in trained}
+    expected |= {f"vitals_layers/update_ratio/{g}" for g in watched}
     # One count per kind instead of a zero per layer; no constant lr or momentum curve.
     expected |= {
         "vitals/nonfinite/weights",
@@ -160,6 +160,7 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
         "vitals/frozen_params",
         "vitals/grad_norm_total",
         "vitals/grad_norm_total/post_clip",  # clipping changed the norm
+        "vitals/update_ratio",  # the median over layers
         "vitals/samples_per_sec",
         "vitals/tokens_per_sec",
     }
@@ -167,20 +168,20 @@ def test_tags_counts_norms_and_ratios_round_trip(tmp_path: Path) -> None:
 
     numel = group_numel(model, 2)
     for g in watched:
-        for event in acc.Histograms(f"vitals/weights/{g}"):
+        for event in acc.Histograms(f"vitals_layers/weights/{g}"):
             h = event.histogram_value
             assert sum(h.bucket) == h.num == numel[g]
             assert len(h.bucket) == len(h.bucket_limit) == 64
     # `unused` never gets a gradient; the frozen group has none either.
     trainable = {g: n for g, n in numel.items() if g in trained}
     for g in trained:
-        h = acc.Histograms(f"vitals/grads/{g}")[0].histogram_value
+        h = acc.Histograms(f"vitals_layers/grads/{g}")[0].histogram_value
         assert sum(h.bucket) == h.num == trainable[g]
 
     assert scalars(acc, "vitals/frozen_params") == {0: float(numel["embed"])}
     assert scalars(acc, "vitals/nonfinite/weights") == {0: 0.0, 1: 0.0}
     assert scalars(acc, "vitals/nonfinite/grads") == {0: 0.0, 1: 0.0}
-    assert scalars(acc, "vitals/update_ratio/unused") == {0: 0.0, 1: 0.0}
+    assert scalars(acc, "vitals_layers/update_ratio/unused") == {0: 0.0, 1: 0.0}
     assert set(scalars(acc, "vitals/samples_per_sec")) == {1}  # step 0 starts the clock
     assert scalars(acc, "vitals/samples_per_sec")[1] > 0
     post = scalars(acc, "vitals/grad_norm_total/post_clip")
@@ -238,12 +239,16 @@ def test_values_match_torch(tmp_path: Path) -> None:
         w = torch.cat([before[f"{g}.weight"].flatten(), before[f"{g}.bias"].flatten()])
         gr = torch.cat([grads[f"{g}.weight"].flatten(), grads[f"{g}.bias"].flatten()])
         upd = 0.5 * gr
-        assert scalars(acc, f"vitals/weight_norm/{g}")[0] == pytest.approx(float(w.norm()), 1e-5)
-        assert scalars(acc, f"vitals/grad_norm/{g}")[0] == pytest.approx(float(gr.norm()), 1e-5)
+        assert scalars(acc, f"vitals_layers/weight_norm/{g}")[0] == pytest.approx(
+            float(w.norm()), 1e-5
+        )
+        assert scalars(acc, f"vitals_layers/grad_norm/{g}")[0] == pytest.approx(
+            float(gr.norm()), 1e-5
+        )
         ratio = float(upd.norm() / w.norm())
-        assert scalars(acc, f"vitals/update_ratio/{g}")[0] == pytest.approx(ratio, rel=1e-4)
+        assert scalars(acc, f"vitals_layers/update_ratio/{g}")[0] == pytest.approx(ratio, rel=1e-4)
         for kind, values in (("weights", w), ("grads", gr)):
-            h = acc.Histograms(f"vitals/{kind}/{g}")[0].histogram_value
+            h = acc.Histograms(f"vitals_layers/{kind}/{g}")[0].histogram_value
             assert h.min == pytest.approx(float(values.min()))
             assert h.max == pytest.approx(float(values.max()))
             assert h.sum == pytest.approx(float(values.sum()), abs=1e-5)
@@ -259,10 +264,10 @@ def test_periods_are_separate(tmp_path: Path) -> None:
     train(Net(), run, 7, hist_every_n_steps=3, norm_every_n_steps=2, group_depth=1)
     run.close()
     acc = read(tmp_path)
-    assert [e.step for e in acc.Histograms("vitals/weights/head")] == [0, 3, 6]
-    assert [e.step for e in acc.Histograms("vitals/grads/head")] == [0, 3, 6]
-    assert set(scalars(acc, "vitals/weight_norm/head")) == {0, 2, 4, 6}
-    assert set(scalars(acc, "vitals/update_ratio/head")) == {0, 2, 4, 6}
+    assert [e.step for e in acc.Histograms("vitals_layers/weights/head")] == [0, 3, 6]
+    assert [e.step for e in acc.Histograms("vitals_layers/grads/head")] == [0, 3, 6]
+    assert set(scalars(acc, "vitals_layers/weight_norm/head")) == {0, 2, 4, 6}
+    assert set(scalars(acc, "vitals_layers/update_ratio/head")) == {0, 2, 4, 6}
     assert set(scalars(acc, "vitals/grad_norm_total")) == {0, 2, 4, 6}
     assert set(scalars(acc, "vitals/nonfinite/grads")) == {0, 2, 4, 6}
     assert set(scalars(acc, "vitals/samples_per_sec")) == {2, 4, 6}
@@ -273,7 +278,7 @@ def test_histograms_only_weights_only(tmp_path: Path) -> None:
     train(Net(), run, 2, hist_every_n_steps=1, norm_every_n_steps=0, log_grads=False, group_depth=0)
     run.close()
     acc = read(tmp_path)
-    assert acc.Tags()["histograms"] == ["vitals/weights/all"]
+    assert acc.Tags()["histograms"] == ["vitals_layers/weights/all"]
     assert acc.Tags()["scalars"] == []
 
 
@@ -290,18 +295,18 @@ def test_nonfinite_values_are_counted_not_fatal(tmp_path: Path) -> None:
     acc = read(tmp_path)
     assert scalars(acc, "vitals/nonfinite/weights") == {0: 3.0}
     assert scalars(acc, "vitals/nonfinite/grads") == {0: 1.0}
-    assert math.isnan(scalars(acc, "vitals/weight_norm/0")[0])
+    assert math.isnan(scalars(acc, "vitals_layers/weight_norm/0")[0])
     assert math.isnan(scalars(acc, "vitals/grad_norm_total")[0])
     # The layers where it appeared are named in the alerts.
     assert {(a.kind, a.where) for a in monitor.alerts} == {
         ("nonfinite_weights", "0"),
         ("nonfinite_grads", "1"),
     }
-    h = acc.Histograms("vitals/weights/0")[0].histogram_value
+    h = acc.Histograms("vitals_layers/weights/0")[0].histogram_value
     assert h.num == sum(h.bucket) == 64 + 16 - 3
     finite = model[0].weight.detach().flatten()[3:]
     assert h.min == pytest.approx(min(float(finite.min()), float(model[0].bias.detach().min())))
-    g = acc.Histograms("vitals/grads/1")[0].histogram_value
+    g = acc.Histograms("vitals_layers/grads/1")[0].histogram_value
     assert g.num == sum(g.bucket) == 16 + 1 - 1
 
 
@@ -314,7 +319,7 @@ def test_all_nan_group_writes_no_histogram(tmp_path: Path) -> None:
     ModelMonitor(model, run, hist_every_n_steps=1, log_grads=False).after_backward(0)
     run.close()
     acc = read(tmp_path)
-    assert acc.Tags()["histograms"] == ["vitals/weights/0"]
+    assert acc.Tags()["histograms"] == ["vitals_layers/weights/0"]
     assert scalars(acc, "vitals/nonfinite/weights") == {0: 3.0}
 
 
@@ -333,8 +338,8 @@ def test_sampled_histograms_sum_to_numel_and_stay_close(tmp_path: Path) -> None:
         run.close()
     exact, sampled = read(exact_dir), read(sampled_dir)
     n = 300 * 400 + 400
-    h_s = sampled.Histograms("vitals/weights/0")[0].histogram_value
-    h_e = exact.Histograms("vitals/weights/0")[0].histogram_value
+    h_s = sampled.Histograms("vitals_layers/weights/0")[0].histogram_value
+    h_e = exact.Histograms("vitals_layers/weights/0")[0].histogram_value
     assert sum(h_s.bucket) == h_s.num == n
     # Documented bound: sqrt(ln(2 * bins / delta) / (2 * k)) per bin share, delta = 1e-3.
     eps = math.sqrt(math.log(2 * 64 / 1e-3) / (2 * 4096))
@@ -347,11 +352,15 @@ def test_sampled_histograms_sum_to_numel_and_stay_close(tmp_path: Path) -> None:
     assert np.abs(shares_s - ref / n).max() <= eps
     assert h_s.max <= h_e.max and h_s.min >= h_e.min
     # Norms stay exact in sampled mode.
-    for tag in ("vitals/weight_norm/0", "vitals/grad_norm/0", "vitals/weight_norm/1"):
+    for tag in (
+        "vitals_layers/weight_norm/0",
+        "vitals_layers/grad_norm/0",
+        "vitals_layers/weight_norm/1",
+    ):
         assert scalars(sampled, tag)[0] == pytest.approx(scalars(exact, tag)[0], rel=1e-6)
     # The second group is small (4010 elements <= 4096): binned exactly.
-    small_s = sampled.Histograms("vitals/weights/1")[0].histogram_value
-    small_e = exact.Histograms("vitals/weights/1")[0].histogram_value
+    small_s = sampled.Histograms("vitals_layers/weights/1")[0].histogram_value
+    small_e = exact.Histograms("vitals_layers/weights/1")[0].histogram_value
     assert list(small_s.bucket) == list(small_e.bucket)
 
 
@@ -381,18 +390,26 @@ def test_exact_update_ratio_matches_a_copy_by_hand(tmp_path: Path) -> None:
     # Adam's beta1 stays 0.9: a constant gets no curve.
     assert "vitals/momentum/group_0" not in acc.Tags()["scalars"]
     # The copy measures the weight norm in the same pass; both match float64 by hand.
-    assert scalars(acc, "vitals/weight_norm/0")[0] == pytest.approx(truth["weight_norm"], rel=1e-5)
-    assert scalars(acc, "vitals/update_ratio/0")[0] == pytest.approx(truth["ratio"], rel=1e-4)
+    assert scalars(acc, "vitals_layers/weight_norm/0")[0] == pytest.approx(
+        truth["weight_norm"], rel=1e-5
+    )
+    assert scalars(acc, "vitals_layers/update_ratio/0")[0] == pytest.approx(
+        truth["ratio"], rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("size", [65536, 8192])
 def test_sampled_update_ratio_of_a_large_group(tmp_path: Path, size: int) -> None:
     acc, truth = update_ratio_run(tmp_path, size)
-    assert ModelMonitor(nn.Linear(600, 600)).ratio_sample == 65536  # the default
+    assert ModelMonitor(nn.Linear(600, 600)).options.ratio_sample == 65536  # the default
     # size / 16 runs of 16 positions out of 360,600: within a few percent of the truth.
-    assert scalars(acc, "vitals/update_ratio/0")[0] == pytest.approx(truth["ratio"], rel=0.03)
+    assert scalars(acc, "vitals_layers/update_ratio/0")[0] == pytest.approx(
+        truth["ratio"], rel=0.03
+    )
     # The weight norm stays exact.
-    assert scalars(acc, "vitals/weight_norm/0")[0] == pytest.approx(truth["weight_norm"], rel=1e-5)
+    assert scalars(acc, "vitals_layers/weight_norm/0")[0] == pytest.approx(
+        truth["weight_norm"], rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("bad", [0, 1000, True, 2.5, "all"])
@@ -427,7 +444,9 @@ def sparse_fit(tmp_path: Path, steps: int, lr: float = 0.1) -> tuple[ModelMonito
         opt.zero_grad()
     run.close()
     acc = read(tmp_path)
-    return monitor, {g: scalars(acc, f"vitals/update_ratio/{g}") for g in ("emb", "lin", "head")}
+    return monitor, {
+        g: scalars(acc, f"vitals_layers/update_ratio/{g}") for g in ("emb", "lin", "head")
+    }
 
 
 def test_sampled_ratio_missing_a_sparse_update_is_not_called_stuck(tmp_path: Path) -> None:
@@ -439,12 +458,12 @@ def test_sampled_ratio_missing_a_sparse_update_is_not_called_stuck(tmp_path: Pat
     missed = [step for step, r in sorted(ratios["emb"].items()) if r == 0.0]
     assert missed, ratios["emb"]
     assert all(r > 0.0 for step, r in ratios["emb"].items() if step > missed[0]), ratios["emb"]
-    assert monitor._ratio_sparse == {0}
+    assert monitor._ratio.sparse == {0}
     # Only the layer outside the optimizer is stuck. Its 133,120 weights are sampled too:
     # the sampled 0 at step 0 is confirmed whole at steps 1-3 (patience 3).
     stuck = [(a.where, a.step) for a in monitor.alerts if a.kind == "not_training"]
     assert stuck == [("lin", 3)]
-    assert 1 not in monitor._ratio_sparse
+    assert 1 not in monitor._ratio.sparse
 
 
 def test_a_confirmed_stuck_layer_goes_back_to_its_sample(tmp_path: Path) -> None:
@@ -452,8 +471,8 @@ def test_a_confirmed_stuck_layer_goes_back_to_its_sample(tmp_path: Path) -> None
     monitor, _ = sparse_fit(tmp_path, 5)
     model = monitor.model
     assert isinstance(model, Sparse)
-    assert id(model.lin.weight) not in monitor._snap_buffers
-    assert id(model.head.weight) in monitor._snap_buffers  # small: always compared whole
+    assert id(model.lin.weight) not in monitor._ratio.buffers
+    assert id(model.head.weight) in monitor._ratio.buffers  # small: always compared whole
 
 
 def test_a_step_that_moved_nothing_copies_nothing_whole(tmp_path: Path) -> None:
@@ -462,7 +481,7 @@ def test_a_step_that_moved_nothing_copies_nothing_whole(tmp_path: Path) -> None:
     # beside the zero learning rate; the sampled layers are not.
     monitor, ratios = sparse_fit(tmp_path, 3, lr=0.0)
     assert all(v == 0.0 for r in ratios.values() for v in r.values())
-    assert monitor._ratio_whole == {} and monitor._ratio_sparse == set()
+    assert monitor._ratio.whole == {} and monitor._ratio.sparse == set()
     fired = {(a.kind, a.where) for a in monitor.alerts}
     assert fired == {("not_training", "head"), ("lr_zero", "group_0")}
 
@@ -507,7 +526,7 @@ def test_bf16_parameters(tmp_path: Path) -> None:
     run = RunWriter(tmp_path)
     ModelMonitor(model, run, hist_every_n_steps=1).after_backward(0)
     run.close()
-    h = read(tmp_path).Histograms("vitals/grads/root")[0].histogram_value
+    h = read(tmp_path).Histograms("vitals_layers/grads/root")[0].histogram_value
     assert h.num == sum(h.bucket) == 64 * 64 + 64
 
 
@@ -520,7 +539,7 @@ def test_no_sink_computes_nothing_and_repeated_step_is_ignored(tmp_path: Path) -
     monitor.after_backward(0)
     monitor.after_backward(0)
     run.close()
-    assert len(read(tmp_path).Histograms("vitals/weights/head")) == 1
+    assert len(read(tmp_path).Histograms("vitals_layers/weights/head")) == 1
 
 
 # ---------------------------------------------------------------------------- log_histograms
@@ -563,14 +582,19 @@ def test_log_histograms_errors(
     ("kwargs", "error", "match"),
     [
         pytest.param(
-            {"bins": 1}, ValueError, r"Expected `bins` to be an int in \[2, 1024\]", id="bins"
+            {"bins": 1},
+            ValueError,
+            r"Expected monitor option `bins` to be an int in \[2, 1024\]",
+            id="bins",
         ),
-        pytest.param({"sample": 10}, ValueError, "Expected `sample` to be None", id="sample"),
+        pytest.param(
+            {"sample": 10}, ValueError, "Expected monitor option `sample` to be None", id="sample"
+        ),
         pytest.param(
             {"group_depth": -1}, ValueError, "`group_depth` to be an int >= 0", id="depth"
         ),
         pytest.param({"hist_every_n_steps": 1.5}, ValueError, "`hist_every_n_steps`", id="period"),
-        pytest.param({"sink": object()}, TypeError, "`sink` must have `log_scalars", id="sink"),
+        pytest.param({"sink": object()}, TypeError, "`sink` must be a RunWriter", id="sink"),
         pytest.param({"group_fn": lambda n: ""}, ValueError, "`group_fn` returned ''", id="fn"),
         pytest.param({"sharded": True}, RuntimeError, "needs an initialised", id="sharded"),
     ],
@@ -666,7 +690,7 @@ def test_sharded_counts_are_summed_over_ranks(tmp_path: Path) -> None:
     torch.manual_seed(0)
     full = torch.randn(1000)
     finite = torch.cat([full[:7], full[8:]])
-    h = acc.Histograms("vitals/weights/layer")[0].histogram_value
+    h = acc.Histograms("vitals_layers/weights/layer")[0].histogram_value
     assert h.num == sum(h.bucket) == 999
     assert (h.min, h.max) == (
         pytest.approx(float(finite.min())),
@@ -675,10 +699,10 @@ def test_sharded_counts_are_summed_over_ranks(tmp_path: Path) -> None:
     ref, _ = np.histogram(finite.numpy(), bins=64, range=(h.min, h.max))
     assert np.abs(np.asarray(h.bucket) - ref).sum() <= 2
     assert scalars(acc, "vitals/nonfinite/weights") == {0: 1.0}
-    g = acc.Histograms("vitals/grads/layer")[0].histogram_value
+    g = acc.Histograms("vitals_layers/grads/layer")[0].histogram_value
     assert g.num == 1000 and g.sum == pytest.approx(300 * 1 + 700 * 2)
     norm = math.sqrt(300 * 1 + 700 * 4)
-    assert scalars(acc, "vitals/grad_norm/layer")[0] == pytest.approx(norm)
+    assert scalars(acc, "vitals_layers/grad_norm/layer")[0] == pytest.approx(norm)
 
 
 # ---------------------------------------------------------------------------- Lightning
@@ -729,15 +753,15 @@ def test_lightning_callback_round_trip(tmp_path: Path) -> None:
     )
     acc = read(logger.log_dir)
     hists = acc.Tags()["histograms"]
-    assert "vitals/weights/net.encoder.layers.1" in hists
-    assert "vitals/grads/net.encoder.layers.1" in hists
-    assert "vitals/grads/net.embed" not in hists  # frozen
-    h = acc.Histograms("vitals/weights/net.encoder.layers.0")
+    assert "vitals_layers/weights/net.encoder.layers.1" in hists
+    assert "vitals_layers/grads/net.encoder.layers.1" in hists
+    assert "vitals_layers/grads/net.embed" not in hists  # frozen
+    h = acc.Histograms("vitals_layers/weights/net.encoder.layers.0")
     assert [e.step for e in h] == [0, 2]
     block = sum(p.numel() for p in Block(8).parameters())
     assert all(e.histogram_value.num == sum(e.histogram_value.bucket) == block for e in h)
     assert scalars(acc, "vitals/frozen_params") == {0: 4.0 * 8 + 8}
-    assert set(scalars(acc, "vitals/update_ratio/net.head")) == {0, 1, 2, 3}
+    assert set(scalars(acc, "vitals_layers/update_ratio/net.head")) == {0, 1, 2, 3}
     assert "vitals/lr/group_0" not in acc.Tags()["scalars"]  # constant: in the hparams
     post = scalars(acc, "vitals/grad_norm_total/post_clip")
     assert post == {s: pytest.approx(0.01, rel=1e-3) for s in range(4)}
@@ -752,7 +776,7 @@ def test_lightning_callback_needs_tbx_logger(tmp_path: Path) -> None:
 
 
 def test_lightning_callback_validates_options() -> None:
-    with pytest.raises(ValueError, match="Expected `bins`"):
+    with pytest.raises(ValueError, match="Expected monitor option `bins`"):
         TrainingMonitor(bins=5000)
 
 
@@ -767,13 +791,13 @@ def test_histograms_in_tensorboard(tmp_path: Path, tensorboard: Any) -> None:
     server = tensorboard(tmp_path)
     assert server.wait_for_runs(1) == ["run"]
     data = server.get_json(
-        "/data/plugin/histograms/histograms", {"run": "run", "tag": "vitals/weights/head"}
+        "/data/plugin/histograms/histograms", {"run": "run", "tag": "vitals_layers/weights/head"}
     )
     assert [step for _, step, _ in data] == [0, 1]
     buckets = data[0][2]
     assert sum(count for _, _, count in buckets) == pytest.approx(9)
     scalars_json = server.get_json(
-        "/data/plugin/scalars/scalars", {"run": "run", "tag": "vitals/update_ratio/head"}
+        "/data/plugin/scalars/scalars", {"run": "run", "tag": "vitals_layers/update_ratio/head"}
     )
     assert [step for _, step, _ in scalars_json] == [0, 1]
 
@@ -807,10 +831,10 @@ def test_group_without_any_gradient_gets_no_gradient_scalars(tmp_path: Path) -> 
             param.grad = None  # e.g. a branch the loss did not reach this step
         monitor.after_backward(0)
     tags = read(tmp_path).Tags()
-    assert "vitals/grad_norm/1" not in tags["scalars"]
-    assert "vitals/grads/1" not in tags["histograms"]
-    assert {"vitals/grad_norm/0", "vitals/grad_norm/2"} <= set(tags["scalars"])
-    assert "vitals/weight_norm/1" in tags["scalars"]
+    assert "vitals_layers/grad_norm/1" not in tags["scalars"]
+    assert "vitals_layers/grads/1" not in tags["histograms"]
+    assert {"vitals_layers/grad_norm/0", "vitals_layers/grad_norm/2"} <= set(tags["scalars"])
+    assert "vitals_layers/weight_norm/1" in tags["scalars"]
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -853,26 +877,29 @@ def test_lora_statistics_cover_adapters_only(tmp_path: Path) -> None:
     acc = read(tmp_path)
     adapters = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
     assert set(acc.Tags()["histograms"]) == {
-        f"vitals/{kind}/{g}" for kind in ("weights", "grads") for g in adapters
+        f"vitals_layers/{kind}/{g}" for kind in ("weights", "grads") for g in adapters
     }
     expected = {
-        f"vitals/{k}/{g}" for k in ("weight_norm", "grad_norm", "update_ratio") for g in adapters
+        f"vitals_layers/{k}/{g}"
+        for k in ("weight_norm", "grad_norm", "update_ratio")
+        for g in adapters
     }
     expected |= {
         "vitals/nonfinite/weights",
         "vitals/nonfinite/grads",
         "vitals/grad_norm_total",
         "vitals/frozen_params",
+        "vitals/update_ratio",
     }
     assert set(acc.Tags()["scalars"]) == expected
     assert scalars(acc, "vitals/frozen_params") == {0: float(frozen)}
     # A group holds the two LoRA factors of one projection, not its frozen base weight.
     per_group = sum(n for name, n in trainable.items() if "layers.0.self_attn.q_proj" in name)
-    h = acc.Histograms("vitals/weights/model.layers.0.self_attn.q_proj")[0].histogram_value
+    h = acc.Histograms("vitals_layers/weights/model.layers.0.self_attn.q_proj")[0].histogram_value
     assert h.num == sum(h.bucket) == per_group
     lora_b = [p for n, p in model.named_parameters() if "layers.1.self_attn.v_proj.lora_B" in n]
     # lora_B starts at zero: its norm after one step is the update itself.
-    assert scalars(acc, "vitals/weight_norm/model.layers.1.self_attn.v_proj")[0] > 0
+    assert scalars(acc, "vitals_layers/weight_norm/model.layers.1.self_attn.v_proj")[0] > 0
     assert lora_b and lora_b[0].requires_grad
 
 
@@ -884,7 +911,7 @@ def test_frozen_backbone_watches_the_head_only(tmp_path: Path) -> None:
     train(model, run, 1, hist_every_n_steps=1, norm_every_n_steps=1, group_depth=1)
     run.close()
     acc = read(tmp_path)
-    assert set(acc.Tags()["histograms"]) == {"vitals/grads/2", "vitals/weights/2"}
+    assert set(acc.Tags()["histograms"]) == {"vitals_layers/grads/2", "vitals_layers/weights/2"}
     assert scalars(acc, "vitals/frozen_params") == {0: 4.0 * 64 + 64 + 64 * 64 + 64}
     assert not any(t.endswith(("/0", "/1")) for t in acc.Tags()["scalars"])
 

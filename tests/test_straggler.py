@@ -16,10 +16,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tbx_lightning.monitor import AlertRules
 from tbx_lightning.monitor._alerts import AlertEngine
+from tests.rows import session
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +136,7 @@ def test_consistently_slower_rank_is_named(runs: Path) -> None:
     assert "| straggler | rank 1 |" in text, text
     assert "rank 0" not in text, text
     assert "rank 1 takes" in text
-    counts = [e.value for e in acc.Scalars("alerts/count")]
+    counts = [e.value for e in acc.Scalars("vitals/alerts")]
     assert counts and counts[-1] >= 1.0
 
 
@@ -143,7 +145,7 @@ def test_consistently_slower_rank_is_named(runs: Path) -> None:
 def test_equal_speed_ranks_raise_no_straggler(runs: Path) -> None:
     acc = read(runs / "even" / "version_0")
     assert "straggler" not in alert_text(acc)
-    assert "alerts/count" not in acc.Tags()["scalars"]
+    assert "vitals/alerts" not in acc.Tags()["scalars"]
     # The monitor ran: its scalars are there.
     assert "vitals/samples_per_sec" in acc.Tags()["scalars"]
 
@@ -165,12 +167,17 @@ def test_two_ranks_compare_with_the_other_rank() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_stop_on_alert_stops_every_rank_at_the_same_step(runs: Path) -> None:
-    # The loss turns NaN at step 24; rank 0 reads it at the flush of the check at step
-    # 30, and both ranks end that step: no rank waits in a collective the other left.
+    # The loss turns NaN at step 24. Both ranks find the NaN gradients before that
+    # optimizer step (the flags of both ranks are summed), skip it and end the fit after
+    # it: no rank waits in a collective the other left, and the weights stay finite.
     text = (runs / "stdout.txt").read_text().split("FIT DONE even")[1]
     ends = sorted(re.findall(r"RANK (\d) ENDED AT STEP (\d+)", text))
-    assert ends == [("0", "31"), ("1", "31")], text[-3000:]
+    assert ends == [("0", "25"), ("1", "25")], text[-3000:]
     acc = read(runs / "stop" / "version_0")
-    assert "| nonfinite_loss |" in alert_text(acc)
+    assert "| 24 | nonfinite_grads |" in alert_text(acc)
     checkpoints = list((runs / "stop" / "version_0" / "checkpoints").glob("alert-step=*.ckpt"))
-    assert [p.name for p in checkpoints] == ["alert-step=31.ckpt"]
+    assert [p.name for p in checkpoints] == ["alert-step=25.ckpt"]
+    state = torch.load(checkpoints[0], weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values())
+    _, status = session(runs / "stop" / "version_0")
+    assert status == "STATUS_FAILURE"

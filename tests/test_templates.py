@@ -190,14 +190,14 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, str]) -> None:
     scalars = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= scalars
     assert not any(tag.endswith("_step") for tag in scalars)
-    assert any(tag.startswith("vitals/weight_norm/") for tag in scalars)
+    assert any(tag.startswith("vitals_layers/weight_norm/") for tag in scalars)
     assert 0.0 <= acc.Scalars("val/acc")[-1].value <= 1.0
     # The graph, with the CNN's layers in it.
     graph = acc.Graph()
     names = [node.name for node in graph.node]
     assert any("backbone" in name for name in names)
-    assert any(t.startswith("vitals/weights/") for t in acc.Tags()["histograms"]) or any(
-        t.startswith("vitals/weights/") for t in acc.Tags()["tensors"]
+    assert any(t.startswith("vitals_layers/weights/") for t in acc.Tags()["histograms"]) or any(
+        t.startswith("vitals_layers/weights/") for t in acc.Tags()["tensors"]
     )
     # The projector: penultimate embeddings with digit labels and a sprite.
     config = _projector(log_dir)

@@ -101,7 +101,7 @@ def test_both_runners_write_the_same_run(both_runs: dict[str, Path]) -> None:
     lightning = _what_a_dashboard_sees(both_runs["lightning"])
     accelerate = _what_a_dashboard_sees(both_runs["accelerate"])
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= lightning["scalars"]
-    assert "vitals/grad_norm/net.backbone.0" in lightning["scalars"]
+    assert "vitals_layers/grad_norm/net.backbone.0" in lightning["scalars"]
     for key in ("scalars", "histograms", "steps", "graph", "projector"):
         assert lightning[key] == accelerate[key], key
     # Two projector steps (after each epoch), 32x32 digit sprites, labels.
@@ -183,7 +183,7 @@ def _runs(root: Path) -> Path:
                     "val/loss": 1.2 / (step + 1),
                     "val/acc": 0.2 * step,
                     "val/perplexity": 3.0 / (step + 1),
-                    "vitals/grad_norm/net.backbone.0": 0.5,
+                    "vitals_layers/grad_norm/net.backbone.0": 0.5,
                 },
                 step=step,
             )

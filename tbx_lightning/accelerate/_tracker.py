@@ -31,7 +31,7 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
 from tbx_lightning import _fs
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import ConfigError, ConfigTypeError, RunNotStartedError
-from tbx_lightning.run import Run, check_writer_options
+from tbx_lightning.run import Run, RunSink, check_writer_options
 
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
@@ -250,6 +250,12 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
     def run_writer(self) -> RunWriter:
         """The run's :class:`~tbx_lightning.RunWriter` (fast scalars, ``log_dir``, ``flush``)."""
         return self._started_run().writer
+
+    @property
+    def monitor_sink(self) -> RunSink | None:
+        """What a :class:`~tbx_lightning.monitor.ModelMonitor` writes into (``None`` before
+        :meth:`start`): the run, with its status and counts, not one writer."""
+        return self._run.monitor_sink if self._started else None
 
     @property
     def log_dir(self) -> str:

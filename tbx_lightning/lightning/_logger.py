@@ -16,7 +16,7 @@ from argparse import Namespace
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-from tbx_lightning.errors import MissingDependencyError
+from tbx_lightning.errors import ConfigTypeError, MissingDependencyError
 
 try:
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -37,7 +37,7 @@ from tbx_lightning._summary import SUMMARY_FILE
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import MASK, is_secret_key, to_container
 from tbx_lightning.lightning._trainer import find_trainer
-from tbx_lightning.run import Run, check_writer_options
+from tbx_lightning.run import Run, RunSink, check_writer_options
 
 if TYPE_CHECKING:
     from tbx_lightning.graph import GraphExport
@@ -187,6 +187,11 @@ class TBXLogger(TensorBoardLogger):
             ``load_from_checkpoint``).
         find_trainer: Find the Trainer by looking up the call stack (Lightning gives
             loggers none). With False, add ``logger.callback()`` to the Trainer.
+        epoch_tag: The tag of the ``epoch`` value Lightning adds to every
+            ``log_metrics`` call. ``"trainer/epoch"`` by default, where the stock logger
+            writes ``epoch``: its chart then sorts after ``train/*`` in TensorBoard's Time
+            Series and HParams table, which open on the run's own metrics. Pass
+            ``"epoch"`` for the stock name.
         **kwargs: Writer options: ``flush_secs``, ``max_queue``, ``max_queue_bytes``,
             ``segment_bytes``, ``purge_step``, ``filename_suffix``.
 
@@ -216,6 +221,7 @@ class TBXLogger(TensorBoardLogger):
         hparams_exclude: Sequence[str] | None = None,
         mask_checkpoint_secrets: bool = False,
         find_trainer: bool = True,
+        epoch_tag: str = "trainer/epoch",
         **kwargs: Any,
     ) -> None:
         # Skip TensorBoardLogger.__init__: it would pick torch.utils.tensorboard.
@@ -244,6 +250,12 @@ class TBXLogger(TensorBoardLogger):
         self._mask_secrets = mask_secrets
         self._mask_checkpoint_secrets = mask_checkpoint_secrets
         self._find_trainer = find_trainer
+        if not isinstance(epoch_tag, str) or not epoch_tag:
+            raise ConfigTypeError(
+                f"`epoch_tag` of TBXLogger must be a non-empty str such as 'trainer/epoch' or "
+                f"'epoch', got {epoch_tag!r}."
+            )
+        self._epoch_tag = epoch_tag
         self._fs, self._root_path = _fs.resolve(self._root_dir)
         self._tbx_run = Run(
             self._writer_dir,
@@ -331,6 +343,11 @@ class TBXLogger(TensorBoardLogger):
         if not self._tbx_run.is_open:
             self._attach_to_trainer()
         return self._tbx_run.writer
+
+    @property
+    def monitor_sink(self) -> RunSink:
+        """What training monitors write into: follows this logger's run across resumes."""
+        return self._tbx_run.monitor_sink
 
     @property
     @rank_zero_experiment
@@ -427,9 +444,13 @@ class TBXLogger(TensorBoardLogger):
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Logs numbers as scalars and strings as text; dicts of any depth as ``a/b/c``.
 
+        Lightning's ``epoch`` goes to ``epoch_tag`` (``trainer/epoch`` by default).
+
         Without ``step`` (Lightning always passes one), values go one step past the
         highest step logged so far. See :mod:`tbx_lightning.run` for the rules.
         """
+        if "epoch" in metrics and self._epoch_tag != "epoch":
+            metrics = {(self._epoch_tag if k == "epoch" else k): v for k, v in metrics.items()}
         if self._prefix:
             metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
         self._opened_run().log(metrics, step)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch import nn
 
 from tbx_lightning.errors import MissingDependencyError
 
@@ -20,8 +21,9 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
         "tbx_lightning.TrainingMonitor needs Lightning: pip install 'tbx-lightning[lightning]'"
     ) from error
 
-from tbx_lightning.errors import ConfigError, UsageError
-from tbx_lightning.monitor import AlertRules, ModelMonitor, MonitorSink
+from tbx_lightning.errors import ConfigError, ConfigTypeError, UsageError
+from tbx_lightning.monitor import ModelMonitor, MonitorOptions, MonitorSink
+from tbx_lightning.monitor._options import resolve_options
 
 __all__ = ["TrainingMonitor"]
 
@@ -29,119 +31,69 @@ _log = logging.getLogger("tbx_lightning.alerts")
 
 
 class TrainingMonitor(Callback):
-    """Weight/gradient histograms, norms, update ratios, learning rates, throughput, memory.
+    """Weight/gradient histograms, norms, update ratios, learning rates, throughput, alerts.
 
     Routes Lightning's hooks to :class:`~tbx_lightning.monitor.ModelMonitor` and writes
-    into the run of the trainer's ``TBXLogger``. Statistics of an optimizer step are
-    logged at that step's ``trainer.global_step`` (counted before the step):
+    into the run of the trainer's ``TBXLogger`` (following it when ``fit(ckpt_path=...)``
+    moves it to the checkpoint's run). Statistics of an optimizer step are logged at
+    that step's ``trainer.global_step`` (counted before the step), which is the step
+    Lightning logs the step's metrics at:
 
     - ``on_before_optimizer_step`` (gradients accumulated and unscaled, not yet
-      clipped): histograms, norms, non-finite counts, frozen fractions, pre-clip norm;
+      clipped): histograms, norms, non-finite counts, the pre-clip norm; with
+      ``skip_nonfinite_steps`` (on with ``on_alert="stop"``/``"raise"``) the check for
+      NaN/Inf that skips the update before it harms the weights;
     - the optimizer's step post-hook: post-clip total gradient norm, update/weight
-      ratios, learning rate, momentum;
-    - ``on_train_batch_end``: the loss for the alert detectors, samples (and tokens)
-      per second, model FLOPs utilisation, peak device memory; with ``on_alert="stop"``,
-      a checkpoint and a clean stop once an alert fired.
+      ratios, learning rate, momentum, then the alert checks;
+    - ``on_train_batch_end``: the loss for the detectors, samples (and tokens) per
+      second, model FLOPs utilisation, peak device memory; with ``on_alert="stop"``, a
+      checkpoint (of the last finite weights) and a clean stop once an alert fired.
 
-    Alerts are on by default (see :class:`~tbx_lightning.monitor.AlertRules`): they are
-    written under the text tag ``alerts`` with the scalar ``alerts/count`` and logged
-    once per kind and layer on the ``tbx_lightning.alerts`` logger. The FLOPs of a step
-    are counted on the first training batch unless ``flops_per_step`` is given.
+    The monitor is built when training starts, after Lightning restored a checkpoint
+    and the strategy wrapped the model, so FSDP (Lightning's strategy, FSDP2,
+    ``ModelParallelStrategy``) is seen and statistics are summed over the shards.
+    A LightningModule whose parameters all live in one Hugging Face model (or PEFT
+    model) is watched through that model, so layers have the names they have in it
+    (``model.layers.0.self_attn.q_proj``), as on the other routes.
 
-    Every rank computes (sharded statistics need all ranks in the ``all_reduce``);
-    only global rank 0 writes. See :class:`~tbx_lightning.monitor.ModelMonitor` for the
-    options, the tags and the sampled mode's error bound.
+    Every rank computes what sharded statistics need and agrees on a stop; only global
+    rank 0 writes. An alert that stops (or raises in) the fit marks the run failed with
+    the alert as the reason.
 
     Args:
-        group_depth: Module-tree depth of the parameter groups.
-        group_fn: Maps a parameter name to its group; overrides ``group_depth``.
-        hist_every_n_steps: Histogram period in optimizer steps; 0 turns them off.
-        norm_every_n_steps: Period of the scalar statistics; 0 turns them off.
-        bins: Histogram bins, 2 to 1024.
-        sample: ``None`` for exact histograms, or elements sampled per group.
-        ratio_sample: Positions per group the update ratio compares; ``None`` for an
-            exact ratio (a copy of every trainable weight on scalar steps).
-        log_weights: Log weight histograms and norms.
-        log_grads: Log gradient histograms and norms.
-        log_update_ratio: Log the update/weight ratio.
-        sharded: Whether parameters are sharded; ``None`` detects it.
-        reset_peak_memory: Make each ``peak_memory_mb`` the peak of its window.
+        options: A :class:`~tbx_lightning.monitor.MonitorOptions` (or a dict of its
+            fields); ``None`` for the defaults.
         batch_size_fn: Samples in a batch; default: Lightning's batch-size inference.
         tokens_fn: Tokens in a batch (e.g. ``lambda b: b["attention_mask"].sum()``);
-            without it no ``tokens_per_sec`` is logged.
-        seed: Seed of the sampling generator.
-        trainable_only: Statistics of trainable parameters only; ``None`` turns it on
-            when most elements are frozen (adapters, a frozen backbone).
-        alerts: ``True`` (default rules), ``False``, or an ``AlertRules``.
-        on_alert: ``"warn"`` (log only), ``"stop"`` (save a checkpoint and stop the
-            fit cleanly), ``"raise"`` (raise ``TrainingAlertError``) or a callable
-            receiving each :class:`~tbx_lightning.monitor.Alert`.
-        flops_per_step: FLOPs of one optimizer step; ``None`` counts them once.
-        peak_flops: The device's peak FLOP/s; ``None`` looks it up by device name.
-        count_flops: Count the FLOPs of the first batch when ``flops_per_step`` is unset.
-        stragglers: Under DDP/FSDP, share each rank's step time and alert on a rank that
-            is consistently slower than the others.
+            without it no ``tokens_per_sec`` is logged and ``by_tokens`` has no axis.
+        **fields: Any field of :class:`~tbx_lightning.monitor.MonitorOptions` by name
+            (``group_depth=3``, ``on_alert="stop"``), applied over ``options``.
 
     Example:
         >>> from lightning.pytorch import Trainer
         >>> from tbx_lightning import TBXLogger, TrainingMonitor
-        >>> trainer = Trainer(
-        ...     logger=TBXLogger("runs"),
-        ...     callbacks=[TrainingMonitor(group_depth=2, hist_every_n_steps=100)],
-        ... )  # doctest: +SKIP
+        >>> monitor = TrainingMonitor(group_depth=2, hist_every_n_steps=100, on_alert="stop")
+        >>> monitor.options.skip_nonfinite_steps_on
+        True
+        >>> trainer = Trainer(logger=TBXLogger("runs"), callbacks=[monitor])  # doctest: +SKIP
     """
 
     def __init__(
         self,
+        options: MonitorOptions | Mapping[str, Any] | None = None,
         *,
-        group_depth: int = 2,
-        group_fn: Callable[[str], str] | None = None,
-        hist_every_n_steps: int = 100,
-        norm_every_n_steps: int = 10,
-        bins: int = 64,
-        sample: int | None = None,
-        ratio_sample: int | None = 65536,
-        log_weights: bool = True,
-        log_grads: bool = True,
-        log_update_ratio: bool = True,
-        sharded: bool | None = None,
-        reset_peak_memory: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
         tokens_fn: Callable[[Any], Any] | None = None,
-        seed: int = 0,
-        trainable_only: bool | None = None,
-        alerts: bool | AlertRules = True,
-        on_alert: Any = "warn",
-        flops_per_step: float | None = None,
-        peak_flops: float | None = None,
-        count_flops: bool = True,
-        stragglers: bool = True,
+        **fields: Any,
     ) -> None:
         super().__init__()
-        self._options: dict[str, Any] = {
-            "group_depth": group_depth,
-            "group_fn": group_fn,
-            "hist_every_n_steps": hist_every_n_steps,
-            "norm_every_n_steps": norm_every_n_steps,
-            "bins": bins,
-            "sample": sample,
-            "ratio_sample": ratio_sample,
-            "log_weights": log_weights,
-            "log_grads": log_grads,
-            "log_update_ratio": log_update_ratio,
-            "sharded": sharded,
-            "reset_peak_memory": reset_peak_memory,
-            "seed": seed,
-            "trainable_only": trainable_only,
-            "alerts": alerts,
-            "on_alert": on_alert,
-            "flops_per_step": flops_per_step,
-            "peak_flops": peak_flops,
-            "count_flops": count_flops,
-            "stragglers": stragglers,
-        }
-        # Validate now, on a throwaway module, so a bad option fails at construction.
-        ModelMonitor(torch.nn.Linear(1, 1), None, **{**self._options, "sharded": False})
+        self.options = resolve_options(options, fields, owner="TrainingMonitor")
+        for key, fn in (("batch_size_fn", batch_size_fn), ("tokens_fn", tokens_fn)):
+            if fn is not None and not callable(fn):
+                raise ConfigTypeError(
+                    f"`{key}` of TrainingMonitor must be a callable taking a batch, got "
+                    f"{type(fn).__name__}."
+                )
         self.batch_size_fn = batch_size_fn
         self.tokens_fn = tokens_fn
         self.monitor: ModelMonitor | None = None
@@ -151,7 +103,7 @@ class TrainingMonitor(Callback):
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _find_sink(trainer: Trainer) -> MonitorSink | None:
-        loggers = [lg for lg in trainer.loggers if hasattr(type(lg), "run_writer")]
+        loggers = [lg for lg in trainer.loggers if hasattr(type(lg), "monitor_sink")]
         if not loggers:
             names = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
             raise ConfigError(
@@ -161,17 +113,23 @@ class TrainingMonitor(Callback):
             )
         if trainer.global_rank != 0:
             return None  # computes its share (sharded statistics), writes nothing
-        sink: MonitorSink = getattr(loggers[0], "run_writer")  # noqa: B009 - Logger type lacks it
+        sink: MonitorSink = getattr(loggers[0], "monitor_sink")  # noqa: B009 - Logger type lacks it
         return sink
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        sink = self._find_sink(trainer)
-        self.monitor = ModelMonitor(pl_module, sink, **self._options)
+        if stage == "fit":
+            self._find_sink(trainer)  # a missing TBXLogger fails before any training
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        monitor = self._require()
+        # Built here, not in setup: the strategy has wrapped the model (FSDP shards it
+        # after setup) and a resumed fit has moved the logger to the checkpoint's run.
+        sharded = self.options.sharded
+        if sharded is None:
+            sharded = _strategy_shards(trainer)
+        self.monitor = ModelMonitor(
+            _watched(pl_module), self._find_sink(trainer), self.options, sharded=sharded
+        )
+        monitor = self.monitor
         # Without clipping the post-clip norm equals the pre-clip one: do not measure it.
         monitor.measure_post_clip = bool(trainer.gradient_clip_val)
         several = len(trainer.optimizers) > 1
@@ -193,6 +151,9 @@ class TrainingMonitor(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        # The optimizer step this batch contributes to: Lightning logs the batch's
+        # metrics at this step too.
+        self._step = trainer.global_step
         self._require().start_flop_count()
 
     def on_before_optimizer_step(
@@ -220,24 +181,17 @@ class TrainingMonitor(Callback):
         if isinstance(loss, torch.Tensor | float):
             monitor.observe_loss(self._step, loss)
         monitor.log_throughput(self._step, samples=samples, tokens=tokens)
-        monitor.log_memory(self._step)
-        stop = monitor.should_stop
-        if trainer.world_size > 1:
-            # Alerts fire on rank 0, at the flush of a scalar step. Only then, and only
-            # when an alert can stop the fit, do the ranks agree on it: one collective
-            # per scalar step (per micro-batch of it under gradient accumulation) rather
-            # than per batch. Every rank sees the same options and global step.
-            can_stop = self._options["on_alert"] == "stop" and self._options["alerts"] is not False
-            stop = (
-                trainer.strategy.reduce_boolean_decision(stop, all=False)
-                if can_stop and monitor.is_norm_step(self._step)
-                else False
-            )
-        if stop and not trainer.should_stop:
+        # Agreed on every rank by the monitor: a stop never leaves a rank behind.
+        if monitor.should_stop and not trainer.should_stop:
             self._stop(trainer)
 
     def _stop(self, trainer: Trainer) -> None:
-        """Saves a checkpoint, then asks the trainer to end the fit after this batch."""
+        """Saves a checkpoint, then asks the trainer to end the fit after this batch.
+
+        The update that would have made the weights non-finite was skipped
+        (``skip_nonfinite_steps``), so this checkpoint, and a ``last.ckpt`` that
+        ``ModelCheckpoint`` writes at the stop, hold the last finite weights.
+        """
         callback = trainer.checkpoint_callback
         directory = getattr(callback, "dirpath", None) or os.path.join(
             trainer.log_dir or trainer.default_root_dir, "checkpoints"
@@ -245,16 +199,48 @@ class TrainingMonitor(Callback):
         path = os.path.join(directory, f"alert-step={trainer.global_step}.ckpt")
         trainer.save_checkpoint(path)
         self.stop_checkpoint = path
-        _log.warning("stopping the fit after an alert; checkpoint saved to %s", path)
+        if trainer.global_rank == 0:
+            _log.warning("stopping the fit after an alert; checkpoint saved to %s", path)
         trainer.should_stop = True
 
     def _require(self) -> ModelMonitor:
         if self.monitor is None:
             raise UsageError(
-                "TrainingMonitor was not set up: it works in Trainer.fit (its setup hook "
-                "builds the monitor)."
+                "TrainingMonitor was not set up: it works in Trainer.fit (its on_train_start "
+                "hook builds the monitor)."
             )
         return self.monitor
+
+
+def _watched(pl_module: LightningModule) -> nn.Module:
+    """The module whose parameter names the monitor uses.
+
+    A LightningModule that only holds a Hugging Face model (``self.model =
+    AutoModelForCausalLM...``, or a PEFT model) is watched through it, so layer names
+    are the model's own, as when the model is given to the monitor directly.
+    """
+    holders = [
+        (name, child)
+        for name, child in pl_module.named_children()
+        if any(True for _ in child.parameters())
+    ]
+    if len(holders) != 1 or any(True for _ in pl_module.parameters(recurse=False)):
+        return pl_module
+    child = holders[0][1]
+    is_hf = hasattr(child, "config") and (
+        hasattr(child, "base_model_prefix") or type(child).__name__.startswith("Peft")
+    )
+    return child if is_hf else pl_module
+
+
+def _strategy_shards(trainer: Trainer) -> bool | None:
+    """True for strategies that shard parameters; None (detect) for the others."""
+    name = type(trainer.strategy).__name__
+    if trainer.world_size > 1 and any(
+        kind in name for kind in ("FSDP", "ModelParallel", "DeepSpeed")
+    ):
+        return True
+    return None
 
 
 def _batch_size(batch: Any) -> int | None:

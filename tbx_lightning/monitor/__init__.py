@@ -1,25 +1,34 @@
 """Training-health monitors: statistics on the device, alerts, throughput and MFU.
 
 Framework free (torch and numpy only); the Lightning callback
-:class:`tbx_lightning.TrainingMonitor` and Accelerate loops route to it.
+:class:`tbx_lightning.TrainingMonitor`, the Hugging Face Trainer callback and plain
+or Accelerate loops route to it, with one set of options (:class:`MonitorOptions`).
 
+- :mod:`._options`: :class:`MonitorOptions`, every option, checked once;
+- :mod:`._model`: :class:`ModelMonitor`, the hooks, the one transfer per step, the
+  non-finite guard and the agreement on an alert's action across ranks;
+- :mod:`._groups`: parameter groups and layer names (wrappers stripped);
 - :mod:`._binning`: the binning engine (moments and bin counts of flat tensors on
   their device), histograms;
-- :mod:`._model`: :class:`ModelMonitor`, per-group model statistics and their tags;
-- :mod:`._alerts`: the detectors and actions behind :class:`AlertRules`;
+- :mod:`._ratio`: the update/weight ratio and the fixed samples;
+- :mod:`._pace`: throughput, MFU, memory and the step-time share across ranks;
+- :mod:`._alerts`: the detectors and the record of what they found;
 - :mod:`._efficiency`: FLOP counting and device peaks for MFU;
 - :mod:`._sink`: what a monitor writes into (:class:`MonitorSink`).
 """
 
 from tbx_lightning.monitor._alerts import Alert, AlertRules, TrainingAlertError
 from tbx_lightning.monitor._binning import log_histograms
-from tbx_lightning.monitor._model import ModelMonitor, adapter_group, group_name
+from tbx_lightning.monitor._groups import adapter_group, group_name
+from tbx_lightning.monitor._model import ModelMonitor
+from tbx_lightning.monitor._options import MonitorOptions
 from tbx_lightning.monitor._sink import MonitorSink
 
 __all__ = [
     "Alert",
     "AlertRules",
     "ModelMonitor",
+    "MonitorOptions",
     "MonitorSink",
     "TrainingAlertError",
     "adapter_group",

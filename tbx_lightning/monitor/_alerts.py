@@ -1,10 +1,17 @@
 """Alerts: detectors that read the monitor's host values and say when training is sick.
 
 Every detector works on numbers that already reached the host in the monitor's one
-packed transfer per interval, so checking costs no device synchronisation. An alert is
-written once per kind and place (a Text entry under ``alerts`` and the cumulative
-``alerts/count``), logged once in the terminal through the ``tbx_lightning.alerts``
-logger, and handed to the configured action every time it fires.
+packed transfer per interval, so checking costs no device synchronisation. Most compare
+the run with its own recent history (spikes, explosions, vanishing updates); two compare
+it with absolute bounds (an update/weight ratio that stays too high, a learning rate out
+of the sane range of an adaptive optimizer), which catch a run that is wrong from step 0.
+
+An alert is recorded once per kind and place: a row of the markdown table written as
+the Text entry ``alerts`` (TensorBoard lists it as ``alerts/text_summary``) at the step
+of the check that found it, so entries never go back in steps; the cumulative count as
+the scalar ``vitals/alerts``; and one terminal line per kind and check through the
+``tbx_lightning.alerts`` logger, naming the first layers and how many more. The action
+(``on_alert``) is the monitor's to perform: see :attr:`AlertEngine.action`.
 """
 
 from __future__ import annotations
@@ -18,7 +25,12 @@ from typing import Any, Literal
 
 from tbx_lightning.errors import ConfigError, TrainingAlertError
 
-__all__ = ["Alert", "AlertRules", "TrainingAlertError"]
+__all__ = ["ALERT_COUNT_TAG", "ALERT_TEXT_TAG", "Alert", "AlertRules", "TrainingAlertError"]
+
+# The Text entry of the alerts table (TensorBoard lists it as ``alerts/text_summary``)
+# and the scalar of the cumulative count, which sorts with the run-level vitals.
+ALERT_TEXT_TAG = "alerts"
+ALERT_COUNT_TAG = "vitals/alerts"
 
 _log = logging.getLogger("tbx_lightning.alerts")
 
@@ -36,7 +48,8 @@ class Alert:
         step: The optimizer step the value belongs to.
         kind: ``nonfinite_loss``, ``nonfinite_grads``, ``nonfinite_weights``,
             ``loss_spike``, ``grad_explosion``, ``vanishing_update``, ``not_training``,
-            ``lr_zero``, ``lr_jump`` or ``straggler``.
+            ``update_ratio_high``, ``lr_zero``, ``lr_jump``, ``lr_out_of_range`` or
+            ``straggler``.
         where: The layer (parameter group), param group or rank; ``""`` for the whole model.
         value: The value that fired the detector.
         threshold: The limit it crossed.
@@ -71,6 +84,17 @@ class AlertRules:
             from one check to the next.
         straggler_factor: A rank straggles when its step time (waits for other ranks left
             out) exceeds this multiple of the median over the other ranks.
+        update_ratio_max: An absolute bound on the update/weight ratio: the median ratio
+            over the trainable layers above it for ``patience`` checks (or above 10x it
+            once) means the learning rate is too high. Healthy training moves weights by
+            about 1e-3 of their norm per step (up to a few 1e-2 for freshly initialised
+            adapters); 0.1 is a step a tenth of the weights' size.
+        adaptive_lr_max: The largest sane learning rate of an adaptive optimizer (Adam,
+            AdamW, NAdam, RAdam, Adamax, Adagrad, Adadelta, RMSprop, Adafactor and their
+            fused or 8-bit variants, found by class name): a larger one fires
+            ``lr_out_of_range`` at the first check. Adaptive optimizers take steps of
+            about the learning rate per weight whatever the gradient's scale, so 0.3
+            moves every weight by about 0.3 at once. SGD-like optimizers have no bound.
 
     Example:
         >>> rules = AlertRules(loss_spike_k=6.0, lr_jump_factor=None)
@@ -87,6 +111,8 @@ class AlertRules:
     patience: int = 3
     lr_jump_factor: float | None = 10.0
     straggler_factor: float | None = 1.25
+    update_ratio_max: float | None = 0.1
+    adaptive_lr_max: float | None = 0.03
 
     def __post_init__(self) -> None:
         for key in ("loss_window", "loss_min_history", "grad_min_history", "patience"):
@@ -99,6 +125,8 @@ class AlertRules:
             "vanishing_factor",
             "lr_jump_factor",
             "straggler_factor",
+            "update_ratio_max",
+            "adaptive_lr_max",
         ):
             value = getattr(self, key)
             if value is not None and (
@@ -139,14 +167,19 @@ def _median(values: Sequence[float]) -> float:
 
 
 class AlertEngine:
-    """Runs the detectors on host values and performs the alert action.
+    """Runs the detectors on host values, records what they find and decides the action.
+
+    The engine never raises and never stops anything itself: after :meth:`publish`,
+    :attr:`action` says what the configured ``on_alert`` asks for (``"stop"`` or
+    ``"raise"``, with :attr:`trigger` the alert that asked first), so the monitor can
+    first agree on it with the other ranks. A callable ``on_alert`` is called here.
 
     Args:
         rules: The thresholds.
-        on_alert: ``"warn"`` logs, ``"stop"`` also sets :attr:`should_stop`,
-            ``"raise"`` raises :class:`TrainingAlertError`, a callable receives each alert.
+        on_alert: ``"warn"``, ``"stop"``, ``"raise"`` or a callable receiving each alert.
         write_text: Writes ``(tag, markdown, step)`` into the run, or ``None`` (no run).
         write_scalars: Writes ``(metrics, step)`` into the run, or ``None``.
+        quiet: Log nothing to the terminal (a rank that does not write).
     """
 
     def __init__(
@@ -155,6 +188,8 @@ class AlertEngine:
         on_alert: OnAlert,
         write_text: Callable[[str, str, int], None] | None,
         write_scalars: Callable[[Mapping[str, float], int], None] | None,
+        *,
+        quiet: bool = False,
     ) -> None:
         if not (callable(on_alert) or on_alert in ("warn", "stop", "raise")):
             raise ConfigError(
@@ -165,16 +200,25 @@ class AlertEngine:
         self.on_alert = on_alert
         self.write_text = write_text
         self.write_scalars = write_scalars
-        self.should_stop = False
+        self.quiet = quiet
+        self.action: Literal["stop", "raise"] | None = None
+        self.trigger: Alert | None = None
         self.alerts: list[Alert] = []
         self.counts: dict[tuple[str, str], int] = {}
         self.total = 0
+        self.listeners: list[Callable[[Alert], None]] = []
         self._losses: deque[float] = deque(maxlen=rules.loss_window)
         self._grad_norms: deque[float] = deque(maxlen=max(rules.grad_min_history * 4, 20))
         self._streaks: dict[tuple[str, str], int] = {}
         self._last_lr: dict[str, float] = {}
         self._pending: list[Alert] = []
         self._written_total = 0
+        self._text_step = -1
+
+    @property
+    def should_stop(self) -> bool:
+        """Whether an alert asked for the fit to end (``on_alert`` "stop" or "raise")."""
+        return self.action is not None
 
     # ------------------------------------------------------------------ detectors
     def check_losses(self, losses: Sequence[tuple[int, float]]) -> None:
@@ -246,7 +290,7 @@ class AlertEngine:
     def check_update_ratios(
         self, step: int, ratios: Mapping[str, float], *, unconfirmed: Set[str] = frozenset()
     ) -> None:
-        """Layers that do not change, and layers whose updates vanish next to the rest.
+        """Layers that do not change, layers whose updates vanish, updates that are too big.
 
         ``unconfirmed`` names layers whose ratio of 0 comes from a sample, which may have
         missed a sparse update: that 0 does not count as not training.
@@ -278,10 +322,26 @@ class AlertEngine:
                 f"update ratio of {where} is {ratio:.3g}, under {factor:g}x the median "
                 f"{median:.3g} of all layers for {self.rules.patience} checks",
             )
+        bound = self.rules.update_ratio_max
+        if bound is None or not moving:
+            return
+        message = (
+            f"the median update/weight ratio over {len(moving)} layers is {median:.3g} at step "
+            f"{step}, above {bound:g}: each step moves the weights by that fraction of their "
+            "size; lower the learning rate (healthy training is near 1e-3)"
+        )
+        if median > 10 * bound:
+            self._fire(step, "update_ratio_high", "", median, 10 * bound, message)
+        else:
+            self._streak(step, "update_ratio_high", "", median > bound, median, bound, message)
 
-    def check_lr(self, step: int, lrs: Mapping[str, float]) -> None:
-        """A learning rate that stays zero, or grows by more than ``lr_jump_factor``."""
+    def check_lr(
+        self, step: int, lrs: Mapping[str, float], adaptive: Set[str] = frozenset()
+    ) -> None:
+        """A learning rate that stays zero, grows by more than ``lr_jump_factor``, or is
+        above ``adaptive_lr_max`` for the param groups of an adaptive optimizer (``adaptive``)."""
         factor = self.rules.lr_jump_factor
+        bound = self.rules.adaptive_lr_max
         for where, lr in lrs.items():
             self._streak(
                 step,
@@ -293,6 +353,18 @@ class AlertEngine:
                 f"learning rate of {where} is 0 for {self.rules.patience} checks: "
                 "check the scheduler",
             )
+            if bound is not None and where in adaptive and lr > bound:
+                self._fire(
+                    step,
+                    "lr_out_of_range",
+                    where,
+                    lr,
+                    bound,
+                    f"learning rate of {where} is {lr:.3g} at step {step}, above {bound:g}, the "
+                    "largest sane rate of an adaptive optimizer (Adam-like optimizers move each "
+                    "weight by about the learning rate per step): check the config (a rate of "
+                    "1e-5 to 1e-3 is usual; 1e-4 to 2e-3 for adapters)",
+                )
             last = self._last_lr.get(where)
             if factor is not None and last is not None and last > 0 and lr > factor * last:
                 self._fire(
@@ -330,6 +402,20 @@ class AlertEngine:
                 "data loading and host",
             )
 
+    def check_rank_losses(self, step: int, bad: Sequence[float]) -> None:
+        """Ranks whose own losses were non-finite since the last check (counts per rank)."""
+        for rank, count in enumerate(bad):
+            if count > 0:
+                self._fire(
+                    step,
+                    "nonfinite_loss",
+                    f"rank {rank}",
+                    count,
+                    0.0,
+                    f"{int(count)} non-finite losses on rank {rank} up to step {step}: check "
+                    "that rank's batches and its device",
+                )
+
     # ------------------------------------------------------------------ output
     def _streak(
         self,
@@ -360,29 +446,42 @@ class AlertEngine:
         if seen == 0:
             self.alerts.append(alert)
             self._pending.append(alert)
-            _log.warning("alert %s%s: %s", kind, f" ({where})" if where else "", message)
+        if self.trigger is None and self.on_alert in ("stop", "raise"):
+            self.trigger = alert
+            self.action = self.on_alert  # type: ignore[assignment]
 
-    def publish(self, step: int) -> None:
-        """Writes the new alerts of this check and runs the action on them."""
+    @property
+    def pending(self) -> bool:
+        """Whether alerts were found that :meth:`publish` has not written yet."""
+        return bool(self._pending) or self.total != self._written_total
+
+    def publish(self, step: int) -> list[Alert]:
+        """Writes the alerts found since the last call, at ``step``; returns them.
+
+        All of them go into one Text entry at ``step`` (the check that found them; an
+        earlier step than one already written is raised to it, so the entries of the
+        ``alerts`` tag never go back), each row with the step its value belongs to.
+        The terminal gets one line per kind.
+        """
         new, self._pending = self._pending, []
+        at = max(step, self._text_step)
         if self.total != self._written_total and self.write_scalars is not None:
-            self.write_scalars({"alerts/count": float(self.total)}, step)
+            self.write_scalars({ALERT_COUNT_TAG: float(self.total)}, at)
         self._written_total = self.total
         if not new:
-            return
+            return new
         if self.write_text is not None:
-            by_step: dict[int, list[Alert]] = {}
-            for alert in new:
-                by_step.setdefault(alert.step, []).append(alert)
-            for at, found in by_step.items():
-                self.write_text("alerts", _markdown(found), at)
+            self.write_text(ALERT_TEXT_TAG, _markdown(new), at)
+            self._text_step = at
+        if not self.quiet:
+            for line in terminal_lines(new):
+                _log.warning("%s", line)
         for alert in new:
-            if self.on_alert == "stop":
-                self.should_stop = True
-            elif self.on_alert == "raise":
-                raise TrainingAlertError(alert)
-            elif callable(self.on_alert):
+            for listener in self.listeners:
+                listener(alert)
+            if callable(self.on_alert):
                 self.on_alert(alert)
+        return new
 
     def summary(self) -> str:
         """One line per kind and place that fired more than once, with its count."""
@@ -391,3 +490,28 @@ class AlertEngine:
             for (kind, where), n in self.counts.items()
             if n > 1
         )
+
+
+def terminal_lines(alerts: Sequence[Alert], shown: int = 3) -> list[str]:
+    """One line per kind: the first alert's message, then the other places of that kind.
+
+    Example:
+        >>> a = [Alert(30, "nonfinite_grads", f"layers.{i}", 4.0, 0.0, f"4 non-finite grad values in layers.{i} at step 30") for i in range(6)]
+        >>> terminal_lines(a)
+        ['alert nonfinite_grads in 6 layers (layers.0, layers.1, layers.2 and 3 more): 4 non-finite grad values in layers.0 at step 30']
+    """
+    by_kind: dict[str, list[Alert]] = {}
+    for alert in alerts:
+        by_kind.setdefault(alert.kind, []).append(alert)
+    lines = []
+    for kind, found in by_kind.items():
+        places = [a.where for a in found if a.where]
+        if len(found) == 1:
+            where = f" ({places[0]})" if places else ""
+        else:
+            noun = "ranks" if all(p.startswith("rank ") for p in places) else "layers"
+            names = ", ".join(places[:shown])
+            more = f" and {len(places) - shown} more" if len(places) > shown else ""
+            where = f" in {len(found)} {noun} ({names}{more})"
+        lines.append(f"alert {kind}{where}: {found[0].message}")
+    return lines

@@ -21,7 +21,7 @@ the composed config:
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import os
 import time
 from typing import Any
@@ -57,6 +57,8 @@ def penultimate(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 # Options of the logger config that the tracker takes too, under the same names.
+# Where Lightning's `epoch` goes with TBXLogger's default `epoch_tag`: the same run on both runners.
+EPOCH_TAG = "trainer/epoch"
 _SHARED_OPTIONS = ("hparams_exclude", "mask_secrets", "flush_secs", "max_queue")
 
 
@@ -78,9 +80,9 @@ def _logger_node(cfg: DictConfig) -> DictConfig:
 
 
 def _monitor_options(node: Any) -> dict[str, Any]:
-    from tbx_lightning.monitor import ModelMonitor
+    from tbx_lightning.monitor import MonitorOptions
 
-    accepted = set(inspect.signature(ModelMonitor.__init__).parameters) - {"self", "model", "sink"}
+    accepted = {field.name for field in dataclasses.fields(MonitorOptions)}
     options = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
     return {k: v for k, v in (options or {}).items() if k in accepted}  # type: ignore[union-attr]
 
@@ -222,7 +224,7 @@ def _train(
             from hydra.utils import instantiate
 
             tokens_fn = instantiate(callbacks.training_monitor.tokens_fn)
-        sink = tracker.run_writer if accelerator.is_main_process else None
+        sink = tracker if accelerator.is_main_process else None
         monitor = ModelMonitor(plain, sink, **_monitor_options(callbacks.training_monitor))
         monitor.attach(optimizer)
 
@@ -262,8 +264,10 @@ def _train(
                 values = batch_metrics(module(inputs), targets)
                 loss = values["loss"]
                 accelerator.backward(loss)
-                if monitor is not None:
-                    monitor.after_backward(step)
+                if monitor is not None and not monitor.after_backward(step, loss=loss):
+                    # A non-finite step (on_alert "stop"/"raise"): the monitor cleared the
+                    # gradients, so the optimizer leaves the weights as they are.
+                    pass
                 if clip:
                     accelerator.clip_grad_norm_(trainable, clip)
                 optimizer.step()
@@ -274,16 +278,14 @@ def _train(
                     net.train_step = None
                 if monitor is not None:
                     monitor.stop_flop_count()
-                    monitor.observe_loss(step, loss)
                     # As the Lightning callback counts: samples, and tokens with a tokens_fn.
                     tokens = None if tokens_fn is None else float(tokens_fn((inputs, targets)))
                     monitor.log_throughput(step, samples=len(inputs), tokens=tokens)
-                    monitor.log_memory(step)
                 epoch_mean.add(values, len(inputs))
                 latest = {train_tag(STEP_METRIC): float(values[STEP_METRIC].detach())}
                 metrics.update(latest)
                 if (step + 1) % every == 0:  # the steps Lightning logs at
-                    accelerator.log({**latest, "epoch": epoch}, step=step)
+                    accelerator.log({**latest, EPOCH_TAG: epoch}, step=step)
                 step += 1
                 progress.batch_end(epoch, index, step, metrics)
                 if monitor is not None and monitor.should_stop:
@@ -298,7 +300,7 @@ def _train(
             at_epoch.update(_evaluate(module, val_loader, accelerator, val_cap))
             metrics.update(at_epoch)
             # At the epoch's last training step, where Lightning writes epoch-level values.
-            accelerator.log({**at_epoch, "epoch": epoch}, step=max(0, step - 1))
+            accelerator.log({**at_epoch, EPOCH_TAG: epoch}, step=max(0, step - 1))
             if scheduler is not None and interval == "epoch":
                 scheduler.step()
             progress.epoch_end(epoch, step, metrics)
