@@ -964,7 +964,7 @@ def test_step_time_without_counts_and_no_mfu_on_cpu(
     assert len(notes) == 1 and "peak_flops" in notes[0]
 
 
-def test_quickstart_monitor_has_at_most_16_tags_and_2_constants(tmp_path: Path) -> None:
+def test_quickstart_monitor_has_at_most_17_tags_and_2_constants(tmp_path: Path) -> None:
     from tbx_lightning.templates.digits import DigitsClassifier, DigitsCNN
 
     gen = torch.Generator().manual_seed(0)
@@ -986,7 +986,7 @@ def test_quickstart_monitor_has_at_most_16_tags_and_2_constants(tmp_path: Path) 
         log_every_n_steps=5,
     ).fit(model, data)
     acc = read(logger.log_dir)
-    tags = [t for t in acc.Tags()["scalars"] if t.startswith("vitals/")]
-    assert 0 < len(tags) <= 16, tags
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith(("vitals/", "vitals_layers/"))]
+    assert 0 < len(tags) <= 17, tags
     constant = [t for t in tags if len({e.value for e in acc.Scalars(t)}) == 1]
     assert sorted(constant) == ["vitals/nonfinite/grads", "vitals/nonfinite/weights"]
