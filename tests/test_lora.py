@@ -88,7 +88,7 @@ def fit(
 def test_a_resumed_fit_with_every_callback_is_one_run(tmp_path: Path) -> None:
     fit(tmp_path, LoRAModule(), 10)
     last = tmp_path / "lora" / "version_0" / "checkpoints" / "last.ckpt"
-    trainer, callback = fit(tmp_path, LoRAModule(), 20, ckpt_path=str(last))
+    trainer, _ = fit(tmp_path, LoRAModule(), 20, ckpt_path=str(last))
     assert trainer.global_step == 20
     # One run folder: the monitor followed the logger to the checkpoint's run.
     runs = sorted(p.name for p in (tmp_path / "lora").iterdir() if not p.name.startswith("."))
@@ -128,7 +128,7 @@ def test_an_alert_stop_keeps_finite_weights_marks_the_run_failed_and_resumes(
     grads = [line for line in lines if line.startswith("alert nonfinite_grads")]
     assert len(grads) == 1 and "in 4 layers" in grads[0]
 
-    config, status = session(folder)
+    _, status = session(folder)
     assert status == "STATUS_FAILURE"
     dashboards = Dashboards(tmp_path / "lora")
     assert dashboards.sessions()["version_0"]["hparams"]["run.status"] == "alert: nonfinite_grads"
@@ -245,3 +245,40 @@ def test_both_routes_name_the_layers_of_one_model_alike(tmp_path: Path) -> None:
     ]
     assert per_layer[0] == per_layer[1]
     assert {f"vitals_layers/update_ratio/{g}" for g in ADAPTED} <= per_layer[0]
+
+
+# ---------------------------------------------------------------------- the examples
+def _example(name: str) -> Any:
+    import importlib.util
+    import sys
+
+    folder = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(folder))  # the examples import their shared lora_common
+    try:
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(folder))
+
+
+@pytest.mark.usefixtures("fresh_accelerate")
+def test_the_lora_examples_run_resume_and_stop(tmp_path: Path) -> None:
+    lightning = _example("lora_lightning")
+    first = lightning.main(["--runs", str(tmp_path), "--max-steps", "6"])
+    again = lightning.main(["--runs", str(tmp_path), "--max-steps", "10", "--resume"])
+    assert first == again  # resumed into the same run
+    acc = read(again)
+    loss = steps(acc, "train/loss")
+    assert loss == sorted(set(loss)) and loss[-1] == 9
+    assert session(acc)[1] == "STATUS_SUCCESS"
+    assert "token_embeddings" in (Path(again) / "projector_config.pbtxt").read_text()
+
+    log_dir = _example("lora_accelerate").main(
+        ["--runs", str(tmp_path), "--max-steps", "20", "--nan-from", "4"]
+    )
+    acc = read(log_dir)
+    assert steps(acc, "train/loss") == [0]  # logged every 5 steps; stopped after step 4
+    assert session(acc)[1] == "STATUS_FAILURE"

@@ -591,11 +591,12 @@ class ModelMonitor:
                     checks.check_losses([(step, value)])
         for p in self._params:
             p.param.grad = None
-        _log.warning(
-            "step %d skipped: non-finite %s; the weights were left as they are",
-            step,
-            "gradients" if any(g for g, _ in per_rank) else "loss",
-        )
+        if self.sink is not None:  # the rank that writes says it, once
+            _log.warning(
+                "step %d skipped: non-finite %s; the weights were left as they are",
+                step,
+                "gradients" if any(g for g, _ in per_rank) else "loss",
+            )
         self._act(step)
         return False
 
