@@ -7,12 +7,15 @@ the CPU by Lightning for ``--steps`` steps. Four set-ups, one ``Trainer.fit`` ea
 - ``TensorBoardLogger``: Lightning's stock logger;
 - ``TBXLogger``: this package's logger alone;
 - ``TBXLogger + TrainingMonitor()``: the default monitor (histograms every 100 steps,
-  scalars and alerts every 10).
+  scalars and alerts every 10);
+- ``TBXLogger + TrainingMonitor(on_alert="stop")``: the same, and every optimizer step
+  checked for NaN/Inf before it runs (``skip_nonfinite_steps``: one small
+  device-to-host read per step).
 
-The four fits of a round run in lock-step (``benchmarks/_lockstep.py``): at once,
+The fits of a round run in lock-step (``benchmarks/_lockstep.py``): at once,
 each in its own thread, one training step at a time in an order shuffled every cycle,
 so step ``k`` of every set-up is timed within the same second and a shared machine's
-passing load hits all four alike. Each round builds fresh models: where a fit's
+passing load hits all of them alike. Each round builds fresh models: where a fit's
 tensors land in memory makes the same fit up to 10% faster or slower for its whole
 life, so one round cannot tell a few percent; the median over ``--rounds`` can.
 
@@ -50,7 +53,15 @@ from _lockstep import LockStep, lockstep_clocks, overheads, run_fits, spread
 
 WIDTH, LAYERS, BATCH = 2048, 6, 8
 EVERY = 10  # the logger's and the monitor's scalar interval (both defaults)
-SETUPS = ("logger=False", "TensorBoardLogger", "TBXLogger", "TBXLogger + TrainingMonitor()")
+STOP = 'TBXLogger + TrainingMonitor(on_alert="stop")'
+SETUPS = (
+    "logger=False",
+    "TensorBoardLogger",
+    "TBXLogger",
+    "TBXLogger + TrainingMonitor()",
+    STOP,
+)
+MONITORED = SETUPS[3:]
 
 
 class MLP(LightningModule):
@@ -74,8 +85,8 @@ class MLP(LightningModule):
 class TimedMonitor(TrainingMonitor):
     """``TrainingMonitor()`` that adds up the wall time spent in its own hooks."""
 
-    def __init__(self, warmup: int) -> None:
-        super().__init__()
+    def __init__(self, warmup: int, **fields: Any) -> None:
+        super().__init__(**fields)
         self.warmup = warmup
         self.inside = 0.0
 
@@ -113,7 +124,9 @@ def build(setup: str, clock: LockStep, steps: int, warmup: int, root: str) -> di
         logger = TensorBoardLogger(root, name="stock")
     elif setup.startswith("TBXLogger"):
         logger = TBXLogger(root, name="tbx" + ("_monitor" if "Monitor" in setup else ""))
-    monitor = TimedMonitor(warmup) if setup.endswith("TrainingMonitor()") else None
+    monitor = None
+    if setup in MONITORED:
+        monitor = TimedMonitor(warmup, **({"on_alert": "stop"} if setup == STOP else {}))
     if monitor is not None:
         callbacks.append(monitor)
     trainer = Trainer(
@@ -135,15 +148,18 @@ def build(setup: str, clock: LockStep, steps: int, warmup: int, root: str) -> di
     }
 
 
-def fit_round(args: argparse.Namespace, seed: int) -> tuple[dict[str, list[float]], float]:
-    """One lock-step round: per set-up the measured step times; the monitor's own time."""
+def fit_round(
+    args: argparse.Namespace, seed: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """One lock-step round: per set-up the measured step times; each monitor's own time."""
     clocks = lockstep_clocks(SETUPS, seed)
     with tempfile.TemporaryDirectory() as root:
         fits = {s: build(s, clocks[s], args.steps, args.warmup, root) for s in SETUPS}
         run_fits({s: (f["trainer"], f["model"], f["data"]) for s, f in fits.items()})
     times = {s: clocks[s].times[args.warmup : args.steps] for s in SETUPS}
     n = min(len(t) for t in times.values())
-    return {s: t[:n] for s, t in times.items()}, fits[SETUPS[-1]]["monitor"].inside / n
+    own = {s: fits[s]["monitor"].inside / n for s in MONITORED}
+    return {s: t[:n] for s, t in times.items()}, own
 
 
 def main() -> None:
@@ -160,8 +176,8 @@ def main() -> None:
     whole: dict[str, list[float]] = {s: [] for s in SETUPS}
     windows: dict[str, list[float]] = {s: [] for s in SETUPS}
     medians: dict[str, list[float]] = {s: [] for s in SETUPS}
-    inside: list[float] = []
-    share: list[float] = []
+    inside: dict[str, list[float]] = {s: [] for s in MONITORED}
+    share: dict[str, list[float]] = {s: [] for s in MONITORED}
     for round_ in range(args.rounds):
         times, own = fit_round(args, args.seed + round_)
         for setup in SETUPS:
@@ -169,13 +185,15 @@ def main() -> None:
             whole[setup].append(total)
             windows[setup].extend(per_window)
             medians[setup].append(statistics.median(times[setup]) * 1e3)
-        monitored = times[SETUPS[-1]]
-        inside.append(own)
-        share.append(100 * own / (sum(monitored) / len(monitored) - own))
+        for setup in MONITORED:
+            monitored = times[setup]
+            inside[setup].append(own[setup])
+            share[setup].append(100 * own[setup] / (sum(monitored) / len(monitored) - own[setup]))
         print(
             f"# round {round_}: "
             + ", ".join(f"{s} {whole[s][-1]:+.1f}%" for s in SETUPS[1:])
-            + f"; {own * 1e3:.2f} ms/step in the monitor's hooks",
+            + "; ms/step in the monitors' hooks: "
+            + ", ".join(f"{own[s] * 1e3:.2f}" for s in MONITORED),
             flush=True,
         )
     took = time.perf_counter() - began
@@ -201,11 +219,13 @@ def main() -> None:
             f"{setup:30} {statistics.median(medians[setup]):8.2f} {rounds:>30} "
             f"{spread(windows[setup]):>36}"
         )
-    print(
-        f"time inside the monitor's hooks: {statistics.median(inside) * 1e3:.2f} ms/step "
-        f"[{min(inside) * 1e3:.2f}-{max(inside) * 1e3:.2f}], {statistics.median(share):.1f}% "
-        f"[{min(share):.1f}-{max(share):.1f}%] of the rest of its step"
-    )
+    for setup in MONITORED:
+        ins, sha = inside[setup], share[setup]
+        print(
+            f"time inside the hooks of {setup}: {statistics.median(ins) * 1e3:.2f} ms/step "
+            f"[{min(ins) * 1e3:.2f}-{max(ins) * 1e3:.2f}], {statistics.median(sha):.1f}% "
+            f"[{min(sha):.1f}-{max(sha):.1f}%] of the rest of its step"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@
    are counted on the first step, the peak comes from the device table.
 3. Histograms: the same tensors binned on the device and on the CPU give the same
    counts (up to values on a bin edge) and the same moments.
+4. Stop before the harm: with ``on_alert="stop"`` every optimizer step is checked for
+   NaN/Inf before it runs, with exactly one host read per step (counted, everything
+   else still under the sync check); the step time beside the default monitor's; a
+   NaN loss at one step leaves the weights finite and stops.
 
 On a machine without CUDA it prints "no CUDA device" and exits 0. Runs in well under
 5 minutes on one GPU.
@@ -31,7 +35,9 @@ from torch import nn
 
 from tbx_lightning import RunWriter
 from tbx_lightning.monitor import ModelMonitor
+from tbx_lightning.monitor import _model as monitor_model
 from tbx_lightning.monitor._binning import _Binner
+from tbx_lightning.monitor._stats import Statistics
 
 
 @contextlib.contextmanager
@@ -100,7 +106,9 @@ class Transformer(nn.Module):
         return self.head(x)
 
 
-def check_no_sync_and_mfu(device: torch.device, steps: int = 60) -> dict[str, float]:
+def check_no_sync_and_mfu(
+    device: torch.device, steps: int = 60, on_alert: str = "warn"
+) -> dict[str, float]:
     torch.manual_seed(0)
     model = Transformer().to(device=device, dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -108,13 +116,16 @@ def check_no_sync_and_mfu(device: torch.device, steps: int = 60) -> dict[str, fl
     ids = torch.randint(0, 8192, (steps, batch, seq), device=device)
     with tempfile.TemporaryDirectory() as root:
         run = RunWriter(root)
-        monitor = ModelMonitor(model, run, hist_every_n_steps=20, norm_every_n_steps=10)
+        monitor = ModelMonitor(
+            model, run, hist_every_n_steps=20, norm_every_n_steps=10, on_alert=on_alert
+        )
         monitor.attach(opt)
         torch.cuda.synchronize()
         with (
             Counted(ModelMonitor, "flush") as flushes,
             Counted(RunWriter, "_stack") as packs,
-            Counted(ModelMonitor, "_write_histograms") as hists,
+            Counted(Statistics, "write_histograms") as hists,
+            Counted(monitor_model, "nonfinite_per_rank") as guards,
         ):
             started = time.perf_counter()
             for step in range(steps):
@@ -148,6 +159,9 @@ def check_no_sync_and_mfu(device: torch.device, steps: int = 60) -> dict[str, fl
     scalar_steps = len(range(0, steps, monitor.norm_every_n_steps))
     if flushes.calls > scalar_steps + 1:
         raise SystemExit(f"FAIL: {flushes.calls} flushes for {scalar_steps} scalar steps")
+    expected_guards = steps if on_alert == "stop" else 0
+    if guards.calls != expected_guards:
+        raise SystemExit(f"FAIL: {guards.calls} step checks for {steps} steps ({on_alert})")
     peak = monitor.peak_flops
     from tbx_lightning.monitor._efficiency import peak_flops
 
@@ -162,7 +176,35 @@ def check_no_sync_and_mfu(device: torch.device, steps: int = 60) -> dict[str, fl
         "peak_flops": peak or float("nan"),
         "mfu": mfu,
         "step_ms": 1e3 * elapsed / steps,
+        "step_checks": guards.calls,
     }
+
+
+def check_nan_step_is_skipped(device: torch.device) -> None:
+    torch.manual_seed(0)
+    model = Transformer(vocab=512, d=128, layers=2, heads=4).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with tempfile.TemporaryDirectory() as root:
+        run = RunWriter(root)
+        monitor = ModelMonitor(model, run, norm_every_n_steps=5, on_alert="stop")
+        monitor.attach(opt)
+        for step in range(20):
+            ids = torch.randint(0, 512, (4, 32), device=device)
+            loss = nn.functional.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
+            if step == 7:
+                loss = loss * float("nan")
+            loss.backward()
+            allowed = monitor.after_backward(step, loss=loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            monitor.log_throughput(step, samples=4)
+            if monitor.should_stop:
+                break
+        monitor.detach()
+        run.close()
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if allowed or step != 7 or not finite:
+        raise SystemExit(f"FAIL: NaN step 7: allowed={allowed}, ended at {step}, finite={finite}")
 
 
 def check_histograms(device: torch.device) -> float:
@@ -202,6 +244,14 @@ def main() -> int:
     print("no host synchronisation outside the packed transfers: OK")
     for key, value in stats.items():
         print(f"  {key}: {value:.4g}")
+    stop = check_no_sync_and_mfu(device, on_alert="stop")
+    print("on_alert='stop': one host read per step, none elsewhere: OK")
+    print(
+        f"  step_ms: {stop['step_ms']:.4g} against {stats['step_ms']:.4g} with the default "
+        f"monitor ({100 * (stop['step_ms'] / stats['step_ms'] - 1):+.1f}%)"
+    )
+    check_nan_step_is_skipped(device)
+    print("a NaN loss at step 7: that update skipped, weights finite, stopped: OK")
     diff = check_histograms(device)
     print(f"device histograms match the CPU's: OK (largest difference {diff:.0f} counts)")
     return 0

@@ -55,14 +55,16 @@ def nonfinite_per_rank(
 ) -> list[list[float]]:
     """``[[grads bad, loss bad], ...]`` per rank: whether each rank saw NaN/Inf.
 
-    The largest absolute value of each gradient (``_foreach_norm`` with ``ord=inf``,
-    which cannot overflow as a sum of squares can in half precision) tells whether it
-    holds NaN/Inf; every rank's two flags are summed into one small tensor, read once.
+    The L2 norm of each gradient, accumulated in float32 (so half-precision gradients
+    cannot overflow it), is NaN/Inf exactly when the gradient holds NaN/Inf;
+    ``_foreach_norm`` computes all of them in one multi-tensor pass (the max-abs norm
+    is several times slower on the CPU). Every rank's two flags are summed into one
+    small tensor, read once.
     """
     flags = torch.zeros(2, dtype=torch.float32, device=device)
     if grads:
-        worst = torch._foreach_norm(grads, math.inf)
-        flags[0] = (~torch.isfinite(torch.stack([w.float() for w in worst]))).any().float()
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        flags[0] = (~torch.isfinite(torch.stack(list(norms)))).any().float()
     if isinstance(loss, torch.Tensor):
         flags[1] = (~torch.isfinite(loss.detach().reshape(()).float())).float().to(device)
     elif loss is not None and not math.isfinite(float(loss)):
