@@ -390,6 +390,7 @@ class Run:
         # counts the monitor reported per step.
         self._mirrors: dict[str, re.Pattern[str]] = {}
         self._counts: dict[str, dict[int, float]] = {}
+        self._mirror_pending: dict[int, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ writer
     @property
@@ -519,33 +520,52 @@ class Run:
             self._counts.setdefault(axis, {})
 
     def count_seen(self, step: int, **counts: float) -> None:
-        """Records the tokens/samples seen up to ``step`` (for :meth:`mirror_by`)."""
-        for axis, count in counts.items():
-            seen = self._counts.get(axis)
-            if seen is None:
-                continue
-            seen[step] = count
-            if len(seen) > 4096:
-                for old in sorted(seen)[:2048]:
-                    del seen[old]
+        """Records the tokens/samples seen up to ``step`` (for :meth:`mirror_by`).
 
-    def mirror(self, writer: RunWriter, scalars: Mapping[str, Any], step: int) -> None:
-        """Writes the ``by_<axis>/`` copies of ``scalars`` logged at ``step``."""
-        for axis, pattern in self._mirrors.items():
-            seen = self._counts.get(axis) or {}
-            count = seen.get(step)
-            if count is None:
-                earlier = [s for s in seen if s <= step]
-                if not earlier:
+        Copies of tags logged at ``step`` before its count was known (a loop that logs
+        its metrics before the monitor counts the batch) are written now.
+        """
+        with self.lock:
+            for axis, count in counts.items():
+                seen = self._counts.get(axis)
+                if seen is None:
                     continue
-                count = seen[max(earlier)]
+                seen[step] = count
+                if len(seen) > 4096:
+                    for old in sorted(seen)[:2048]:
+                        del seen[old]
+            waiting = [s for s in self._mirror_pending if s <= step]
+            if waiting and self._writer is not None:
+                for at in sorted(waiting):
+                    self.mirror(self._writer, self._mirror_pending.pop(at), at)
+
+    def mirror(
+        self, writer: RunWriter, scalars: Mapping[str, Any], step: int, *, wait: bool = True
+    ) -> None:
+        """Writes the ``by_<axis>/`` copies of ``scalars`` logged at ``step`` (call locked).
+
+        A step whose count is not known yet waits for it (at most 64 steps wait; a step
+        without a count of its own takes the latest count before it).
+        """
+        for axis, pattern in self._mirrors.items():
             copies = {
                 f"by_{axis}/{tag}": value
                 for tag, value in scalars.items()
                 if pattern.fullmatch(tag) and not tag.startswith("by_")
             }
-            if copies:
-                writer.log_scalars(copies, int(count))
+            if not copies:
+                continue
+            seen = self._counts.get(axis) or {}
+            count = seen.get(step)
+            if count is None:
+                if wait and not any(s > step for s in seen) and len(self._mirror_pending) < 64:
+                    self._mirror_pending.setdefault(step, {}).update(scalars)
+                    return
+                earlier = [s for s in seen if s <= step]
+                if not earlier:
+                    continue
+                count = seen[max(earlier)]
+            writer.log_scalars(copies, int(count))
 
     def alert_stopped(self, kind: str, step: int, message: str, action: str) -> None:
         """Records that an alert ended training: :meth:`finish` then records a failure."""
@@ -751,6 +771,8 @@ class Run:
             if note is not None:
                 at = self.step_for(None, advance=False)
                 self.writer.experiment.add_text(STATUS_TEXT_TAG, note, global_step=at)
+            for waiting in sorted(self._mirror_pending):  # no later count will come
+                self.mirror(self.writer, self._mirror_pending.pop(waiting), waiting, wait=False)
             hparams.finish(key, label=label)
             writer = self.writer
             if writer.has_data:

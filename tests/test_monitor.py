@@ -990,3 +990,42 @@ def test_quickstart_monitor_has_at_most_17_tags_and_2_constants(tmp_path: Path) 
     assert 0 < len(tags) <= 17, tags
     constant = [t for t in tags if len({e.value for e in acc.Scalars(t)}) == 1]
     assert sorted(constant) == ["vitals/nonfinite/grads", "vitals/nonfinite/weights"]
+
+
+def test_tags_are_also_written_against_tokens_and_samples_seen(tmp_path: Path) -> None:
+    # Runs with different batch sizes compare at equal data: by_tokens/<tag> is written
+    # at the number of tokens seen by the end of the step the tag was logged at, on the
+    # logger's tags and the monitor's own, whether the loop logs before or after counting.
+    from tbx_lightning.run import Run
+
+    run = Run(lambda: str(tmp_path), owner="test")
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = ModelMonitor(
+        model,
+        run,
+        norm_every_n_steps=2,
+        by_tokens=["train/*", "vitals/grad_norm_total"],
+        by_samples=["train/loss"],
+    )
+    monitor.attach(opt)
+    for step in range(6):
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        monitor.after_backward(step)
+        opt.step()
+        opt.zero_grad()
+        if step % 2:
+            run.log({"train/loss": float(step)}, step=step)  # before the count
+        monitor.log_throughput(step, samples=8, tokens=8 * 16)
+        if not step % 2:
+            run.log({"train/loss": float(step)}, step=step)  # after it
+    monitor.detach()
+    run.finish("success")
+    run.release()
+    acc = read(tmp_path)
+    by_tokens = scalars(acc, "by_tokens/train/loss")
+    assert by_tokens == {128 * (s + 1): float(s) for s in range(6)}
+    assert scalars(acc, "by_samples/train/loss") == {8 * (s + 1): float(s) for s in range(6)}
+    grad = scalars(acc, "by_tokens/vitals/grad_norm_total")
+    assert set(grad) == {128 * (s + 1) for s in (0, 2, 4)}
+    assert list(grad.values()) == list(scalars(acc, "vitals/grad_norm_total").values())

@@ -276,6 +276,7 @@ class ModelMonitor:
             notify = getattr(self.sink, "notify_alert", None)
             if callable(notify):
                 self._alerts.listeners.append(notify)
+        self._no_tokens_said = False
         counting = getattr(self.sink, "count_seen", None)
         self._count_seen = counting if callable(counting) else None
         if self._count_seen is not None and (opts.by_tokens or opts.by_samples):
@@ -546,7 +547,20 @@ class ModelMonitor:
             self._pace.throughput(step, samples, tokens, self.is_norm_step(step))
         )
         if self._count_seen is not None and self.sink is not None:
-            self._count_seen(step, tokens=self._pace.tokens_seen, samples=self._pace.samples_seen)
+            counts = {}
+            if tokens is not None:
+                counts["tokens"] = self._pace.tokens_seen
+            elif self.options.by_tokens and not self._no_tokens_said:
+                self._no_tokens_said = True
+                _log.warning(
+                    "by_tokens=%s writes nothing: the loop gives no token counts; pass "
+                    "tokens= to log_throughput (tokens_fn= to TrainingMonitor).",
+                    list(self.options.by_tokens),
+                )
+            if samples is not None:
+                counts["samples"] = self._pace.samples_seen
+            if counts:
+                self._count_seen(step, **counts)
         if self.is_norm_step(step) and self.sink is not None:
             peak = self._pace.memory()
             if peak is not None:
