@@ -235,6 +235,14 @@ def to_graph_def(
 ) -> GraphDef:
     """Returns the TensorBoard ``GraphDef`` of ``model``; see :func:`export_graph`.
 
+    Args:
+        model: The model to capture.
+        example_input: What ``model`` is called with (a tensor, a tuple, or a dict of
+            keyword arguments).
+        methods: Capture backends to try, in order (``"export"``, ``"fx"``, ``"jit"``).
+        max_depth: Module-tree depth of the scopes shown; deeper ones are collapsed.
+        collapse_repeated: Show repeated blocks (layers of one stack) once.
+
     Example:
         >>> import torch
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())

@@ -50,6 +50,10 @@ def group_name(param_name: str, depth: int) -> str:
     Parameters that sit directly on the root module form the group ``root``;
     ``depth=0`` puts every parameter into the group ``all``.
 
+    Args:
+        param_name: The parameter's name in ``model.named_parameters()``.
+        depth: Parts of the module path kept.
+
     Example:
         >>> group_name("encoder.layers.3.self_attn.out_proj.weight", 2)
         'encoder.layers.3'
@@ -73,6 +77,9 @@ def adapter_group(param_name: str) -> str:
     PEFT's wrapper parts (``base_model.model`` and what holds it, ``lora_A``/``lora_B``
     and the adapter's name, ``base_layer``) are dropped, so the two LoRA factors of one
     projection and its frozen base weight share a group.
+
+    Args:
+        param_name: The parameter's name in ``model.named_parameters()``.
 
     Example:
         >>> adapter_group("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")

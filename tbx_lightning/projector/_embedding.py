@@ -223,6 +223,10 @@ def _run_lock(fs: Any, run_path: str) -> threading.Lock:
 def read_config(fs: Any, run_path: str) -> Any:
     """Parses ``<run_path>/projector_config.pbtxt``; an empty config when there is none.
 
+    Args:
+        fs: The run's fsspec file system.
+        run_path: The run directory on ``fs``.
+
     Raises:
         ConfigError: The file exists but is not a valid projector config; it is
             left untouched. (A ``ValueError``.)
@@ -265,6 +269,10 @@ def tensor_name(tag: str, step: int) -> str:
     never ends in ``":0"``, which TensorBoard would strip. The latest of several
     steps of a tag is listed as ``"<tag> (latest):<step:08d>"`` instead (see
     :data:`LATEST_SUFFIX`).
+
+    Args:
+        tag: The embedding's tag.
+        step: The step it was logged at.
     """
     return f"{tag}:{step:08d}"
 
@@ -275,6 +283,9 @@ def safe_tag(tag: str) -> str:
     Characters outside ``[A-Za-z0-9_.-]`` become ``_`` and a short hash of the
     full tag is appended, so ``"a/b"``, ``"a b"`` and ``"A/B"`` get different
     folders even on case-insensitive file systems.
+
+    Args:
+        tag: The embedding's tag.
     """
     slug = _SAFE_TAG_CHARS.sub("_", tag).strip("._")[:48] or "tag"
     digest = hashlib.sha1(tag.encode("utf-8")).hexdigest()[:8]
