@@ -1029,3 +1029,43 @@ def test_tags_are_also_written_against_tokens_and_samples_seen(tmp_path: Path) -
     grad = scalars(acc, "by_tokens/vitals/grad_norm_total")
     assert set(grad) == {128 * (s + 1) for s in (0, 2, 4)}
     assert list(grad.values()) == list(scalars(acc, "vitals/grad_norm_total").values())
+
+
+@pytest.mark.parametrize("on_alert", ["warn", "stop"])
+def test_a_gradient_scalers_overflows_are_not_alerts(tmp_path: Path, on_alert: str) -> None:
+    # fp16 mixed precision: the scaler starts at a scale that overflows the gradients and
+    # halves it, skipping those steps, until it settles. Expected, so no alert and no stop;
+    # a NaN loss later is still one.
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    run = RunWriter(tmp_path)
+    monitor = ModelMonitor(model, run, norm_every_n_steps=2, on_alert=on_alert)
+    monitor.grad_scaler = scaler
+    monitor.attach(opt)
+    skipped = 0
+    for step in range(40):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+        if step == 35:
+            loss = loss * float("nan")
+        scaler.scale(loss).backward()
+        allowed = monitor.after_backward(step, loss=loss)
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped += scaler.get_scale() < scale
+        opt.zero_grad()
+        monitor.log_throughput(step, samples=8)
+        if monitor.should_stop:
+            break
+    monitor.detach()
+    run.close()
+    assert skipped >= 3  # the scale came down from 2**24 step by step
+    kinds = {(a.kind, a.step) for a in monitor.alerts}
+    assert not any(kind == "nonfinite_grads" and s < 35 for kind, s in kinds), kinds
+    assert ("nonfinite_loss", 35) in kinds
+    if on_alert == "stop":
+        assert not allowed and step == 35
+    assert all(torch.isfinite(p).all() for p in model.parameters())

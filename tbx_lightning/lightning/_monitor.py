@@ -130,6 +130,8 @@ class TrainingMonitor(Callback):
             _watched(pl_module), self._find_sink(trainer), self.options, sharded=sharded
         )
         monitor = self.monitor
+        # fp16 mixed precision: the scaler's skipped steps are expected, not alerts.
+        monitor.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         # Without clipping the post-clip norm equals the pre-clip one: do not measure it.
         monitor.measure_post_clip = bool(trainer.gradient_clip_val)
         several = len(trainer.optimizers) > 1

@@ -265,6 +265,20 @@ class AlertEngine:
                     f"{int(count)} non-finite {kind[:-1]} values in {where} at step {step}",
                 )
 
+    def check_overflows(self, step: int, in_a_row: int, limit: int = 32) -> None:
+        """A gradient scaler that skipped ``limit`` steps in a row: its scale never settles."""
+        if in_a_row == limit:
+            self._fire(
+                step,
+                "nonfinite_grads",
+                "",
+                float(in_a_row),
+                float(limit),
+                f"the gradient scaler skipped {in_a_row} steps in a row up to step {step} "
+                "(their gradients overflowed and the loss scale never settled): check the "
+                "loss scale, the inputs and the learning rate",
+            )
+
     def check_grad_norm(self, step: int, total: float) -> None:
         """The total gradient norm against the median of its recent checks."""
         factor = self.rules.grad_explosion_factor

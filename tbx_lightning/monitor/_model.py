@@ -249,15 +249,15 @@ class ModelMonitor:
         self._last_backward_step: int | None = None
         self._step_allowed = True
         self._vetoed: int | None = None
+        # A torch.amp.GradScaler whose skipped steps are expected (fp16 mixed precision):
+        # the Lightning callback and from_accelerator set it. Its overflows in a row.
+        self.grad_scaler: Any = None
+        self._overflows = 0
         self._agreed: int | None = None
         # A scalar step ends (flush, checks, agreement) at the optimizer hook, or, once the
         # loop calls log_throughput, there: the step's loss is then checked with it.
         self._ended: int | None = None
         self._ends_at_throughput = False
-        # The last step whose optimizer step ran (or, without an optimizer hook, whose
-        # gradients were complete): under gradient accumulation log_throughput runs per
-        # micro-batch, and only the one after the optimizer step ends the scalar step.
-        self._stepped: int | None = None
         self._staged: dict[str, Any] = {}
         self._staged_step: int | None = None
         self._losses: list[tuple[int, float | torch.Tensor]] = []
@@ -307,7 +307,10 @@ class ModelMonitor:
                     "and call accelerator.init_trackers(...) first."
                 )
             sink = tracker
-        return cls(model, sink, **fields)
+        monitor = cls(model, sink, **fields)
+        # fp16 mixed precision: the scaler's skipped steps are expected, not alerts.
+        monitor.grad_scaler = getattr(accelerator, "scaler", None)
+        return monitor
 
     # ------------------------------------------------------------------ properties
     @property
@@ -488,7 +491,6 @@ class ModelMonitor:
         if self.options.skip_nonfinite_steps_on:
             self._step_allowed = self._guard(step, loss)
         if not self._hooks:
-            self._stepped = step
             if norm and not self._ends_at_throughput:
                 self._end_scalar_step(step)  # no optimizer hook will end this step
         return self._step_allowed
@@ -514,7 +516,6 @@ class ModelMonitor:
         self, step: int, optimizer: Any = None, *, name: str | None = None
     ) -> None:
         """Update/weight ratios of the step, learning rates, then the step's alert checks."""
-        self._stepped = step
         if not self.is_norm_step(step):
             self._ratio.drop()
             return
@@ -567,7 +568,10 @@ class ModelMonitor:
                 scalars["vitals/peak_memory_mb"] = peak
         if scalars and self.sink is not None:
             self.sink.log_scalars(scalars, step)
-        if self._stepped == step:
+        # Under gradient accumulation log_throughput runs per micro-batch: the one after
+        # the step's gradients were complete (after_backward; the optimizer step then ran,
+        # or a gradient scaler skipped it) ends the scalar step.
+        if self._last_backward_step == step:
             if self.is_norm_step(step):
                 self._end_scalar_step(step)
             self._ends_at_throughput = True
@@ -582,7 +586,10 @@ class ModelMonitor:
         grads = [p.param.grad for p in self._params if p.param.grad is not None]
         per_rank = nonfinite_per_rank(grads, loss, self._pace.device(), self.process_group)
         if not any(g or los for g, los in per_rank):
+            self._overflows = 0
             return True
+        if self._scaler_overflow(step, per_rank):
+            return True  # the scaler skips this step itself
         self._vetoed = step
         checks = self._alerts
         if checks is not None:
@@ -603,8 +610,7 @@ class ModelMonitor:
                     assert loss is not None
                     value = float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
                     checks.check_losses([(step, value)])
-        for p in self._params:
-            p.param.grad = None
+        self._skip_update(any(g for g, _ in per_rank))
         if self.sink is not None:  # the rank that writes says it, once
             _log.warning(
                 "step %d skipped: non-finite %s; the weights were left as they are",
@@ -613,6 +619,47 @@ class ModelMonitor:
             )
         self._act(step)
         return False
+
+    def _skip_update(self, grads_bad: bool) -> None:
+        """Makes the coming optimizer step leave the weights as they are.
+
+        torch's optimizers skip parameters without a gradient, so the gradients are
+        cleared. A gradient scaler skips a step whose gradients hold NaN/Inf by itself
+        and insists on seeing them (``scaler.step`` fails without any), so with one the
+        gradients stay, and one value is made NaN where they were finite.
+        """
+        if not self._scaler_on:
+            for p in self._params:
+                p.param.grad = None
+            return
+        if not grads_bad:
+            grad = next((p.param.grad for p in self._params if p.param.grad is not None), None)
+            if grad is not None:
+                grad.view(-1)[0] = math.nan
+
+    @property
+    def _scaler_on(self) -> bool:
+        enabled = getattr(self.grad_scaler, "is_enabled", None)
+        return bool(callable(enabled) and enabled())
+
+    def _scaler_overflow(self, step: int, per_rank: list[list[float]]) -> bool:
+        """Whether NaN/Inf gradients with finite losses are a gradient scaler's overflow.
+
+        With fp16 mixed precision a ``GradScaler`` starts with a large loss scale and
+        halves it on every step whose gradients overflow, skipping that step: such
+        steps are expected, not alerts. Only a scale that never settles (32 overflows
+        in a row) is reported, as ``nonfinite_grads`` of the whole model.
+        """
+        if not self._scaler_on:
+            return False
+        if any(los for _, los in per_rank):
+            return False  # a non-finite loss is no overflow of the scale
+        self._overflows += 1
+        if self._staged_step == step:
+            self._staged["overflow"] = True  # the step's statistics, flushed later
+        if self._alerts is not None:
+            self._alerts.check_overflows(step, self._overflows)
+        return True
 
     # ------------------------------------------------------------------ agreement
     def _end_scalar_step(self, step: int) -> None:
@@ -724,7 +771,17 @@ class ModelMonitor:
             acc = _acc_dtype(device)
             host = torch.cat([p.to(device=device, dtype=acc) for p in parts]).cpu().tolist()
         reader = Reader(host)
-        scalars = self._readout.read(step, staged, reader, self._alerts, self.sink)
+        scalars = self._readout.read(
+            step,
+            staged,
+            reader,
+            self._alerts,
+            self.sink,
+            # Without the per-step check, NaN/Inf gradients under a gradient scaler are its
+            # overflows (it skips those steps); a NaN loss is still found from the loss.
+            overflow=bool(staged.get("overflow"))
+            or (self._scaler_on and not self.options.skip_nonfinite_steps_on),
+        )
         checks = self._alerts
         if losses and checks is not None:
             values = reader.take(len(loss_tensors))

@@ -56,8 +56,14 @@ class Readout:
         reader: Reader,
         checks: AlertEngine | None,
         sink: MonitorSink | None,
+        *,
+        overflow: bool = False,
     ) -> dict[str, float | int | torch.Tensor]:
-        """The staged statistics as tags (read in the order they were packed), checked."""
+        """The staged statistics as tags (read in the order they were packed), checked.
+
+        ``overflow``: the step's gradients overflowed a gradient scaler, which skips the
+        step; their NaN/Inf is written but not an alert.
+        """
         scalars: dict[str, float | int | torch.Tensor] = {}
         names = self.names
         total_sumsq: float | None = None
@@ -77,7 +83,7 @@ class Readout:
                 scalars[f"{LAYER_PREFIX}/{label}/{names[i]}"] = math.sqrt(sumsq)
                 nonfinite[names[i]] = bad
             scalars[f"vitals/nonfinite/{key}"] = float(sum(nonfinite.values()))
-            if checks is not None:
+            if checks is not None and not (overflow and key == "grads"):
                 checks.check_nonfinite(step, key, nonfinite)
             if key == "grads" and nonfinite:
                 total_sumsq = sum(pairs[i][0] for i in range(len(names)) if mask[i])
