@@ -22,7 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from tbx_lightning import cli
-from tbx_lightning.cli import _compose, _main
+from tbx_lightning.cli import _compose, _train
+from tbx_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -70,7 +71,7 @@ def test_no_arguments_runs_quickstart_into_runs(
         assert experiment is None and list(overrides) == []
         return real(experiment, TINY, config_dir)
 
-    monkeypatch.setattr(_main, "compose_config", reduced)
+    monkeypatch.setattr(_train, "compose_config", reduced)
     assert cli.main() == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "quickstart" / "version_0"
@@ -156,7 +157,7 @@ def test_bad_input_exits_nonzero_naming_it_and_writes_nothing(
     assert code == 2
     assert err.startswith("tbx-lightning fit: error: ")
     assert len(err.strip().splitlines()) == 1
-    with pytest.raises(cli.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         cli.compose_config(
             args[0] if "=" not in args[0] else None,
             [a for a in args if "=" in a],
@@ -165,9 +166,9 @@ def test_bad_input_exits_nonzero_naming_it_and_writes_nothing(
 
 
 def test_bad_config_dir_and_missing_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(cli.ConfigError, match=r"--config-dir .* has no train.yaml"):
+    with pytest.raises(ConfigError, match=r"--config-dir .* has no train.yaml"):
         cli.compose_config("quickstart", [], tmp_path)
-    with pytest.raises(cli.ConfigError, match=r"run that experiment first .*tbx-lightning fit"):
+    with pytest.raises(ConfigError, match=r"run that experiment first .*tbx-lightning fit"):
         cli.compose_config("finetune", [f"paths.runs_dir={tmp_path}"])
     assert _files(tmp_path) == []
 
@@ -187,7 +188,7 @@ def test_own_config_dir_with_a_new_experiment(
     assert cfg.task_name == "wide" and cfg.model.net.embed_dim == 128
     assert cli.main(["list", "--config-dir", str(mine)]) == 0
     assert "wide" in capsys.readouterr().out
-    with pytest.raises(cli.ConfigError, match=r"Unknown experiment 'wide'"):
+    with pytest.raises(ConfigError, match=r"Unknown experiment 'wide'"):
         cli.compose_config("wide", [])
 
 

@@ -30,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from tbx_lightning.projector import as_embeddings, capture_outputs
 from tbx_lightning.templates.metrics import STEP_METRIC, EpochMean, train_tag, val_tag
 from tbx_lightning.templates.progress import LoopProgress
 from tbx_lightning.templates.runner import (
@@ -320,8 +321,6 @@ def _train(
 def _embedding_source(node: Any, module: nn.Module) -> Any:
     """How to embed a batch: the output of ``module_name`` (relative to the module, as the
     Lightning callback reads it), else the network's ``backbone``."""
-    from tbx_lightning.projector._collect import as_embeddings, capture_outputs
-
     name = node.get("module_name")
     if not name:
         net = getattr(module, "net", module)
