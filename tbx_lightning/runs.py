@@ -169,6 +169,7 @@ def _hparam_value(value: Any) -> Any:
 
 def _plugin_data(content: bytes, which: str) -> Any:
     """``session_start_info`` or ``session_end_info`` of a record's HParams plugin data."""
+    # tensorboard (an optional dependency) loads when a run is read, not for upload_spool.
     from tensorboard.plugins.hparams import plugin_data_pb2
 
     data = plugin_data_pb2.HParamsPluginData.FromString(content)
@@ -185,6 +186,7 @@ def _apply_session(
     record: RunRecord, start: bytes | None, end: bytes | None, last_wall: float | None
 ) -> None:
     """Fills hparams, status and times from the session records' plugin contents."""
+    # tensorboard (an optional dependency) loads when a run is read, not for upload_spool.
     from tensorboard.plugins.hparams import api_pb2
 
     if start is not None:
@@ -244,6 +246,7 @@ def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, by
     Both are written once, near the start of the run's first event file (or in its
     records file, which sorts first), so the scan usually stops after a few records.
     """
+    # tensorboard (an optional dependency) loads when a run is read, not for upload_spool.
     from tensorboard.compat.proto import event_pb2
 
     wanted = (_START_TAG, _END_TAG)
@@ -298,7 +301,8 @@ def _run_dirs(root: str, *, aggregates: bool = False) -> list[str]:
 
 def _from_events(path: str, root: str) -> RunRecord:
     """One run read with TensorBoard's own ``EventAccumulator``."""
-    # TensorBoard's reader is imported only for runs without a current summary.
+    # TensorBoard's reader (a quarter of a second to import) loads only for runs without a
+    # current summary.
     from tensorboard.backend.event_processing.event_accumulator import (
         SCALARS,
         TENSORS,
@@ -507,7 +511,8 @@ def read_alerts(runs_dir: str | os.PathLike[str]) -> list[AlertRecord]:
     Raises:
         TableError: ``runs_dir`` does not exist or holds no events file.
     """
-    # TensorBoard's reader: the alerts are Text entries, which no summary keeps.
+    # TensorBoard's reader (optional, like every tensorboard import here): the alerts are
+    # Text entries, which no summary keeps.
     from tensorboard.backend.event_processing.event_accumulator import (
         AUDIO,
         COMPRESSED_HISTOGRAMS,
