@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -328,6 +329,32 @@ def _objective(log_dir: str, metric: str, direction: str) -> float:
     return math.nan if value is None else float(value)
 
 
+@contextlib.contextmanager
+def _log_handlers_to(stream: IO[str]) -> Iterator[None]:
+    """Points the logging handlers that write to the terminal at ``stream`` for a block.
+
+    Libraries bind a ``StreamHandler`` to the ``sys.stderr`` of the moment they are
+    imported (Lightning does), which redirecting ``sys.stderr`` later does not reach.
+    """
+    terminal = {id(sys.__stdout__), id(sys.__stderr__), id(sys.stdout), id(sys.stderr)}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    moved: list[tuple[logging.StreamHandler[Any], Any]] = []
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                type(handler) is logging.StreamHandler
+                and id(handler.stream) in terminal
+                and handler.stream is not stream
+                and not any(handler is h for h, _ in moved)
+            ):
+                moved.append((handler, handler.setStream(stream)))
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            handler.setStream(previous)
+
+
 def job(cfg: DictConfig) -> float | None:
     """Hydra's task function: trains one run of the sweep and returns its objective.
 
@@ -354,6 +381,7 @@ def job(cfg: DictConfig) -> float | None:
         register_resolvers()
         with (
             open(info["log"], "a", encoding="utf-8") as log,
+            _log_handlers_to(log),
             contextlib.redirect_stdout(log),
             contextlib.redirect_stderr(log),
         ):

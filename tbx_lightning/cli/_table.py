@@ -18,6 +18,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from tbx_lightning.cli._spread import OWN_COLUMNS, differing, group_runs, spread
@@ -252,7 +253,9 @@ def cell_text(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, list | dict):
+    if isinstance(value, list):  # the runs of a group
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
 
@@ -283,8 +286,11 @@ def _spread_cell(mean: Any, std: Any, n: Any) -> str:
 
 def _combine_spread(
     columns: Sequence[str], rows: Sequence[dict[str, Any]]
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """For people: ``X mean``, ``X std``, ``X n`` as one column ``X`` of ``mean ± std (n)``."""
+) -> tuple[list[str], list[dict[str, Any]], set[str]]:
+    """For people: ``X mean``, ``X std``, ``X n`` as one column ``X`` of ``mean ± std (n)``.
+
+    Returns the columns, the rows and the names of the combined columns.
+    """
     names = set(columns)
     bases = [
         c[: -len(" mean")]
@@ -292,7 +298,7 @@ def _combine_spread(
         if c.endswith(" mean") and {c[:-5] + " std", c[:-5] + " n"} <= names
     ]
     if not bases:
-        return list(columns), list(rows)
+        return list(columns), list(rows), set()
     parts = {f"{b}{suffix}" for b in bases for suffix in (" mean", " std", " n")}
     out_columns = []
     for column in columns:
@@ -308,7 +314,7 @@ def _combine_spread(
                 row.get(f"{base} mean"), row.get(f"{base} std"), row.get(f"{base} n")
             )
         out_rows.append(out)
-    return out_columns, out_rows
+    return out_columns, out_rows, set(bases)
 
 
 DEFAULT_WIDTH = 120
@@ -337,24 +343,38 @@ def _short_headers(columns: Sequence[str], parts: int) -> list[str]:
 
 
 def _fit(
-    columns: Sequence[str], cells: list[list[str]], width: int
+    columns: Sequence[str],
+    cells: list[list[str]],
+    width: int,
+    whole: AbstractSet[str] = frozenset(),
 ) -> tuple[list[str], list[list[str]], int]:
     """Headers and cells narrowed to ``width`` characters a line.
 
     Long cells are clipped first, then config keys shortened (``model.optimizer.lr``
     to ``optimizer.lr``, then ``lr``), long cells clipped shorter, then columns left
     out from the right: ``best`` columns, then metrics but the first, then config keys
-    but the first (never run, status or seconds). Returns the headers, the cells and
-    how many columns were left out.
+    but the first (never run, status or seconds). Columns named in ``whole`` (``mean ±
+    std (n)`` cells) are left out rather than clipped. Returns the headers, the cells
+    and how many columns were left out.
     """
-    cells = [[clip(cell, _CELL_WIDTH) for cell in line] for line in cells]
+    keep = [column in whole for column in columns]
+    cells = [
+        [cell if k else clip(cell, _CELL_WIDTH) for cell, k in zip(line, keep, strict=True)]
+        for line in cells
+    ]
     headers = list(columns)
     for parts in (2, 1):
         if _table_width(headers, cells) <= width:
             break
         headers = _short_headers(columns, parts)
     if _table_width(headers, cells) > width:
-        cells = [[clip(cell, _CELL_WIDTH // 2) for cell in line] for line in cells]
+        cells = [
+            [
+                cell if k else clip(cell, _CELL_WIDTH // 2)
+                for cell, k in zip(line, keep, strict=True)
+            ]
+            for line in cells
+        ]
     kept = list(range(len(headers)))
 
     def width_of(indices: list[int]) -> int:
@@ -412,7 +432,7 @@ def render(
         for row in rows:
             writer.writerow([_csv_value(row.get(c)) for c in columns])
         return buffer.getvalue().rstrip("\n")
-    columns, rows = _combine_spread(columns, rows)
+    columns, rows, combined = _combine_spread(columns, rows)
     cells = [[cell_text(row.get(c)) for c in columns] for row in rows]
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -422,7 +442,7 @@ def render(
         raise TableError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     headers, left_out = list(columns), 0
     if width:
-        headers, cells, left_out = _fit(columns, cells, width)
+        headers, cells, left_out = _fit(columns, cells, width, combined)
     widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(headers)]
     out = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
@@ -464,7 +484,7 @@ def hparams(args: argparse.Namespace) -> int:
         raise ConfigError(str(error)) from None
     if over and args.format == "table":
         print(
-            f"(mean ± sample standard deviation (runs) over {', '.join(grouped)}; "
+            f"(mean ± sample standard deviation (number of runs) over {', '.join(grouped)}; "
             "--format csv or json gives the numbers apart)"
         )
     return 0
