@@ -181,9 +181,10 @@ class WebhookNotifier:
     def notify(self, event: Mapping[str, Any]) -> None:
         """Queues one notice and returns at once; never raises, never waits.
 
-        ``event`` holds :data:`FIELDS` (``kind``, ``run``, ``step``, ``where``, ``value``,
-        ``threshold``, ``message``, ``time`` in seconds since the epoch; missing ones are
-        null, ``time`` defaults to now) and may hold more.
+        Args:
+            event: :data:`FIELDS` (``kind``, ``run``, ``step``, ``where``, ``value``,
+                ``threshold``, ``message``, ``time`` in seconds since the epoch; missing
+                ones are null, ``time`` defaults to now), and any others to pass on.
         """
         try:
             if os.getpid() != self._pid:
@@ -207,6 +208,9 @@ class WebhookNotifier:
 
         Notices still queued then are dropped (and counted); later :meth:`notify` calls
         are dropped too. Safe to call more than once.
+
+        Args:
+            timeout: The most seconds to wait for the delivery thread.
         """
         if self._closed:
             return
@@ -225,7 +229,11 @@ class WebhookNotifier:
 
     # ------------------------------------------------------------------ payloads
     def payload(self, event: Mapping[str, Any]) -> dict[str, Any]:
-        """The JSON body posted for ``event`` in this notifier's style, secrets masked."""
+        """The JSON body posted for ``event`` in this notifier's style, secrets masked.
+
+        Args:
+            event: A notice, as :meth:`notify` takes it.
+        """
         fields: dict[str, Any] = {name: event.get(name) for name in FIELDS}
         fields.update((str(k), v) for k, v in event.items() if k not in fields)
         when = fields.get("time")
@@ -341,6 +349,9 @@ class WebhookNotifier:
 
 def notifier_from_env(environ: Mapping[str, str] | None = None) -> WebhookNotifier | None:
     """A :class:`WebhookNotifier` for ``$TBX_LIGHTNING_ALERT_WEBHOOK``, or None when unset or empty.
+
+    Args:
+        environ: Where to read the variable (default: ``os.environ``).
 
     Raises:
         ConfigError: the variable holds something that is not an http(s) URL.

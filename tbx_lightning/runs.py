@@ -109,6 +109,11 @@ class RunRecord:
         stats: Per scalar tag: count, last, min and max (float32 values, as stored).
         source: ``summary`` when the metrics came from the run's summary, else ``events``.
         stalled_since: For a ``stalled`` run, its last sign of life (seconds since the epoch).
+
+    Example:
+        >>> record = RunRecord("version_0", start_time=100.0, end_time=160.5)
+        >>> record.duration, record.status
+        (60.5, 'unknown')
     """
 
     run: str
@@ -142,6 +147,10 @@ class AlertRecord:
         threshold: The limit it crossed.
         message: The monitor's sentence saying what happened and what to check.
         wall_time: When the run wrote it, seconds since the epoch.
+
+    Example:
+        >>> AlertRecord("version_0", 14, "loss_spike", "model", 9.5, 2.1, "loss 9.5 ...", 0.0).kind
+        'loss_spike'
     """
 
     run: str
@@ -507,6 +516,9 @@ def read_alerts(runs_dir: str | os.PathLike[str]) -> list[AlertRecord]:
     writes one entry per step at which new alerts fired. Newest first means by the
     second the entry was written, then by step, both descending (the monitor writes
     the alerts of several steps within one interval).
+
+    Args:
+        runs_dir: A run directory or a directory of runs; aggregate runs are left out.
 
     Raises:
         TableError: ``runs_dir`` does not exist or holds no events file.

@@ -477,11 +477,11 @@ def test_the_application_uses_only_public_names() -> None:
     for path in _application_files():
         for name in _imports(path):
             parts = name.split(".")
-            if name.startswith("hydra._internal"):
+            library = parts[0] == "tbx_lightning" and parts[1:2] not in (["cli"], ["templates"])
+            if name.startswith("hydra._internal") or (
+                library and any(part.startswith("_") for part in parts[1:])
+            ):
                 private.append(f"{path.name}: {name}")
-            elif parts[0] == "tbx_lightning" and parts[1:2] not in (["cli"], ["templates"]):
-                if any(part.startswith("_") for part in parts[1:]):
-                    private.append(f"{path.name}: {name}")
     assert not private, private
 
 

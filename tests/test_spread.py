@@ -111,7 +111,9 @@ def test_over_in_every_format_and_sorted(sweep: Path, capsys: pytest.CaptureFixt
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["runs", "model.lr", "val/acc"]
     assert len(lines) == 5 and "± " in lines[2] and "(3)" in lines[2]
-    assert lines[-1].startswith("(mean ± sample standard deviation (number of runs) over data.seed, seed")
+    assert lines[-1].startswith(
+        "(mean ± sample standard deviation (number of runs) over data.seed, seed"
+    )
     markdown = _run(capsys, "hparams", str(sweep), "--over", "seed", "--format", "markdown")
     assert markdown.startswith("| runs | model.lr | val/acc | val/acc best | train/loss |")
     text = _run(capsys, "hparams", str(sweep), "--over", "seed", "--format", "csv")

@@ -109,7 +109,11 @@ def group_runs(records: Sequence[RunRecord], patterns: Sequence[str]) -> Groupin
 
 
 def differing(records: Sequence[RunRecord]) -> list[str]:
-    """The config keys whose values differ between ``records`` (all keys for one run)."""
+    """The config keys whose values differ between ``records`` (all keys for one run).
+
+    Args:
+        records: The runs (or one record per group, holding its config).
+    """
     keys = sorted({key for record in records for key in record.hparams} - set(OWN_COLUMNS))
     if len(records) < 2:
         return keys
@@ -122,6 +126,9 @@ def spread(values: Iterable[float | None]) -> tuple[float | None, float | None, 
     The standard deviation divides by ``n - 1`` and is None for a single value. A NaN
     among the values (a run that diverged) makes the mean and deviation NaN, so a bad
     seed is seen rather than averaged away.
+
+    Args:
+        values: One value per run; None for a run without one.
 
     Example:
         >>> spread([1.0, 2.0, None, 3.0])

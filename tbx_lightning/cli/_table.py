@@ -207,6 +207,16 @@ def spread_rows(
     (the runs that logged it); ``runs`` lists the group's runs, ``status`` counts their
     statuses and ``seconds`` is their mean duration. The work is one pass over the runs.
 
+    Args:
+        records: The runs, as :func:`read_runs` returns them.
+        over: Config keys or fnmatch patterns to group over (see :mod:`._spread`).
+        sort: A metric to sort the groups by, the mean of its best values first.
+        all_keys: Show every config key left, not only those that differ between groups.
+        metrics: As for :func:`table_rows`.
+        keys: As for :func:`table_rows` (keys grouped over are never shown).
+        best: As for :func:`table_rows`.
+        all_metrics: As for :func:`table_rows`.
+
     Returns:
         The columns, the rows, and the keys the runs were grouped over (with copies).
 
