@@ -22,8 +22,7 @@ import sys
 import tempfile
 import time
 
-from tbx_lightning import _fs
-from tbx_lightning._writer import RunWriter
+from tbx_lightning import RunWriter, runs
 from tbx_lightning.cli import _table
 from tbx_lightning.hparams import RunHParams
 
@@ -33,7 +32,7 @@ def build(root: str, runs: int, steps: int, tags: int) -> float:
     names[0], names[1] = "train/loss", "val/acc"
     started = time.perf_counter()
     for index in range(runs):
-        _, log_dir, _ = _fs.run_dir(root, "bench", None)
+        log_dir = os.path.join(root, "bench", f"version_{index}")
         run = RunWriter(log_dir, flush_secs=3600)  # keeps summary.json as it writes
         hp = RunHParams(run)
         hp.log(
@@ -54,7 +53,7 @@ def build(root: str, runs: int, steps: int, tags: int) -> float:
 
 def table(directory: str, summaries: bool) -> tuple[float, str, list[str]]:
     started = time.perf_counter()
-    records = _table.read_runs(directory, summaries=summaries)
+    records = runs.read_runs(directory, summaries=summaries)
     text = _table.render(*_table.table_rows(records), "csv")
     return time.perf_counter() - started, text, [r.source for r in records]
 
@@ -62,12 +61,12 @@ def table(directory: str, summaries: bool) -> tuple[float, str, list[str]]:
 def events_table(directory: str, fast: float, sample: int | None) -> None:
     """Times the table from events (on ``sample`` runs, extrapolated) and compares the rows."""
     root = os.path.abspath(directory)
-    dirs = _table._run_dirs(root)
+    dirs = sorted(os.path.join(root, name) for name in os.listdir(root))
     chosen = dirs if sample is None or sample >= len(dirs) else dirs[:sample]
     started = time.perf_counter()
-    slow_records = [_table.read_run_dir(d, root, summaries=False) for d in chosen]
+    slow_records = [runs.read_run_dir(d, root, summaries=False) for d in chosen]
     slow = time.perf_counter() - started
-    fast_records = [_table.read_run_dir(d, root) for d in chosen]
+    fast_records = [runs.read_run_dir(d, root) for d in chosen]
     if len(chosen) < len(dirs):
         estimate = slow * len(dirs) / len(chosen)
         print(

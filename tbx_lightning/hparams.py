@@ -8,10 +8,11 @@ is a metric column. TensorBoard keeps the first record of a tag it reads, so bot
 records are written once with room to spare and rewritten in place when the
 hyperparameters or the status change.
 
-The row holds the flattened config without its plumbing: keys matched by
-``hparams_exclude`` (:data:`DEFAULT_HPARAMS_EXCLUDE` by default: ``_target_`` keys,
-``callbacks.*``, ``paths.*``, ``logger.*``, dataloader and runner settings...) stay
-in ``config.yaml`` and the ``run/config`` text entry, not in the table. Two columns
+The row holds the flattened config without the keys matched by ``hparams_exclude``
+(:data:`DEFAULT_HPARAMS_EXCLUDE` by default: the keys Hydra's ``instantiate`` reads,
+``_target_``, ``_partial_``, ...; an application passes its own list, as the
+templates' logger config does for their paths, callbacks and runner settings); they
+stay in ``config.yaml`` and the ``run/config`` text entry, not in the table. Two columns
 of the run itself are added when it finishes: ``run.status`` and ``run.duration_s``
 (TensorBoard's table has no status or time column of its own).
 """
@@ -101,12 +102,13 @@ _CONFIG_SUMMARY_TAG = f"{CONFIG_TEXT_TAG}/text_summary"
 # Synonyms shown as one value in the status column, so a sweep's column has few values.
 _STATUS_LABELS = {"finished": "success", "failure": "failed"}
 
-# Config keys that are template plumbing rather than hyperparameters: they describe how
-# a run is built, logged and stored, not what is trained. fnmatch patterns over the dot
-# paths of the flattened config (``*`` also matches dots); keys matched stay in
-# config.yaml and in the ``run/config`` text entry, only the HParams row leaves them out.
+# Config keys that no user wants as a column: what Hydra's ``instantiate`` reads to build
+# an object, at any depth. fnmatch patterns over the dot paths of the flattened config
+# (``*`` also matches dots); keys matched stay in config.yaml and in the ``run/config``
+# text entry, only the HParams row leaves them out. Policy of one application (the
+# templates' runner settings, their paths and callbacks) belongs in that application's
+# logger config: see configs/logger/tbx.yaml and docs/hparams.md.
 DEFAULT_HPARAMS_EXCLUDE: tuple[str, ...] = (
-    # what Hydra's instantiate reads
     "_target_",
     "*._target_",
     "_partial_",
@@ -117,31 +119,6 @@ DEFAULT_HPARAMS_EXCLUDE: tuple[str, ...] = (
     "*._convert_",
     "_args_",
     "*._args_",
-    # whole groups of plumbing
-    "callbacks.*",
-    "hydra.*",
-    "logger.*",
-    "paths.*",
-    # runner settings of the templates
-    "ckpt_path",
-    "num_threads",
-    "runner",
-    "task_name",
-    # Trainer settings that change how a run is executed or shown, not what it learns
-    "trainer.accelerator",
-    "trainer.default_root_dir",
-    "trainer.devices",
-    "trainer.enable_*",
-    "trainer.limit_*",
-    "trainer.log_every_n_steps",
-    "trainer.num_sanity_val_steps",
-    # data loading
-    "*.dataloader",
-    "*.dataloader.*",
-    "*.num_workers",
-    "*.persistent_workers",
-    "*.pin_memory",
-    "*.prefetch_factor",
 )
 
 # Lightning writes hparams.yaml through OmegaConf, which takes about a dozen stack frames
@@ -509,6 +486,8 @@ def table_columns(
 
     Example:
         >>> table_columns({"model.lr": 0.1, "model._target_": "m.Net", "paths.root": "/r"})
+        {'model.lr': 0.1, 'paths.root': '/r'}
+        >>> table_columns({"model.lr": 0.1, "paths.root": "/r"}, exclude=["paths.*"])
         {'model.lr': 0.1}
         >>> table_columns({"model._target_": "m.Net"}, exclude=[])
         {'model._target_': 'm.Net'}

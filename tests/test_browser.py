@@ -1,8 +1,8 @@
-"""A real browser on a real TensorBoard: HParams, projector and alerts as a user first sees them.
+"""A real browser on a real TensorBoard: HParams, projector, alerts and bands as a user sees them.
 
 Screenshots go to tmp_path; with ``TBX_UPDATE_SCREENSHOTS=1`` they replace
-docs/screenshots/hparams.png, custom_scalars.png, projector.png and alerts.png
-(see scripts/screenshots.sh).
+docs/screenshots/hparams.png, custom_scalars.png, projector.png, alerts.png and
+bands.png (see scripts/screenshots.sh).
 """
 
 from __future__ import annotations
@@ -212,3 +212,88 @@ def test_text_dashboard_shows_the_alerts_table(
         browser.find_text(page, "nonfinite_loss")
         page.wait_for_timeout(500)
         page.screenshot(path=str(_screenshot_path(tmp_path, "alerts.png")))
+
+
+@pytest.fixture(scope="module")
+def seeds_sweep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServer]:
+    """``tbx-lightning sweep`` over 3 seeds x 2 learning rates: it ends with the band runs."""
+    work = tmp_path_factory.mktemp("seeds")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tbx_lightning.cli",
+            "sweep",
+            "quickstart",
+            "seed=1,2,3",
+            "model.optimizer.lr=0.01,0.001",
+            f"paths.runs_dir={work / 'runs'}",
+            "trainer.max_epochs=3",
+            "--name",
+            "seeds",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=200,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "Bands over seed: 2 aggregate runs" in done.stdout
+    server = TensorBoardServer(work / "runs" / "seeds")
+    try:
+        server.wait_for_runs(8)
+        yield server
+    finally:
+        server.stop()
+
+
+# Every Margin chart card of the Custom Scalars dashboard, with the shaded areas it drew:
+# [title, [[fill colour, height in pixels], ...]].
+_MARGIN_CARDS = """() => {
+  const cards = [];
+  const walk = (root) => root.querySelectorAll('*').forEach(e => {
+    if (e.tagName.toLowerCase() === 'tf-custom-scalar-margin-chart-card') cards.push(e);
+    if (e.shadowRoot) walk(e.shadowRoot);
+  });
+  walk(document);
+  return cards.map(card => {
+    const areas = [];
+    const inner = (root) => {
+      root.querySelectorAll('path.area').forEach(p => {
+        if ((p.getAttribute('d') || '').length > 0)
+          areas.push([getComputedStyle(p).fill, p.getBBox().height]);
+      });
+      root.querySelectorAll('*').forEach(e => { if (e.shadowRoot) inner(e.shadowRoot); });
+    };
+    inner(card.shadowRoot || card);
+    const heading = (card.shadowRoot || card).querySelector('tf-card-heading');
+    const text = heading && heading.shadowRoot ? heading.shadowRoot.textContent : '';
+    return [card.title || text.trim(), areas];
+  });
+}"""
+
+
+def test_custom_scalars_draw_the_band_of_each_group(
+    seeds_sweep: TensorBoardServer, tmp_path: Path
+) -> None:
+    with browser.browser_page(tmp_path / "profile", width=1400, height=850) as page:
+        page.goto(seeds_sweep.url + "/#custom_scalars", wait_until="domcontentloaded")
+        browser.find_text(page, "bands", timeout=90)
+        deadline = time.monotonic() + 90
+        cards: list[Any] = []
+        while time.monotonic() < deadline:
+            cards = page.evaluate(_MARGIN_CARDS)
+            if len(cards) >= 4 and all(len(areas) >= 2 for _, areas in cards):
+                break
+            time.sleep(0.5)
+        titles = sorted(title for title, _ in cards)
+        assert titles == ["train/acc", "train/loss", "val/acc", "val/loss"], cards
+        for title, areas in cards:
+            # One shaded band per learning rate, each with a height: the seeds differ.
+            fills = {fill for fill, _ in areas}
+            assert len(fills) == 2, (title, areas)
+            assert all(height > 0 for _, height in areas), (title, areas)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(_screenshot_path(tmp_path, "bands.png")))

@@ -22,7 +22,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 from tbx_lightning import cli
-from tbx_lightning.cli import _compose, _main
+from tbx_lightning.cli import _compose, _train
+from tbx_lightning.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -70,7 +71,7 @@ def test_no_arguments_runs_quickstart_into_runs(
         assert experiment is None and list(overrides) == []
         return real(experiment, TINY, config_dir)
 
-    monkeypatch.setattr(_main, "compose_config", reduced)
+    monkeypatch.setattr(_train, "compose_config", reduced)
     assert cli.main() == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "quickstart" / "version_0"
@@ -156,7 +157,7 @@ def test_bad_input_exits_nonzero_naming_it_and_writes_nothing(
     assert code == 2
     assert err.startswith("tbx-lightning fit: error: ")
     assert len(err.strip().splitlines()) == 1
-    with pytest.raises(cli.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         cli.compose_config(
             args[0] if "=" not in args[0] else None,
             [a for a in args if "=" in a],
@@ -165,9 +166,9 @@ def test_bad_input_exits_nonzero_naming_it_and_writes_nothing(
 
 
 def test_bad_config_dir_and_missing_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(cli.ConfigError, match=r"--config-dir .* has no train.yaml"):
+    with pytest.raises(ConfigError, match=r"--config-dir .* has no train.yaml"):
         cli.compose_config("quickstart", [], tmp_path)
-    with pytest.raises(cli.ConfigError, match=r"run that experiment first .*tbx-lightning fit"):
+    with pytest.raises(ConfigError, match=r"run that experiment first .*tbx-lightning fit"):
         cli.compose_config("finetune", [f"paths.runs_dir={tmp_path}"])
     assert _files(tmp_path) == []
 
@@ -187,7 +188,7 @@ def test_own_config_dir_with_a_new_experiment(
     assert cfg.task_name == "wide" and cfg.model.net.embed_dim == 128
     assert cli.main(["list", "--config-dir", str(mine)]) == 0
     assert "wide" in capsys.readouterr().out
-    with pytest.raises(cli.ConfigError, match=r"Unknown experiment 'wide'"):
+    with pytest.raises(ConfigError, match=r"Unknown experiment 'wide'"):
         cli.compose_config("wide", [])
 
 
@@ -274,6 +275,70 @@ def test_hparams_bad_input(
     assert "val/loss" in err
     assert cli.main(["hparams", str(directory / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int, str]:
+    """A sweep over two seeds and two learning rates: it ends with the bands over the seed."""
+    runs = tmp_path_factory.mktemp("seeds")
+    out = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = out
+    try:
+        code = cli.main(
+            [
+                "sweep",
+                "quickstart",
+                "seed=1,2",
+                "model.optimizer.lr=0.01,0.001",
+                f"paths.runs_dir={runs}",
+                "--name",
+                "seeds",
+                *TINY,
+            ]
+        )
+    finally:
+        sys.stdout = saved
+    return runs / "seeds", code, out.getvalue()
+
+
+def _scalars(run: Path) -> dict[str, dict[int, float]]:
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {t: {e.step: e.value for e in acc.Scalars(t)} for t in acc.Tags()["scalars"]}
+
+
+def test_a_sweep_over_seeds_ends_with_bands(
+    seeded: tuple[Path, int, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    directory, code, out = seeded
+    assert code == 0, out
+    assert "Bands over seed: 2 aggregate runs in" in out
+    assert f"tbx-lightning hparams {directory} --over seed" in out
+    bands = directory / "aggregate"
+    assert sorted(p.name for p in bands.iterdir()) == [
+        "model.optimizer.lr=0.001",
+        "model.optimizer.lr=0.01",
+    ]
+    members = {
+        r: _session(r)[0] for r in sorted(directory.glob("version_*"))
+    }  # run -> its HParams row
+    for lr in (0.01, 0.001):
+        runs = [r for r, row in members.items() if row["model.optimizer.lr"] == pytest.approx(lr)]
+        assert len(runs) == 2
+        seeds = [_scalars(r)["val/acc"] for r in runs]
+        band = _scalars(bands / f"model.optimizer.lr={lr}")
+        for step, mean in band["val/acc"].items():
+            values = [s[step] for s in seeds]
+            assert mean == pytest.approx(sum(values) / 2, rel=1e-6)
+            half = abs(values[0] - values[1]) / 2**0.5  # the sample std of two values
+            assert band["band/val/acc/upper"][step] == pytest.approx(mean + half, rel=1e-5)
+    # The table over the seeds: one row per learning rate, n = 2 runs each.
+    assert cli.main(["hparams", str(directory), "--over", "seed", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [row["model.optimizer.lr"] for row in rows] == [0.01, 0.001]
+    assert all(row["val/acc n"] == 2 and row["status"] == "success" for row in rows)
+    assert all(len(row["runs"]) == 2 for row in rows)
 
 
 def test_sweep_records_a_failed_run_and_goes_on(
@@ -382,3 +447,84 @@ def test_lightning_cli_logger_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     hparams, _ = _session(tmp_path / "flag" / "version_0")
     assert hparams["trainer.logger.class_path"] == "tbx_lightning.TBXLogger"
     assert hparams["model.channels"] == 16
+
+
+# ------------------------------------------------------------------------ the application's shape
+APPLICATION = ("cli", "templates")
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports, at module level or inside functions."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+            found += [f"{node.module}.{alias.name}" for alias in node.names]
+    return found
+
+
+def _application_files() -> list[Path]:
+    return sorted(p for part in APPLICATION for p in (ROOT / "tbx_lightning" / part).glob("*.py"))
+
+
+def test_the_application_uses_only_public_names() -> None:
+    """cli/ and templates/ read like a user's code: no private module of the library or Hydra."""
+    private = []
+    for path in _application_files():
+        for name in _imports(path):
+            parts = name.split(".")
+            library = parts[0] == "tbx_lightning" and parts[1:2] not in (["cli"], ["templates"])
+            if name.startswith("hydra._internal") or (
+                library and any(part.startswith("_") for part in parts[1:])
+            ):
+                private.append(f"{path.name}: {name}")
+    assert not private, private
+
+
+def test_cli_modules_import_no_cycle_and_stay_small() -> None:
+    cli_dir = ROOT / "tbx_lightning" / "cli"
+    graph = {
+        path.stem: {
+            name.split(".")[2]
+            for name in _imports(path)
+            if name.startswith("tbx_lightning.cli._") and len(name.split(".")) >= 3
+        }
+        - {path.stem}
+        for path in cli_dir.glob("_*.py")
+    }
+    assert "_main" not in graph["_sweep"] and "_sweep" not in graph["_main"]
+
+    def visit(node: str, seen: tuple[str, ...]) -> None:
+        assert node not in seen, f"import cycle: {' -> '.join((*seen, node))}"
+        for child in graph.get(node, ()):
+            visit(child, (*seen, node))
+
+    for module in graph:
+        visit(module, ())
+    sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in _application_files()}
+    assert max(sizes.values()) <= 700, sizes
+
+
+def test_reading_commands_start_without_torch_or_hydra(tmp_path: Path) -> None:
+    import subprocess
+
+    code = (
+        "import sys; from tbx_lightning import cli; cli.main(['alerts', sys.argv[1]]); "
+        "print(sorted(m for m in ('torch', 'hydra', 'lightning', 'tensorboardX') "
+        "if m in sys.modules))"
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "events.out.tfevents.0.x").write_bytes(b"")
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.context import RequestContext
@@ -48,6 +49,11 @@ from tbx_lightning.run import Run
 pytestmark = pytest.mark.timeout(60)
 
 SHOWN = 5  # columns of each kind the HParams dashboard shows before a click
+ROOT = Path(__file__).resolve().parents[1]
+# The templates' own exclusions, as their logger config passes them (configs/logger/tbx.yaml).
+TEMPLATE_EXCLUDE: list[str] = list(
+    OmegaConf.load(ROOT / "configs" / "logger" / "tbx.yaml").tbx.hparams_exclude
+)
 
 # A composed template config as the CLI logs it (configs/train.yaml and its groups).
 TEMPLATE: dict[str, Any] = {
@@ -192,6 +198,8 @@ def _write_run(
     seconds: float = 0.0,
     **options: Any,
 ) -> None:
+    """A run of a template config, logged as the templates' logger logs it (their exclusions)."""
+    options.setdefault("hparams_exclude", TEMPLATE_EXCLUDE)
     run = Run(lambda: str(root / name), writer_options={"flush_secs": 0.2}, **options)
     run.log_hyperparams(config)
     for epoch in range(3):
@@ -284,7 +292,7 @@ def test_bad_exclude_names_the_option(value: Any) -> None:
         Run(lambda: "unused", hparams_exclude=value, owner="TBXTracker")
 
 
-def test_default_patterns_match_template_plumbing_only() -> None:
+def test_template_patterns_match_template_plumbing_only() -> None:
     flat = {
         "model._target_": "m",
         "model.optimizer._partial_": True,
@@ -296,7 +304,38 @@ def test_default_patterns_match_template_plumbing_only() -> None:
         "model.lr": 0.1,
         "hydra.run.dir": ".",
     }
-    assert table_columns(flat) == {"trainer.max_epochs": 3, "data.batch_size": 8, "model.lr": 0.1}
+    assert table_columns(flat, TEMPLATE_EXCLUDE) == {
+        "trainer.max_epochs": 3,
+        "data.batch_size": 8,
+        "model.lr": 0.1,
+    }
+
+
+def test_core_default_leaves_out_only_what_hydra_instantiate_reads() -> None:
+    flat = {
+        "_target_": "m.Module",
+        "model._target_": "m",
+        "model.optimizer._partial_": True,
+        "model.net._recursive_": False,
+        "data._convert_": "all",
+        "model._args_": "[1]",
+        "callbacks.x.every_n_epochs": 1,
+        "trainer.limit_val_batches": 1.0,
+        "trainer.devices": 1,
+        "data.num_workers": 2,
+        "runner": "lightning",
+        "task_name": "quickstart",
+        "paths.runs_dir": "runs",
+        "hydra.run.dir": ".",
+        "model.target": "kept",
+    }
+    kept = {k: v for k, v in flat.items() if not k.split(".")[-1].startswith("_")}
+    assert table_columns(flat) == kept
+    # The templates keep their own policy in their logger config, not in the core.
+    assert set(DEFAULT_HPARAMS_EXCLUDE) < set(TEMPLATE_EXCLUDE)
+    assert not {"runner", "task_name", "num_threads", "ckpt_path", "trainer.devices"} & set(
+        DEFAULT_HPARAMS_EXCLUDE
+    )
 
 
 def test_plain_writer_user_gets_status_and_duration_too(tmp_path: Path) -> None:

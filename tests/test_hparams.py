@@ -296,7 +296,14 @@ def test_hparams_yaml_masks_a_later_secret_inside_an_earlier_value(tmp_path: Pat
 def test_hparams_yaml_keeps_its_keys_and_shape(tmp_path: Path) -> None:
     from tbx_lightning import TBXLogger
 
-    logger = TBXLogger(tmp_path, name="", version=0, find_trainer=False)
+    # The row leaves out what the patterns match; hparams.yaml keeps the whole config.
+    logger = TBXLogger(
+        tmp_path,
+        name="",
+        version=0,
+        find_trainer=False,
+        hparams_exclude=["*._target_", "callbacks.*"],
+    )
     logger.log_hyperparams({"model": {"lr": 0.1, "_target_": "m.Net"}, "callbacks": {"x": 1}})
     logger.finalize("success")
     stored = yaml.safe_load((tmp_path / "version_0" / "hparams.yaml").read_text())

@@ -2,7 +2,8 @@
 
 An override that names an unknown key or option, or gives a value of the wrong type,
 stops with a :class:`~tbx_lightning.errors.ConfigError` before anything is written.
-Used by every command of ``tbx-lightning`` (fit, sweep, grids).
+Used by the commands that compose configs (fit, sweep, list); only Hydra's public
+API (``hydra``, ``hydra.core``, ``hydra.errors``) is used.
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import OverrideType
+from hydra.core.plugins import Plugins
+from hydra.errors import HydraException, OverrideParseException
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from tbx_lightning.errors import ConfigError
-
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
-
+from tbx_lightning.templates.resolvers import register_resolvers
 
 ROOT_CONFIG = "train"
 DEFAULT_EXPERIMENT = "quickstart"
 RUNNERS = ("lightning", "accelerate")
-_COMMANDS = ("fit", "sweep", "hparams", "list", "upload", "-h", "--help", "--version")
 # Groups that are not part of the root config's defaults list.
 _NOT_COMPOSED = ("sweep",)
 # Hydra's own groups (launchers, sweepers): picked with hydra/launcher=..., not composed.
@@ -75,14 +81,8 @@ def list_options(config_dir: Path) -> dict[str, list[str]]:
 def hydra_options(config_dir: Path) -> dict[str, list[str]]:
     """Options of Hydra's launcher and sweeper groups: ours in ``configs/hydra/`` and the plugins'."""
     options: dict[str, list[str]] = {}
-    try:
-        from hydra.core.config_store import ConfigStore
-        from hydra.core.plugins import Plugins
-
-        Plugins.instance()  # registers the installed plugins' configs
-        repo: Any = ConfigStore.instance().repo.get("hydra", {})
-    except ImportError:
-        repo = {}
+    Plugins.instance()  # registers the installed plugins' configs
+    repo: Any = ConfigStore.instance().repo.get("hydra", {})
     for group in _HYDRA_GROUPS:
         names = {p.stem for p in (config_dir / "hydra" / group).glob("*.yaml")}
         names |= {n.removesuffix(".yaml") for n in repo.get(group, {}) if n.endswith(".yaml")}
@@ -91,6 +91,26 @@ def hydra_options(config_dir: Path) -> dict[str, list[str]]:
 
 
 # ---------------------------------------------------------------------------- composing
+def split_positional(args: Sequence[str]) -> tuple[str | None, list[str]]:
+    """A command's positional arguments as ``(EXPERIMENT or None, [key=value overrides])``.
+
+    Raises:
+        ConfigError: a second word that is no override.
+    """
+    experiment = None
+    overrides = []
+    for arg in args:
+        if "=" in arg or arg.startswith(("+", "~")):
+            overrides.append(arg)
+        elif experiment is None:
+            experiment = arg
+        else:
+            raise ConfigError(
+                f"Unexpected argument {arg!r}: give one EXPERIMENT, then key=value overrides."
+            )
+    return experiment, overrides
+
+
 @dataclass(frozen=True)
 class _Override:
     text: str
@@ -106,9 +126,6 @@ def parse_hydra_overrides(texts: Sequence[str]) -> list[Any]:
     Raises:
         ConfigError: an override that does not parse; the message names it.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-
     parser = OverridesParser.create()
     parsed = []
     for text in texts:
@@ -124,8 +141,6 @@ def parse_hydra_overrides(texts: Sequence[str]) -> list[Any]:
 
 
 def _parse_overrides(overrides: Sequence[str], groups: dict[str, list[str]]) -> list[_Override]:
-    from hydra.core.override_parser.types import OverrideType
-
     parsed = []
     for text, override in zip(overrides, parse_hydra_overrides(overrides), strict=True):
         key = override.key_or_group
@@ -140,8 +155,6 @@ def _parse_overrides(overrides: Sequence[str], groups: dict[str, list[str]]) -> 
 
 
 def _check_group_options(overrides: Sequence[_Override], groups: dict[str, list[str]]) -> None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser = OverridesParser.create()
     for override in overrides:
         if not override.is_group or override.kind == "delete":
@@ -164,14 +177,10 @@ def _check_group_options(overrides: Sequence[_Override], groups: dict[str, list[
 
 
 def _keys_under(node: Any) -> list[str]:
-    from omegaconf import DictConfig
-
     return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
 
 
 def _check_keys(base: DictConfig, overrides: Sequence[_Override]) -> None:
-    from omegaconf import OmegaConf
-
     missing = object()
     for override in overrides:
         if override.is_group or override.kind not in ("change", "delete"):
@@ -199,8 +208,6 @@ def _check_keys(base: DictConfig, overrides: Sequence[_Override]) -> None:
 
 
 def _type_name(value: Any) -> str:
-    from omegaconf import DictConfig, ListConfig
-
     if isinstance(value, DictConfig):
         return "mapping"
     if isinstance(value, ListConfig):
@@ -209,8 +216,6 @@ def _type_name(value: Any) -> str:
 
 
 def _compatible(old: Any, new: Any) -> bool:
-    from omegaconf import DictConfig, ListConfig
-
     if old is None or new is None:
         return True
     if isinstance(old, bool) or isinstance(new, bool):
@@ -229,8 +234,6 @@ def _compatible(old: Any, new: Any) -> bool:
 
 
 def _check_types(base: DictConfig, cfg: DictConfig, overrides: Sequence[_Override]) -> None:
-    from omegaconf import OmegaConf
-
     for override in overrides:
         if override.is_group or override.kind != "change":
             continue
@@ -246,7 +249,8 @@ def _check_types(base: DictConfig, cfg: DictConfig, overrides: Sequence[_Overrid
             )
 
 
-def _hydra_message(error: Exception) -> str:
+def hydra_message(error: Exception) -> str:
+    """A Hydra error's message without the config search path Hydra appends."""
     return str(error).split("\n\nConfig search path")[0].strip()
 
 
@@ -270,13 +274,6 @@ def compose_config(
         ConfigError: Unknown experiment, group option or key, a value of the wrong type,
             or a config that does not compose or resolve.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from tbx_lightning.templates.resolvers import register_resolvers
-
     register_resolvers()
     directory = find_config_dir(config_dir)
     groups = list_options(directory)
@@ -302,7 +299,7 @@ def compose_config(
             _check_keys(base, parsed)
             cfg = compose(ROOT_CONFIG, overrides=first + list(overrides))
     except HydraException as error:
-        raise ConfigError(_hydra_message(error)) from None
+        raise ConfigError(hydra_message(error)) from None
     except OmegaConfBaseException as error:
         raise ConfigError(str(error)) from None
     _check_types(base, cfg, parsed)
@@ -338,14 +335,10 @@ def expand_grid(params: dict[str, str] | Sequence[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
-def _load_sweep_file(
+def load_sweep_file(
     name: str, directory: Path
 ) -> tuple[str | None, dict[str, str], list[str], str | None]:
     """``configs/sweep/NAME.yaml``: experiment, params, Hydra overrides, optimized_metric."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-
     options = list_options(directory).get("sweep", [])
     if name not in options:
         raise ConfigError(
@@ -355,7 +348,7 @@ def _load_sweep_file(
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
             grid = compose(f"sweep/{name}")
     except HydraException as error:
-        raise ConfigError(_hydra_message(error)) from None
+        raise ConfigError(hydra_message(error)) from None
     grid = grid.get("sweep", grid)
     params = OmegaConf.to_container(grid.get("params") or {}, resolve=True)
     if not isinstance(params, dict):
@@ -382,10 +375,18 @@ def _load_sweep_file(
     return grid.get("experiment"), flat, hydra_overrides, None if metric is None else str(metric)
 
 
+def list_command(args: Any) -> int:
+    """``tbx-lightning list``: experiments, config groups, sweeps, launchers and sweepers."""
+    directory = find_config_dir(args.config_dir)
+    print(f"Configs in {directory}")
+    for group, options in list_options(directory).items():
+        print(f"  {group + '/':<12} {', '.join(options)}")
+    for group, options in hydra_options(directory).items():
+        print(f"  {group + '/':<16} {', '.join(options) or '(pip install tbx-lightning[sweep])'}")
+    return 0
+
+
 def _load_grid(name: str, directory: Path) -> tuple[str | None, dict[str, str]]:
     """``configs/sweep/NAME.yaml``'s experiment and params (``key: 'a,b,c'``)."""
-    experiment, params, _, _ = _load_sweep_file(name, directory)
+    experiment, params, _, _ = load_sweep_file(name, directory)
     return experiment, params
-
-
-# ---------------------------------------------------------------------------- running

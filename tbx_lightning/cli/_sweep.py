@@ -2,21 +2,24 @@
 
 The command composes and checks what it can before anything runs (every grid point,
 every value of a search space's bounds and choices, the Hydra launcher and sweeper
-options), then hands the sweep to Hydra: its sweeper picks the points (the basic
-sweeper: the grid; Optuna: a search) and its launcher starts them (joblib: worker
-processes on this machine; submitit: local processes or SLURM jobs). Every run is
-:func:`job` in a process of the launcher's; it trains with the same runner as
-``tbx-lightning fit``, claims its own ``version_N`` in the experiment directory,
-sends its output to a log file, and leaves a small marker file that this process
-reads to print a progress line per run. The objective a search needs is read back
-from the finished run itself.
+options), then hands the sweep to Hydra through its public entry point,
+``hydra.main``, in multirun mode: its sweeper picks the points (the basic sweeper:
+the grid; Optuna: a search) and its launcher starts them (joblib: worker processes on
+this machine; submitit: local processes or SLURM jobs). Every run is :func:`job` in a
+process of the launcher's; it trains with the same runner as ``tbx-lightning fit``,
+claims its own ``version_N`` in the experiment directory, sends its output to a log
+file, and leaves a small marker file that this process reads to print a progress line
+per run. The objective a search needs is read back from the finished run itself. A
+sweep over a seed key ends with the bands of ``tbx-lightning aggregate`` over it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
+import logging
 import math
 import os
 import re
@@ -25,24 +28,52 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-from tbx_lightning.errors import ConfigError
+import hydra
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.types import IntervalSweep
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
+from tbx_lightning.cli._aggregate import write_aggregates
+from tbx_lightning.cli._compose import (
+    DEFAULT_EXPERIMENT,
+    ROOT_CONFIG,
+    compose_config,
+    expand_grid,
+    find_config_dir,
+    hydra_message,
+    hydra_options,
+    load_sweep_file,
+    parse_hydra_overrides,
+    split_positional,
+)
+from tbx_lightning.cli._table import render, table_rows
+from tbx_lightning.cli._train import metric_text, record_failed, tensorboard_line, train
+from tbx_lightning.errors import ConfigError, TableError
+from tbx_lightning.runs import minimizes, read_run_dir, read_runs
+from tbx_lightning.templates.resolvers import register_resolvers
+from tbx_lightning.templates.runner import experiment_dir_of
 
-__all__ = ["DIRECTION_ENV", "MARKER", "OBJECTIVE_ENV", "job", "run_sweep"]
+__all__ = ["DIRECTION_ENV", "MARKER", "OBJECTIVE_ENV", "job", "run_sweep", "seed_keys"]
 
 OBJECTIVE_ENV = "TBX_LIGHTNING_OBJECTIVE"
 DIRECTION_ENV = "TBX_LIGHTNING_DIRECTION"
 MARKER = "tbx_job.json"
 OUTPUT_LOG = "output.log"
-_BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 _SWEEP_EXTRA = "pip install 'tbx-lightning[sweep]'"
+# The root config of the multirun: the configs directory's train.yaml, which Hydra finds
+# through ``hydra.searchpath`` (Hydra looks a primary config up before it reads that
+# option, so the root itself comes from Hydra's ConfigStore).
+_ROOT_NODE = "tbx_lightning_sweep"
 
 
 def _quote(value: str) -> str:
@@ -63,8 +94,6 @@ def is_hydra_override(text: str) -> bool:
 
 def joblib_available() -> bool:
     """Whether Hydra's joblib launcher plugin is installed."""
-    import importlib.util
-
     return importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
 
 
@@ -90,18 +119,10 @@ class SweepPlan:
 
 def _probe_values(override: Any) -> list[str]:
     """Values that stand for a sweep override when checking it: every choice, or the bounds."""
-    from hydra.core.override_parser.types import IntervalSweep
-
     value = override.value()
     if isinstance(value, IntervalSweep):
         return [str(value.start), str(value.end)]
     return [str(v) for v in override.sweep_string_iterator()]
-
-
-def _parse(texts: Sequence[str]) -> list[Any]:
-    from tbx_lightning.cli._compose import parse_hydra_overrides
-
-    return parse_hydra_overrides(texts)
 
 
 def _merge_hydra(first: Sequence[str], then: Sequence[str]) -> list[str]:
@@ -113,12 +134,6 @@ def _merge_hydra(first: Sequence[str], then: Sequence[str]) -> list[str]:
 def _compose_hydra(
     directory: Path, experiment: str, fixed: Sequence[str], hydra_overrides: Sequence[str]
 ) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from tbx_lightning.cli._compose import ROOT_CONFIG, _hydra_message
-
     try:
         with initialize_config_dir(config_dir=str(directory), version_base="1.3"):
             return compose(
@@ -127,11 +142,9 @@ def _compose_hydra(
                 return_hydra_config=True,
             )
     except (HydraException, OmegaConfBaseException) as error:
-        message = _hydra_message(error)
+        message = hydra_message(error)
         missing = re.search(r"Could not find '(hydra/(?:launcher|sweeper))/([^']+)'", message)
         if missing:
-            from tbx_lightning.cli._compose import hydra_options
-
             group, option = missing.groups()
             choices = hydra_options(directory).get(group, [])
             message = (
@@ -144,30 +157,20 @@ def _compose_hydra(
 
 def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     """Reads the command line and the grid file into a checked :class:`SweepPlan`."""
-    from tbx_lightning.cli._compose import (
-        DEFAULT_EXPERIMENT,
-        _load_sweep_file,
-        compose_config,
-        expand_grid,
-        find_config_dir,
-    )
-    from tbx_lightning.cli._main import _split_positional
-    from tbx_lightning.templates.runner import experiment_dir_of
-
     directory = find_config_dir(args.config_dir)
-    experiment, given = _split_positional(args.args)
+    experiment, given = split_positional(args.args)
     params: dict[str, str] = {}
     grid_hydra: list[str] = []
     metric = args.optimized_metric
     if args.grid:
-        grid_experiment, params, grid_hydra, grid_metric = _load_sweep_file(args.grid, directory)
+        grid_experiment, params, grid_hydra, grid_metric = load_sweep_file(args.grid, directory)
         experiment = experiment or grid_experiment
         metric = metric or grid_metric
     experiment = experiment or DEFAULT_EXPERIMENT
     cli_hydra = [o for o in given if is_hydra_override(o)]
     task = [*(f"{k}={v}" for k, v in params.items()), *(o for o in given if o not in cli_hydra)]
     hydra_overrides = _merge_hydra(grid_hydra, cli_hydra)
-    parsed = _parse(task)
+    parsed = parse_hydra_overrides(task)
     swept = [o for o, p in zip(task, parsed, strict=True) if p.is_sweep_override()]
     fixed = [o for o in task if o not in swept]
     swept_keys = [override_key(o) for o in swept]
@@ -205,7 +208,8 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
     # tells which sweeper this is.
     hydra_cfg = _compose_hydra(directory, experiment, fixed, [*internal, *hydra_overrides])
     sweeper = hydra_cfg.hydra.sweeper
-    search = str(sweeper.get("_target_", _BASIC_SWEEPER)) != _BASIC_SWEEPER
+    # Hydra's own grid sweeper is the option `basic`; any other sweeper searches.
+    search = str(hydra_cfg.hydra.runtime.choices.get("hydra/sweeper", "basic")) != "basic"
     total: int | None
     if search:
         if not swept:
@@ -231,8 +235,6 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
                 "`tbx-lightning sweep quickstart model.optimizer.lr=0.01,0.001`."
             )
         total = None
-    from tbx_lightning._summary import minimizes
-
     direction = "minimize" if metric and minimizes(metric) else "maximize"
     user_direction = next(
         (o for o in hydra_overrides if override_key(o) == "hydra.sweeper.direction"), None
@@ -279,6 +281,8 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
         "hydra.job.chdir=false",
         "hydra/job_logging=none",
         "hydra/hydra_logging=none",
+        f"hydra.job.name={_quote(name)}",
+        f"hydra.searchpath=[{_quote('file://' + str(directory))}]",
         f"++hydra.job.env_set.{DIRECTION_ENV}={direction}",
     ]
     if metric:
@@ -302,18 +306,20 @@ def plan_sweep(args: argparse.Namespace) -> SweepPlan:
 
 # ---------------------------------------------------------------------------- in each run
 def _write_marker(path: str, info: dict[str, Any]) -> None:
-    from tbx_lightning import _fs
+    """Replaces the marker whole, so the progress thread never reads half of one.
 
-    fs, inner = _fs.resolve(path)
-    _fs.write_text_atomic(fs, inner, json.dumps(info, default=str))
+    The sweep's own folder is always local (see :func:`plan_sweep`).
+    """
+    partial = f"{path}.{os.getpid()}.tmp"
+    with open(partial, "w", encoding="utf-8") as handle:
+        json.dump(info, handle, default=str)
+    os.replace(partial, path)
 
 
 def _objective(log_dir: str, metric: str, direction: str) -> float:
     """The run's best value of ``metric`` in the sweep's direction; NaN when it has none."""
-    from tbx_lightning.cli import _table
-
     try:
-        record = _table.read_run_dir(log_dir, os.path.dirname(log_dir))
+        record = read_run_dir(log_dir)
     except Exception:
         return math.nan
     stats = record.stats.get(metric)
@@ -323,14 +329,38 @@ def _objective(log_dir: str, metric: str, direction: str) -> float:
     return math.nan if value is None else float(value)
 
 
+@contextlib.contextmanager
+def _log_handlers_to(stream: IO[str]) -> Iterator[None]:
+    """Points the logging handlers that write to the terminal at ``stream`` for a block.
+
+    Libraries bind a ``StreamHandler`` to the ``sys.stderr`` of the moment they are
+    imported (Lightning does), which redirecting ``sys.stderr`` later does not reach.
+    """
+    terminal = {id(sys.__stdout__), id(sys.__stderr__), id(sys.stdout), id(sys.stderr)}
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    moved: list[tuple[logging.StreamHandler[Any], Any]] = []
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                type(handler) is logging.StreamHandler
+                and id(handler.stream) in terminal
+                and handler.stream is not stream
+                and not any(handler is h for h, _ in moved)
+            ):
+                moved.append((handler, handler.setStream(stream)))
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            handler.setStream(previous)
+
+
 def job(cfg: DictConfig) -> float | None:
     """Hydra's task function: trains one run of the sweep and returns its objective.
 
     Never raises for a run that fails: the run is recorded as failed (NaN objective,
     which Optuna records as a failed trial) and the sweep goes on.
     """
-    from hydra.core.hydra_config import HydraConfig
-
     hydra_cfg = HydraConfig.get()
     job_dir = str(hydra_cfg.runtime.output_dir)
     marker = os.path.join(job_dir, MARKER)
@@ -348,26 +378,24 @@ def job(cfg: DictConfig) -> float | None:
     direction = os.environ.get(DIRECTION_ENV, "maximize")
     objective = math.nan
     try:
-        from tbx_lightning.cli import _main as cli
-        from tbx_lightning.templates.resolvers import register_resolvers
-
         register_resolvers()
         with (
             open(info["log"], "a", encoding="utf-8") as log,
+            _log_handlers_to(log),
             contextlib.redirect_stdout(log),
             contextlib.redirect_stderr(log),
         ):
             try:
-                result = cli._run(cfg)
+                result = train(cfg)
             except Exception as error:  # broke before training: record the run as failed
-                cli._record_failed(cfg, error)
+                record_failed(cfg, error)
                 info.update(status="failed", error=f"{type(error).__name__}: {error}")
             else:
                 info.update(
                     status=result.status,
                     seconds=result.seconds,
                     log_dir=result.log_dir,
-                    metrics=cli._metric_text(result.metrics, 3),
+                    metrics=metric_text(result.metrics, 3),
                 )
                 if result.error is not None:
                     info["error"] = f"{type(result.error).__name__}: {result.error}"
@@ -458,45 +486,46 @@ def _outcome(info: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- running
+@contextlib.contextmanager
+def _command_line(argv: list[str]) -> Iterator[None]:
+    """``sys.argv`` for ``hydra.main``, and Hydra's errors raised here instead of exiting."""
+    saved_argv, saved_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = argv
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of sys.exit(1)
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        if saved_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_error
+
+
 def _multirun(plan: SweepPlan) -> None:
-    from hydra import version
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-
-    from tbx_lightning.cli._compose import ROOT_CONFIG
-    from tbx_lightning.templates.resolvers import register_resolvers
-
+    """Runs the plan as ``hydra.main`` would run ``app.py --multirun OVERRIDES``."""
     register_resolvers()
     if plan.search:
+        # Optuna is the search sweeper's own dependency, there only when it is installed.
         with contextlib.suppress(ImportError):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress lines say it
-    version.setbase("1.3")
-    GlobalHydra.instance().clear()
-    hydra = Hydra.create_main_hydra2(
-        task_name=plan.name, config_search_path=create_config_search_path(str(plan.config_dir))
-    )
-    try:
-        hydra.multirun(
-            config_name=ROOT_CONFIG,
-            task_function=job,
-            overrides=[f"experiment={plan.experiment}", *plan.overrides, *plan.hydra_overrides],
-            with_log_configuration=False,
-        )
-    finally:
-        GlobalHydra.instance().clear()
-
-
-def _tensorboard_line(logdir: str) -> str:
-    return f"tensorboard --logdir {shlex.quote(logdir)}"
+    ConfigStore.instance().store(name=_ROOT_NODE, node={"defaults": [ROOT_CONFIG, "_self_"]})
+    app = hydra.main(config_path=None, config_name=_ROOT_NODE, version_base="1.3")(job)
+    argv = [
+        "tbx-lightning",
+        "--multirun",
+        f"experiment={plan.experiment}",
+        *plan.overrides,
+        *plan.hydra_overrides,
+    ]
+    with _command_line(argv):
+        app()
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``tbx-lightning sweep``: plans, runs through Hydra, prints progress and the table."""
-    from tbx_lightning.cli import _table
-
     plan = plan_sweep(args)
     out = sys.stdout
     kind = "search" if plan.search else "sweep"
@@ -529,22 +558,57 @@ def run_sweep(args: argparse.Namespace) -> int:
         best = _best_trial(plan.sweep_dir)
         if best:
             print(best)
+    seeds = seed_keys(plan.swept_keys)
     if os.path.isdir(plan.experiment_dir):
         try:
-            columns, rows = _table.table_rows(_table.read_runs(plan.experiment_dir))
-            print(_table.render(columns, rows, "table"))
-        except _table.TableError:
+            records = read_runs(plan.experiment_dir)
+            print(render(*table_rows(records), "table"))
+            if seeds:
+                _bands(plan.experiment_dir, seeds, records)
+        except TableError:
             pass
+    quoted = shlex.quote(plan.experiment_dir)
     print("Compare the runs in TensorBoard's HParams tab:")
-    print(f"  {_tensorboard_line(plan.experiment_dir)}")
-    print(f"  tbx-lightning hparams {shlex.quote(plan.experiment_dir)}", flush=True)
+    print(f"  {tensorboard_line(plan.experiment_dir)}")
+    print(f"  tbx-lightning hparams {quoted}", flush=True)
+    if seeds:
+        print(f"  tbx-lightning hparams {quoted} --over {','.join(seeds)}", flush=True)
     return 0 if failed == 0 and stopped is None and total > 0 else 1
+
+
+def seed_keys(keys: Sequence[str]) -> list[str]:
+    """The swept keys that are seeds: their last part has the word ``seed`` in it.
+
+    Example:
+        >>> seed_keys(["seed", "data.seed", "model.optimizer.lr", "init_seed", "seeds_file"])
+        ['seed', 'data.seed', 'init_seed']
+    """
+    return [key for key in keys if "seed" in re.split(r"[_\-]", key.rsplit(".", 1)[-1].lower())]
+
+
+def _bands(experiment_dir: str, seeds: Sequence[str], records: Sequence[Any]) -> None:
+    """Writes the aggregate runs over the swept seed keys; a failure is a note, not an error."""
+    try:
+        written = write_aggregates(experiment_dir, seeds, records=records)
+    except Exception as error:  # the runs are there either way; the bands can be rebuilt
+        print(
+            f"(no bands over {', '.join(seeds)}: {type(error).__name__}: {error}; "
+            f"rebuild them with `tbx-lightning aggregate {shlex.quote(experiment_dir)} "
+            f"--over {','.join(seeds)}`)",
+            flush=True,
+        )
+        return
+    groups = len(written)
+    print(
+        f"Bands over {', '.join(seeds)}: {groups} aggregate run{'s' if groups != 1 else ''} "
+        f"in {os.path.join(experiment_dir, 'aggregate')} (mean ± sample standard deviation, "
+        "TensorBoard's Custom Scalars dashboard)",
+        flush=True,
+    )
 
 
 def _best_trial(sweep_dir: str) -> str | None:
     """The sweeper's own account of the best run, if it left one (Optuna does)."""
-    import yaml
-
     path = os.path.join(sweep_dir, "optimization_results.yaml")
     try:
         with open(path, encoding="utf-8") as handle:

@@ -1,288 +1,44 @@
-"""The HParams table in the terminal: runs, differing config keys, last/best metrics, status.
+"""The HParams table in the terminal: one row per run, or per config over seeds.
 
-A run's metrics come from its ``summary.json`` (see ``_summary``) when that covers
-exactly the event files the run has, at their current sizes, so the table costs
-O(runs) rather than O(logged points); its hyperparameters and status come from the
-HParams session records near the start of its event file, which are updated in
-place. Runs without a current summary are read with TensorBoard's own
-``EventAccumulator``, and both routes parse the records with TensorBoard's HParams
-plugin, so the table shows what TensorBoard's HParams dashboard shows.
+Runs are read by :mod:`tbx_lightning.runs` (from each run's summary, its HParams
+records and its lease); this module picks the columns (config keys that differ,
+last and best of the main metrics, status, duration), groups rows for ``--over``
+(mean, standard deviation and count of each metric per remaining config, see
+:mod:`._spread`), sorts, and renders them as an aligned table, CSV, Markdown or JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import fnmatch
 import io
 import json
-import os
-import struct
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+import math
+import time
+from collections import Counter
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
-from tbx_lightning import _fs
-from tbx_lightning._summary import TagStats, minimizes, read_summary
-from tbx_lightning.errors import TableError
+from tbx_lightning.cli._spread import OWN_COLUMNS, differing, group_runs, spread
+from tbx_lightning.errors import ConfigError, TableError
+from tbx_lightning.runs import RunRecord, minimizes, read_runs
 
 __all__ = [
-    "RunRecord",
-    "TableError",
+    "DEFAULT_WIDTH",
+    "FORMATS",
+    "hparams",
     "main_metrics",
-    "minimizes",
-    "read_run",
-    "read_run_dir",
-    "read_runs",
+    "patterns",
     "render",
+    "spread_rows",
     "table_rows",
 ]
 
 _DEFAULT_EXCLUDE = ("vitals/*", "hp_metric", "epoch", "_hparams_/*")
 FORMATS = ("table", "csv", "markdown", "json")
-_SESSION_MARK = b"_hparams_/session_"
-_HEADER = struct.Struct("<QI")
-# TensorBoard's HParams plugin: its name, data version and session record tags. The
-# plugin's protos are read directly; its ``metadata`` module would import TensorBoard's
-# TensorFlow stub, which costs more than reading a thousand summaries.
-_PLUGIN_NAME = "hparams"
-_PLUGIN_DATA_VERSION = 0
-_START_TAG = "_hparams_/session_start_info"
-_END_TAG = "_hparams_/session_end_info"
-
-
-@dataclass
-class RunRecord:
-    """One run as the HParams dashboard sees it.
-
-    Attributes:
-        run: The run's directory relative to the directory that was read.
-        hparams: Its hyperparameters by dot path (from the session start record).
-        status: ``success``, ``failure``, ``running``, ``unknown``.
-        start_time: Session start, seconds since the epoch (None without HParams).
-        end_time: Session end; for a run still running (or killed), its last scalar's time.
-        stats: Per scalar tag: count, last, min and max (float32 values, as stored).
-        source: ``summary`` when the metrics came from the run's summary, else ``events``.
-    """
-
-    run: str
-    hparams: dict[str, Any] = field(default_factory=dict)
-    status: str = "unknown"
-    start_time: float | None = None
-    end_time: float | None = None
-    stats: dict[str, TagStats] = field(default_factory=dict)
-    source: str = "events"
-
-    @property
-    def duration(self) -> float | None:
-        """Seconds from session start to end (or to the last scalar while running)."""
-        if self.start_time is None or self.end_time is None:
-            return None
-        return max(0.0, self.end_time - self.start_time)
-
-
-def _hparam_value(value: Any) -> Any:
-    kind = value.WhichOneof("kind")
-    if kind == "number_value":
-        number = value.number_value
-        return int(number) if number.is_integer() and abs(number) < 2**53 else number
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    return None
-
-
-def _plugin_data(content: bytes, which: str) -> Any:
-    """``session_start_info`` or ``session_end_info`` of a record's HParams plugin data."""
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    data = plugin_data_pb2.HParamsPluginData.FromString(content)
-    if data.version != _PLUGIN_DATA_VERSION or not data.HasField(which):
-        raise TableError(
-            f"An HParams record holds no {which} of plugin data version "
-            f"{_PLUGIN_DATA_VERSION} (found version {data.version}): was the run written "
-            "by a newer TensorBoard?"
-        )
-    return getattr(data, which)
-
-
-def _apply_session(
-    record: RunRecord, start: bytes | None, end: bytes | None, last_wall: float | None
-) -> None:
-    """Fills hparams, status and times from the session records' plugin contents."""
-    from tensorboard.plugins.hparams import api_pb2
-
-    if start is not None:
-        info = _plugin_data(start, "session_start_info")
-        record.hparams = {key: _hparam_value(value) for key, value in info.hparams.items()}
-        record.start_time = info.start_time_secs or None
-    status = api_pb2.STATUS_UNKNOWN
-    if end is not None:
-        end_info = _plugin_data(end, "session_end_info")
-        status = end_info.status
-        if end_info.end_time_secs:
-            record.end_time = end_info.end_time_secs
-    names = {
-        api_pb2.STATUS_SUCCESS: "success",
-        api_pb2.STATUS_FAILURE: "failure",
-        api_pb2.STATUS_RUNNING: "running",
-    }
-    record.status = names.get(status, "unknown")
-    # A run that is still running (or was killed) has run until its last point.
-    if (
-        record.start_time is not None
-        and last_wall
-        and (
-            record.end_time is None
-            or (record.status in ("running", "unknown") and last_wall > record.end_time)
-        )
-    ):
-        record.end_time = last_wall
-
-
-def _event_files(path: str) -> list[str]:
-    """The names of a run directory's event files, in the order TensorBoard reads them."""
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return []
-    return sorted(name for name in names if "tfevents" in name)
-
-
-def _run_dirs(root: str) -> list[str]:
-    dirs = []
-    for current, _subdirs, files in os.walk(root):
-        if any("tfevents" in name for name in files):
-            dirs.append(current)
-    return sorted(dirs)
-
-
-def read_run(path: str, root: str) -> RunRecord:
-    """Reads one run directory from its event files into a :class:`RunRecord`."""
-    from tensorboard.backend.event_processing.event_accumulator import (
-        SCALARS,
-        TENSORS,
-        EventAccumulator,
-    )
-
-    accumulator = EventAccumulator(path, size_guidance={SCALARS: 0, TENSORS: 0})
-    accumulator.Reload()
-    record = RunRecord(run=os.path.relpath(path, root), source="events")
-    last_wall = 0.0
-    for tag in accumulator.Tags().get("scalars", []):
-        events = accumulator.Scalars(tag)
-        if events:
-            record.stats[tag] = TagStats.of([float(e.value) for e in events])
-            last_wall = max(last_wall, max(e.wall_time for e in events))
-    try:
-        content = accumulator.PluginTagToContent("hparams")
-    except KeyError:  # no HParams records in this run
-        content = {}
-    _apply_session(
-        record,
-        content.get(_START_TAG),
-        content.get(_END_TAG),
-        last_wall,
-    )
-    return record
-
-
-def _records(handle: Any) -> Iterable[bytes]:
-    """The serialised events of a TFRecord file, up to the first incomplete record."""
-    read = handle.read
-    while True:
-        header = read(12)
-        if len(header) < 12:
-            return
-        length, _crc = _HEADER.unpack(header)
-        data = read(length + 4)
-        if len(data) < length + 4:
-            return
-        yield data[:length]
-
-
-def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, bytes | None]:
-    """The first session start and end records of a run, as TensorBoard keeps them.
-
-    Both are written once, near the start of the run's first event file, and updated
-    in place, so the scan usually stops after a few records.
-    """
-    from tensorboard.compat.proto import event_pb2
-
-    wanted = (_START_TAG, _END_TAG)
-    found: dict[str, bytes] = {}
-    for name in names:
-        with open(os.path.join(path, name), "rb") as handle:
-            for data in _records(handle):
-                if _SESSION_MARK not in data:
-                    continue
-                try:
-                    event = event_pb2.Event.FromString(data)
-                except Exception:  # a damaged record: TensorBoard skips it too
-                    continue
-                for value in event.summary.value:
-                    if (
-                        value.tag in wanted
-                        and value.tag not in found
-                        and value.HasField("metadata")
-                        and value.metadata.plugin_data.plugin_name == _PLUGIN_NAME
-                    ):
-                        found[value.tag] = value.metadata.plugin_data.content
-                if len(found) == len(wanted):
-                    return found[wanted[0]], found[wanted[1]]
-    return found.get(wanted[0]), found.get(wanted[1])
-
-
-def _current_summary(path: str, names: Sequence[str]) -> Any:
-    """The run's summary if it covers exactly these event files at their sizes, else None."""
-    fs, inner = _fs.resolve(path)
-    summary = read_summary(fs, inner)
-    # The records file holds no scalars and is rewritten in place: the summary ignores it.
-    names = [name for name in names if name != _fs.RECORDS_FILE]
-    if summary is None or [name for name, _ in summary.files] != list(names):
-        return None
-    for name, size in summary.files:
-        try:
-            if os.path.getsize(os.path.join(path, name)) != size:
-                return None
-        except OSError:
-            return None
-    return summary
-
-
-def read_run_dir(path: str, root: str, *, summaries: bool = True) -> RunRecord:
-    """One run: from its summary when that is current (see :mod:`_summary`), else its events."""
-    names = _event_files(path)
-    summary = _current_summary(path, names) if summaries else None
-    if summary is None:
-        return read_run(path, root)
-    record = RunRecord(run=os.path.relpath(path, root), stats=dict(summary.tags), source="summary")
-    start, end = _session_contents(path, names)
-    _apply_session(record, start, end, summary.last_time)
-    return record
-
-
-def read_runs(runs_dir: str | os.PathLike[str], *, summaries: bool = True) -> list[RunRecord]:
-    """Every run (directory with an events file) under ``runs_dir``, in path order.
-
-    Args:
-        runs_dir: A run directory or a directory of runs.
-        summaries: Use runs' current summaries (False: read every run's events).
-
-    Raises:
-        TableError: ``runs_dir`` does not exist or holds no events file.
-    """
-    root = os.path.abspath(os.fspath(runs_dir))
-    if not os.path.isdir(root):
-        raise TableError(f"RUNS_DIR {str(runs_dir)!r} is not a directory.")
-    dirs = _run_dirs(root)
-    if not dirs:
-        raise TableError(
-            f"No TensorBoard events files under {str(runs_dir)!r}: point RUNS_DIR at a "
-            "directory that `tbx-lightning fit` or `sweep` wrote (e.g. runs/quickstart)."
-        )
-    records = [read_run_dir(path, root, summaries=summaries) for path in dirs]
-    return [r for r in records if r.hparams or r.stats]
+STALLED_COLUMN = "stalled_since"
 
 
 def _select_metrics(records: Sequence[RunRecord], patterns: Sequence[str] | None) -> list[str]:
@@ -306,20 +62,63 @@ def main_metrics(records: Sequence[RunRecord]) -> list[str]:
     return chosen
 
 
-# Status and duration have their own columns; the HParams row repeats them as keys.
-_OWN_COLUMNS = ("run.status", "run.duration_s")
+def _metric_columns(
+    records: Sequence[RunRecord],
+    *,
+    sort: str | None,
+    metrics: Sequence[str] | None,
+    best: bool,
+    all_metrics: bool,
+) -> list[tuple[str, str, bool]]:
+    """``(column, tag, is_best)`` of each metric column, in order."""
+    every = metrics or all_metrics
+    chosen = _select_metrics(records, metrics) if every else main_metrics(records)
+    # By default the val/* metrics show their best too: what a sweep or a search picks by.
+    with_best = {m for m in chosen if best or (not every and m.startswith("val/"))}
+    all_tags = sorted({tag for record in records for tag in record.stats})
+    if sort is not None and sort not in all_tags:
+        raise TableError(
+            f"--sort {sort!r} is not a metric of these runs; choose one of: "
+            + ", ".join(chosen or all_tags)
+        )
+    if sort is not None and sort not in chosen:
+        chosen = [sort, *chosen]
+    columns = []
+    for metric in chosen:
+        columns.append((metric, metric, False))
+        if metric in with_best or metric == sort:
+            columns.append((f"{metric} best", metric, True))
+    return columns
 
 
-def _differing_keys(records: Sequence[RunRecord]) -> list[str]:
-    keys = sorted({key for record in records for key in record.hparams} - set(_OWN_COLUMNS))
-    if len(records) < 2:
-        return keys
-    missing = object()
-    return [
-        key
-        for key in keys
-        if len({json.dumps(r.hparams.get(key, missing), default=str) for r in records}) > 1
-    ]
+def _key_columns(
+    records: Sequence[RunRecord], *, all_keys: bool, keys: Sequence[str] | None
+) -> list[str]:
+    every_key = sorted({k for r in records for k in r.hparams} - set(OWN_COLUMNS))
+    if keys:
+        return [k for k in every_key if any(fnmatch.fnmatchcase(k, p) for p in keys)]
+    return every_key if all_keys else differing(records)
+
+
+def _value(record: RunRecord, tag: str, is_best: bool) -> float | None:
+    stats = record.stats.get(tag)
+    if stats is None:
+        return None
+    return stats.best(tag) if is_best else stats.last
+
+
+def _since(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _sort_rows(rows: list[dict[str, Any]], column: str, metric: str) -> list[dict[str, Any]]:
+    """Best first (lowest for loss-like names); rows without a number, or NaN, last."""
+    present = [r for r in rows if isinstance(r[column], int | float) and not math.isnan(r[column])]
+    absent = [r for r in rows if r not in present]
+    present.sort(key=lambda r: r[column], reverse=not minimizes(metric))
+    return present + absent
 
 
 def table_rows(
@@ -336,7 +135,9 @@ def table_rows(
 
     A metric's column, named by its tag, holds its last value; ``<tag> best`` its
     best (lowest for names with loss, perplexity, error; highest otherwise), shown by
-    default for the ``val/*`` metrics.
+    default for the ``val/*`` metrics. When a run is ``stalled``, a
+    ``stalled_since`` column (UTC, ISO 8601) says since when its writer gave no sign of
+    life.
 
     Args:
         records: The runs, as :func:`read_runs` returns them.
@@ -351,69 +152,189 @@ def table_rows(
     Raises:
         TableError: ``sort`` names no metric of these runs.
     """
-    every = metrics or all_metrics
-    chosen = _select_metrics(records, metrics) if every else main_metrics(records)
-    # By default the val/* metrics show their best too: what a sweep or a search picks by.
-    with_best = {m for m in chosen if best or (not every and m.startswith("val/"))}
-    all_tags = sorted({tag for record in records for tag in record.stats})
-    if sort is not None and sort not in all_tags:
-        raise TableError(
-            f"--sort {sort!r} is not a metric of these runs; choose one of: "
-            + ", ".join(chosen or all_tags)
-        )
-    if sort is not None and sort not in chosen:
-        chosen = [sort, *chosen]
-    every_key = sorted({k for r in records for k in r.hparams} - set(_OWN_COLUMNS))
-    if keys:
-        shown_keys = [k for k in every_key if any(fnmatch.fnmatchcase(k, p) for p in keys)]
-    else:
-        shown_keys = every_key if all_keys else _differing_keys(records)
-    columns = ["run", *shown_keys]
-    for metric in chosen:
-        columns.append(metric)
-        if metric in with_best or metric == sort:
-            columns.append(f"{metric} best")
-    columns += ["status", "seconds"]
+    metric_columns = _metric_columns(
+        records, sort=sort, metrics=metrics, best=best, all_metrics=all_metrics
+    )
+    shown_keys = _key_columns(records, all_keys=all_keys, keys=keys)
+    columns = ["run", *shown_keys, *(column for column, _, _ in metric_columns), "status"]
+    stalled = any(record.status == "stalled" for record in records)
+    if stalled:
+        columns.append(STALLED_COLUMN)
+    columns.append("seconds")
     rows = []
     for record in records:
         row: dict[str, Any] = {"run": record.run}
         for key in shown_keys:
             row[key] = record.hparams.get(key)
-        for metric in chosen:
-            stats = record.stats.get(metric)
-            row[metric] = None if stats is None else stats.last
-            if f"{metric} best" in columns:
-                row[f"{metric} best"] = None if stats is None else stats.best(metric)
+        for column, tag, is_best in metric_columns:
+            row[column] = _value(record, tag, is_best)
         row["status"] = record.status
+        if stalled:
+            row[STALLED_COLUMN] = _since(record.stalled_since)
         duration = record.duration
         row["seconds"] = None if duration is None else round(duration, 1)
         rows.append(row)
     if sort is not None:
-        column = f"{sort} best"
-        present = [r for r in rows if r[column] is not None]
-        absent = [r for r in rows if r[column] is None]
-        present.sort(key=lambda r: r[column], reverse=not minimizes(sort))
-        rows = present + absent
+        rows = _sort_rows(rows, f"{sort} best", sort)
     return columns, rows
 
 
-def _cell(value: Any) -> str:
+_STAT_SUFFIXES = (" mean", " std", " n")
+
+
+def _status_counts(records: Sequence[RunRecord]) -> str:
+    counts = Counter(record.status for record in records)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{n} {status}" for status, n in counts.most_common())
+
+
+def spread_rows(
+    records: Sequence[RunRecord],
+    over: Sequence[str],
+    *,
+    sort: str | None = None,
+    all_keys: bool = False,
+    metrics: Sequence[str] | None = None,
+    keys: Sequence[str] | None = None,
+    best: bool = False,
+    all_metrics: bool = False,
+) -> tuple[list[str], list[dict[str, Any]], list[str]]:
+    """One row per config left when the ``over`` keys are taken out: the spread of each metric.
+
+    Each metric column of :func:`table_rows` becomes three: ``<column> mean``,
+    ``<column> std`` (sample standard deviation, None for one run) and ``<column> n``
+    (the runs that logged it); ``runs`` lists the group's runs, ``status`` counts their
+    statuses and ``seconds`` is their mean duration. The work is one pass over the runs.
+
+    Args:
+        records: The runs, as :func:`read_runs` returns them.
+        over: Config keys or fnmatch patterns to group over (see :mod:`._spread`).
+        sort: A metric to sort the groups by, the mean of its best values first.
+        all_keys: Show every config key left, not only those that differ between groups.
+        metrics: As for :func:`table_rows`.
+        keys: As for :func:`table_rows` (keys grouped over are never shown).
+        best: As for :func:`table_rows`.
+        all_metrics: As for :func:`table_rows`.
+
+    Returns:
+        The columns, the rows, and the keys the runs were grouped over (with copies).
+
+    Raises:
+        TableError: ``over`` matches no config key, or ``sort`` names no metric.
+    """
+    grouping = group_runs(records, over)
+    metric_columns = _metric_columns(
+        records, sort=sort, metrics=metrics, best=best, all_metrics=all_metrics
+    )
+    if keys or all_keys:
+        left_out = {*grouping.over, *grouping.copies}
+        shown_keys = [
+            k for k in _key_columns(records, all_keys=all_keys, keys=keys) if k not in left_out
+        ]
+    else:
+        configs = [RunRecord(run="", hparams=group.config) for group in grouping.groups]
+        shown_keys = differing(configs) if len(configs) > 1 else []
+    columns = ["runs", *shown_keys]
+    for column, _, _ in metric_columns:
+        columns += [f"{column}{suffix}" for suffix in _STAT_SUFFIXES]
+    columns += ["status", "seconds"]
+    rows = []
+    for group in grouping.groups:
+        members = group.records
+        row: dict[str, Any] = {"runs": [record.run for record in members]}
+        for key in shown_keys:
+            row[key] = group.config.get(key)
+        for column, tag, is_best in metric_columns:
+            mean, std, n = spread(_value(record, tag, is_best) for record in members)
+            row[f"{column} mean"], row[f"{column} std"], row[f"{column} n"] = mean, std, n
+        row["status"] = _status_counts(members)
+        seconds, _, _ = spread(record.duration for record in members)
+        row["seconds"] = None if seconds is None else round(seconds, 1)
+        rows.append(row)
+    if sort is not None:
+        rows = _sort_rows(rows, f"{sort} best mean", sort)
+    return columns, rows, [*grouping.over, *grouping.copies]
+
+
+def cell_text(value: Any) -> str:
+    """A value as the table and Markdown show it: ``-`` for none, 4 significant digits."""
     if value is None:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    if isinstance(value, list | dict):
+    if isinstance(value, list):  # the runs of a group
+        return " ".join(map(str, value))
+    if isinstance(value, dict):
         return json.dumps(value)
     return str(value)
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite numbers as ``"nan"``, ``"inf"``, ``"-inf"``: strict JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    return value
+
+
+def _spread_cell(mean: Any, std: Any, n: Any) -> str:
+    if mean is None:
+        return "-"
+    text = cell_text(mean)
+    if std is not None:
+        text += f" ± {std:.2g}"
+    return f"{text} ({n})"
+
+
+def _combine_spread(
+    columns: Sequence[str], rows: Sequence[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]], set[str]]:
+    """For people: ``X mean``, ``X std``, ``X n`` as one column ``X`` of ``mean ± std (n)``.
+
+    Returns the columns, the rows and the names of the combined columns.
+    """
+    names = set(columns)
+    bases = [
+        c[: -len(" mean")]
+        for c in columns
+        if c.endswith(" mean") and {c[:-5] + " std", c[:-5] + " n"} <= names
+    ]
+    if not bases:
+        return list(columns), list(rows), set()
+    parts = {f"{b}{suffix}" for b in bases for suffix in (" mean", " std", " n")}
+    out_columns = []
+    for column in columns:
+        if column.endswith(" mean") and column[:-5] in bases:
+            out_columns.append(column[:-5])
+        elif column not in parts:
+            out_columns.append(column)
+    out_rows = []
+    for row in rows:
+        out = {c: row.get(c) for c in out_columns if c not in bases}
+        for base in bases:
+            out[base] = _spread_cell(
+                row.get(f"{base} mean"), row.get(f"{base} std"), row.get(f"{base} n")
+            )
+        out_rows.append(out)
+    return out_columns, out_rows, set(bases)
 
 
 DEFAULT_WIDTH = 120
 """Characters a line of the table format (``hparams --width``, the sweep's closing table)."""
 _CELL_WIDTH = 24
-_FIXED = ("run", "status", "seconds")
+_FIXED = ("run", "runs", "status", STALLED_COLUMN, "seconds")
 
 
-def _clip(text: str, width: int) -> str:
+def clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, with an ellipsis when cut."""
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -432,24 +353,38 @@ def _short_headers(columns: Sequence[str], parts: int) -> list[str]:
 
 
 def _fit(
-    columns: Sequence[str], cells: list[list[str]], width: int
+    columns: Sequence[str],
+    cells: list[list[str]],
+    width: int,
+    whole: AbstractSet[str] = frozenset(),
 ) -> tuple[list[str], list[list[str]], int]:
     """Headers and cells narrowed to ``width`` characters a line.
 
     Long cells are clipped first, then config keys shortened (``model.optimizer.lr``
     to ``optimizer.lr``, then ``lr``), long cells clipped shorter, then columns left
     out from the right: ``best`` columns, then metrics but the first, then config keys
-    but the first (never run, status or seconds). Returns the headers, the cells and
-    how many columns were left out.
+    but the first (never run, status or seconds). Columns named in ``whole`` (``mean ±
+    std (n)`` cells) are left out rather than clipped. Returns the headers, the cells
+    and how many columns were left out.
     """
-    cells = [[_clip(cell, _CELL_WIDTH) for cell in line] for line in cells]
+    keep = [column in whole for column in columns]
+    cells = [
+        [cell if k else clip(cell, _CELL_WIDTH) for cell, k in zip(line, keep, strict=True)]
+        for line in cells
+    ]
     headers = list(columns)
     for parts in (2, 1):
         if _table_width(headers, cells) <= width:
             break
         headers = _short_headers(columns, parts)
     if _table_width(headers, cells) > width:
-        cells = [[_clip(cell, _CELL_WIDTH // 2) for cell in line] for line in cells]
+        cells = [
+            [
+                cell if k else clip(cell, _CELL_WIDTH // 2)
+                for cell, k in zip(line, keep, strict=True)
+            ]
+            for line in cells
+        ]
     kept = list(range(len(headers)))
 
     def width_of(indices: list[int]) -> int:
@@ -489,19 +424,26 @@ def render(
             config keys shortened, right-most columns left out, with a note saying how
             many); ``None`` or 0: no limit. The other formats always hold every column.
 
+    Spread columns (``X mean``, ``X std``, ``X n`` of :func:`spread_rows`) are one
+    column ``X`` of ``mean ± std (n)`` in the table and Markdown; CSV and JSON keep
+    the three numbers. JSON writes NaN and infinities as ``"nan"``, ``"inf"``,
+    ``"-inf"``, which strict parsers accept.
+
     Raises:
         TableError: Unknown ``fmt``.
     """
     if fmt == "json":
-        return json.dumps(list(rows), indent=2, default=str)
+        safe = [{c: _json_safe(row.get(c)) for c in columns} for row in rows]
+        return json.dumps(safe, indent=2, default=str)
     if fmt == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         for row in rows:
-            writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+            writer.writerow([_csv_value(row.get(c)) for c in columns])
         return buffer.getvalue().rstrip("\n")
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    columns, rows, combined = _combine_spread(columns, rows)
+    cells = [[cell_text(row.get(c)) for c in columns] for row in rows]
     if fmt == "markdown":
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
@@ -510,7 +452,7 @@ def render(
         raise TableError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     headers, left_out = list(columns), 0
     if width:
-        headers, cells, left_out = _fit(columns, cells, width)
+        headers, cells, left_out = _fit(columns, cells, width, combined)
     widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(headers)]
     out = ["  ".join(c.ljust(w) for c, w in zip(headers, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
@@ -522,3 +464,37 @@ def render(
             "characters: --width 0 shows them, --format csv or json holds everything)"
         )
     return "\n".join(out)
+
+
+def patterns(given: Sequence[str] | None) -> list[str] | None:
+    """Comma-separated and repeated options as one list (``--over a,b --over c``)."""
+    return [p.strip() for part in given for p in part.split(",") if p.strip()] if given else None
+
+
+def hparams(args: argparse.Namespace) -> int:
+    """``tbx-lightning hparams RUNS_DIR``: one row per run, or per config with ``--over``."""
+    width = 0 if args.all else args.width
+    options: dict[str, Any] = {
+        "sort": args.sort,
+        "all_keys": args.all_keys or args.all,
+        "metrics": patterns(args.metrics),
+        "keys": patterns(args.keys),
+        "best": args.best or args.all,
+        "all_metrics": args.all,
+    }
+    over = patterns(args.over)
+    try:
+        records = read_runs(args.runs_dir, stalled_after=args.stalled_after)
+        if over:
+            columns, rows, grouped = spread_rows(records, over, **options)
+        else:
+            columns, rows = table_rows(records, **options)
+        print(render(columns, rows, args.format, width=width))
+    except TableError as error:
+        raise ConfigError(str(error)) from None
+    if over and args.format == "table":
+        print(
+            f"(mean ± sample standard deviation (number of runs) over {', '.join(grouped)}; "
+            "--format csv or json gives the numbers apart)"
+        )
+    return 0

@@ -27,9 +27,14 @@ import time
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import tbx_lightning  # noqa: F401  (registers the "tbx" tracker with accelerate)
+from tbx_lightning.projector import as_embeddings, capture_outputs
 from tbx_lightning.templates.metrics import STEP_METRIC, EpochMean, train_tag, val_tag
 from tbx_lightning.templates.progress import LoopProgress
 from tbx_lightning.templates.runner import (
@@ -133,11 +138,6 @@ def run(cfg: DictConfig) -> RunResult:
 
 
 def _run(cfg: DictConfig) -> RunResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    import tbx_lightning  # noqa: F401  (registers the "tbx" tracker)
-
     set_seed(int(cfg.seed))
     datamodule = instantiate_node(cfg, "data")
     datamodule.setup("fit")
@@ -322,8 +322,6 @@ def _train(
 def _embedding_source(node: Any, module: nn.Module) -> Any:
     """How to embed a batch: the output of ``module_name`` (relative to the module, as the
     Lightning callback reads it), else the network's ``backbone``."""
-    from tbx_lightning.projector._collect import as_embeddings, capture_outputs
-
     name = node.get("module_name")
     if not name:
         net = getattr(module, "net", module)
@@ -356,8 +354,6 @@ def _log_embeddings(
     if node.get("embed_fn") is not None:
         _log_custom_embeddings(node, tag, module, tracker, step)
         return
-    from hydra.utils import instantiate
-
     limit = node.get("max_points") or 1000
     embed = _embedding_source(node, module)
     # The same thumbnails as the Lightning callback (e.g. the digits scaled up to 32x32).
@@ -382,8 +378,6 @@ def _log_embeddings(
 
 def _log_custom_embeddings(node: Any, tag: str, net: nn.Module, tracker: Any, step: int) -> None:
     """The projector config's own ``embed_fn``/``label_fn`` over its ``dataloader`` batches."""
-    from hydra.utils import instantiate
-
     embed_fn = instantiate(node.embed_fn)
     label_fn = instantiate(node.label_fn) if node.get("label_fn") is not None else None
     batches = instantiate(node.dataloader)

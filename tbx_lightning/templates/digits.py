@@ -34,6 +34,8 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 def digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as ``(images N x 1 x 8 x 8 in [0, 1], labels N)``."""
+    # scikit-learn (a second or more to import) loads only when the digits are read, not
+    # when a checkpoint of these models is rebuilt.
     from sklearn.datasets import load_digits
 
     bunch = load_digits()

@@ -11,14 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 
 from tbx_lightning.errors import ConfigError
 from tbx_lightning.templates.digits import DigitsClassifier, OptimizerFactory
+from tbx_lightning.templates.runner import CONFIG_KEY
 
-__all__ = ["CONFIG_KEY", "FinetuneClassifier", "FinetuneNet", "load_backbone"]
-
-CONFIG_KEY = "tbx_lightning_config"
+__all__ = ["FinetuneClassifier", "FinetuneNet", "load_backbone"]
 
 
 def load_backbone(ckpt_path: str) -> tuple[nn.Module, int]:
@@ -28,8 +28,6 @@ def load_backbone(ckpt_path: str) -> tuple[nn.Module, int]:
         ValueError: The checkpoint was not written by ``tbx-lightning fit`` for a model
             with a ``net.backbone`` (e.g. the quickstart classifier).
     """
-    from hydra.utils import instantiate
-
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
     config = checkpoint.get(CONFIG_KEY)
     net_cfg = (config or {}).get("model", {}).get("net")

@@ -23,6 +23,7 @@ from typing import IO, Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ProgressBar
+from tqdm.auto import tqdm
 
 from tbx_lightning.templates.metrics import epoch_metrics
 
@@ -203,8 +204,6 @@ class LoopProgress:
         self._bar: Any = None
 
     def _open_bar(self, epoch: int) -> Any:
-        from tqdm.auto import tqdm
-
         return tqdm(
             total=self.batches,
             desc=f"Epoch {epoch + 1}/{self.max_epochs}",

@@ -15,9 +15,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tbx_lightning.errors import BuildError
+from tbx_lightning.templates import progress
 
 __all__ = [
     "CONFIG_KEY",
@@ -61,9 +66,6 @@ class RunResult:
 
 def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` of ``cfg.<key>``; failures become a :class:`BuildError`."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     node = OmegaConf.select(cfg, key)
     try:
         return instantiate(node, **kwargs)
@@ -129,8 +131,6 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
 @contextlib.contextmanager
 def cpu_threads(count: int | None) -> Iterator[None]:
     """Sets torch's intra-op thread count for a block, then restores it (``None``: no change)."""
-    import torch
-
     if count is None:
         yield
         return
@@ -155,10 +155,6 @@ def run(cfg: DictConfig) -> RunResult:
 
 
 def _run(cfg: DictConfig) -> RunResult:
-    import lightning.pytorch as pl
-
-    from tbx_lightning.templates import progress
-
     container = OmegaConf.to_container(cfg, resolve=True)
 
     class _ConfigInCheckpoint(pl.Callback):
