@@ -7,7 +7,7 @@ events out and POSTs each one with bounded connect and read timeouts (``urllib``
 
 - A full queue drops the *new* notice and counts it; the first drop is reported once.
   Only notices are ever dropped: the alerts themselves are in the run (its ``alerts``
-  Text entry and ``alerts/count``), where ``tbx-lightning alerts RUNS`` lists them.
+  Text entry and ``vitals/alerts``), where ``tbx-lightning alerts RUNS`` lists them.
 - A server that refuses, fails or does not answer in ``timeout`` seconds costs one
   warning for the notifier's life, not one per notice; later notices are still tried,
   after a pause that doubles with each failure in a row (up to 30 s), so a server

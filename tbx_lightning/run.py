@@ -49,6 +49,7 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
 import numbers
@@ -90,6 +91,9 @@ __all__ = [
 ]
 
 STATUS_TEXT_TAG = "run/status"
+# The least silence that counts as a stall for the ``stall`` webhook notice, in seconds;
+# the limit is 10x the run's longest gap between logging calls when that is longer.
+STALL_MIN_SECONDS = 120.0
 _PIL_FORMAT = "HWC"
 
 
@@ -391,6 +395,13 @@ class Run:
         self._mirrors: dict[str, re.Pattern[str]] = {}
         self._counts: dict[str, dict[int, float]] = {}
         self._mirror_pending: dict[int, dict[str, Any]] = {}
+        # Webhook delivery (see use_webhook): the notifier, what it receives, and the
+        # watch for a stall: when the run last logged, and its longest gap so far.
+        self._notifier: Any = None
+        self._webhook_events: frozenset[str] = frozenset()
+        self._last_activity = time.monotonic()
+        self._longest_gap = 0.0
+        self._stall_watch: threading.Event | None = None
 
     # ------------------------------------------------------------------ writer
     @property
@@ -443,6 +454,9 @@ class Run:
         """Closes the writer (thread and event file); returns it. Logging later reopens the run."""
         with self.lock:
             writer, self._writer, self._hparams = self._writer, None, None
+            if self._stall_watch is not None:  # an idle process after a fit is no stall
+                self._stall_watch.set()
+                self._stall_watch = None
         if writer is not None:
             writer.close()
         return writer
@@ -567,6 +581,97 @@ class Run:
                 count = seen[max(earlier)]
             writer.log_scalars(copies, int(count))
 
+    # ------------------------------------------------------------------ notices
+    def use_webhook(self, url: str, events: Sequence[str] = ("alerts",)) -> None:
+        """Delivers notices to ``url`` (see :mod:`tbx_lightning._notify`): ``events`` among
+        ``alerts``, ``end`` (the final status, from :meth:`finish`) and ``stall`` (no
+        logging for longer than ``max(STALL_MIN_SECONDS, 10 x`` the longest gap so far``)``
+        while the process lives). Never blocks or fails training."""
+        from tbx_lightning._notify import WebhookNotifier
+
+        with self.lock:
+            if self._notifier is None:
+                self._notifier = WebhookNotifier(url)
+                atexit.register(self._notifier.close, 2.0)
+            self._webhook_events = frozenset(events) | self._webhook_events
+            if "stall" in self._webhook_events and self._stall_watch is None:
+                self._stall_watch = threading.Event()
+                threading.Thread(
+                    target=self._watch_for_stall,
+                    args=(self._stall_watch,),
+                    name="tbx-stall-watch",
+                    daemon=True,
+                ).start()
+
+    def notify(self, kind: str, **fields: Any) -> None:
+        """Sends one notice (``kind`` plus :data:`tbx_lightning._notify.FIELDS`), if a webhook is set."""
+        notifier = self._notifier
+        if notifier is None:
+            return
+        writer = self._writer
+        notifier.notify({"kind": kind, "run": writer.log_dir if writer else None, **fields})
+
+    def notify_alert(self, alert: Any) -> None:
+        """Sends a new alert, when the webhook asked for alerts."""
+        if "alerts" in self._webhook_events:
+            self.notify(
+                alert.kind,
+                step=alert.step,
+                where=alert.where or "model",
+                value=alert.value,
+                threshold=alert.threshold,
+                message=alert.message,
+            )
+
+    def _touch(self) -> None:
+        now = time.monotonic()
+        gap = now - self._last_activity
+        if gap <= max(STALL_MIN_SECONDS, 10 * self._longest_gap):  # a stall sets no pace
+            self._longest_gap = max(self._longest_gap, gap)
+        self._last_activity = now
+
+    def _watch_for_stall(self, stop: threading.Event) -> None:
+        said = False
+        while not stop.wait(min(5.0, STALL_MIN_SECONDS / 4)):
+            idle = time.monotonic() - self._last_activity
+            limit = max(STALL_MIN_SECONDS, 10 * self._longest_gap)
+            if idle <= limit:
+                said = False
+            elif not said:
+                said = True
+                self.notify(
+                    "stall",
+                    step=self._step,
+                    value=round(idle, 1),
+                    threshold=round(limit, 1),
+                    message=f"nothing logged for {idle:.0f} s, over {limit:.0f} s (10x the "
+                    "run's longest gap so far, at least "
+                    f"{STALL_MIN_SECONDS:.0f} s): is training hung?",
+                )
+
+    def _end_notices(self, key: str, note: str | None) -> None:
+        """The end notice, if asked for; then the notifier delivers what it holds and stops."""
+        with self.lock:
+            notifier, self._notifier = self._notifier, None
+            events, self._webhook_events = self._webhook_events, frozenset()
+            watch, self._stall_watch = self._stall_watch, None
+        if watch is not None:
+            watch.set()
+        if notifier is None:
+            return
+        if "end" in events:
+            writer = self._writer
+            notifier.notify(
+                {
+                    "kind": "run_end",
+                    "run": writer.log_dir if writer else None,
+                    "step": self._step,
+                    "where": key,
+                    "message": note or f"run ended: {key}",
+                }
+            )
+        notifier.close(timeout=5.0)
+
     def alert_stopped(self, kind: str, step: int, message: str, action: str) -> None:
         """Records that an alert ended training: :meth:`finish` then records a failure."""
         with self.lock:
@@ -594,6 +699,7 @@ class Run:
             for tag, text in texts.items():
                 writer.experiment.add_text(tag, text, global_step=at)
             self.seen(at)
+            self._touch()
             if writer._summary.tag_count != self._layout_tags:
                 self._update_layout(writer)
         return at
@@ -773,6 +879,8 @@ class Run:
                 self.writer.experiment.add_text(STATUS_TEXT_TAG, note, global_step=at)
             for waiting in sorted(self._mirror_pending):  # no later count will come
                 self.mirror(self.writer, self._mirror_pending.pop(waiting), waiting, wait=False)
+            if self._notifier is not None:
+                self._end_notices(key, note)
             hparams.finish(key, label=label)
             writer = self.writer
             if writer.has_data:
@@ -791,6 +899,9 @@ class Run:
         state["_hparams"] = None
         state["lock"] = None
         state["_layout"] = None
+        state["_notifier"] = None
+        state["_stall_watch"] = None
+        state["_webhook_events"] = frozenset()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -828,6 +939,7 @@ class RunSink:
         run = self._run
         writer = run.writer
         writer.log_scalars(metrics, step)
+        run._touch()
         if run._mirrors:
             with run.lock:
                 run.mirror(writer, metrics, step)
@@ -835,6 +947,14 @@ class RunSink:
     def alert_stopped(self, alert: Any, action: str) -> None:
         """Records that ``alert`` ended training with ``action`` ("stop" or "raise")."""
         self._run.alert_stopped(alert.kind, alert.step, alert.message, action)
+
+    def use_webhook(self, url: str, events: Sequence[str] = ("alerts",)) -> None:
+        """See :meth:`Run.use_webhook`."""
+        self._run.use_webhook(url, events)
+
+    def notify_alert(self, alert: Any) -> None:
+        """See :meth:`Run.notify_alert`."""
+        self._run.notify_alert(alert)
 
     def count_seen(self, step: int, **counts: float) -> None:
         """Tokens/samples seen up to ``step``."""

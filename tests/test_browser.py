@@ -121,7 +121,7 @@ def test_time_series_shows_the_runs_metrics_before_the_monitor(
         page.goto(server.url + "/#timeseries", wait_until="domcontentloaded")
         groups: list[str] = []
         deadline = time.monotonic() + 90
-        while "vitals" not in groups and time.monotonic() < deadline:
+        while "vitals_layers" not in groups and time.monotonic() < deadline:
             time.sleep(0.5)
             groups = [
                 g.strip()
@@ -131,7 +131,7 @@ def test_time_series_shows_the_runs_metrics_before_the_monitor(
             ]
         shown = [g for g in groups if g != "Pinned"]
         assert shown[:3] == ["train", "trainer", "val"], groups
-        assert shown[-1] == "vitals", groups
+        assert shown[-2:] == ["vitals", "vitals_layers"], groups
 
 
 def test_custom_scalars_put_train_and_val_of_each_metric_on_one_chart(
@@ -142,7 +142,7 @@ def test_custom_scalars_put_train_and_val_of_each_metric_on_one_chart(
         page.goto(server.url + "/#custom_scalars", wait_until="domcontentloaded")
         # Each metric's chart matches its train and val tags in both runs: 2 x 2.
         browser.find_text(page, "Matches (4)", timeout=90)
-        titles = page.get_by_text("vitals/grad_norm", exact=True)
+        titles = page.get_by_text("vitals_layers/grad_norm", exact=True)
         assert titles.count() >= 1, "the monitor's charts follow the metrics"
         page.wait_for_timeout(1500)
         page.screenshot(path=str(_screenshot_path(tmp_path, "custom_scalars.png")))

@@ -12,11 +12,14 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from tbx_lightning._notify import ENV_VAR, WebhookNotifier, notifier_from_env
 from tbx_lightning._secrets import MASK
@@ -277,3 +280,90 @@ def test_notifier_from_env(recorder: Recorder, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv(ENV_VAR, "not a url")
     with pytest.raises(ConfigError, match=ENV_VAR):
         notifier_from_env()
+
+
+# ---------------------------------------------------------------------- from the monitors
+def _sick_fit(tmp_path: Path, **monitor: Any) -> Any:
+    from tbx_lightning import TrainingMonitor
+    from tests.test_alerts import fit
+
+    callback = TrainingMonitor(**monitor)
+    fit(tmp_path, callback)
+    return callback
+
+
+def test_the_lightning_monitor_sends_each_new_alert_and_the_run_end(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    callback = _sick_fit(
+        tmp_path, alert_webhook=recorder.url + "/hook", webhook_events=["alerts", "end"]
+    )
+    kinds = [body["kind"] for _, _, body in recorder.received]
+    found = {a.kind for a in callback.monitor.alerts}
+    # One notice per new alert (kind and place), then the end; repeats are not sent.
+    assert sorted(k for k in kinds if k != "run_end") == sorted(
+        a.kind for a in callback.monitor.alerts
+    )
+    assert {"loss_spike", "nonfinite_loss", "nonfinite_grads"} <= found
+    assert kinds[-1] == "run_end"
+    spike = next(body for _, _, body in recorder.received if body["kind"] == "loss_spike")
+    assert spike["step"] == 40 and spike["where"] == "model"
+    assert spike["run"].endswith("version_0")
+    end = recorder.received[-1][2]
+    assert end["where"] == "success"
+
+
+def test_the_environment_names_the_webhook_of_a_plain_loop(
+    recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch import nn
+
+    from tbx_lightning.monitor import ModelMonitor
+    from tbx_lightning.run import Run
+
+    monkeypatch.setenv(ENV_VAR, recorder.url + "/env")
+    run = Run(lambda: str(tmp_path), owner="test")
+    model = nn.Linear(4, 1)
+    monitor = ModelMonitor(model, run, norm_every_n_steps=1)
+    loss = model(torch.randn(2, 4)).sum() * float("nan")
+    loss.backward()
+    monitor.after_backward(0, loss=loss)
+    monitor.log_throughput(0, samples=2)
+    monitor.detach()
+    run.finish("success")
+    run.release()  # the notifier was closed at the finish: what was queued is sent
+    paths = {path for path, _, _ in recorder.received}
+    assert paths == {"/env"}
+    assert {body["kind"] for _, _, body in recorder.received} >= {"nonfinite_grads"}
+
+
+def test_a_webhook_that_never_answers_does_not_hold_training_back(
+    silent: Silent, tmp_path: Path
+) -> None:
+    from tests.rows import session
+
+    callback = _sick_fit(tmp_path, alert_webhook=silent.url, webhook_events=["alerts", "end"])
+    assert callback.monitor.alerts  # the alerts are in the run all the same
+    assert session(tmp_path / "sick" / "version_0")[1] == "STATUS_SUCCESS"
+
+
+def test_a_stall_is_sent_once_and_again_after_logging_resumed(
+    recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tbx_lightning import run as run_module
+
+    monkeypatch.setattr(run_module, "STALL_MIN_SECONDS", 0.4)
+    run = run_module.Run(lambda: str(tmp_path), owner="test")
+    run.use_webhook(recorder.url + "/hook", ["stall"])
+    for step in range(3):
+        run.log({"train/loss": 1.0}, step=step)
+    assert recorder.arrived.acquire(timeout=20)  # silence: one stall notice
+    time.sleep(1.0)
+    assert [body["kind"] for _, _, body in recorder.received] == ["stall"]
+    stall = recorder.received[0][2]
+    assert stall["step"] == 2 and stall["threshold"] >= 0.4
+    run.log({"train/loss": 1.0}, step=3)  # it goes on: a later silence is a new stall
+    assert recorder.arrived.acquire(timeout=20)
+    run.finish("success")
+    run.release()
+    assert [body["kind"] for _, _, body in recorder.received] == ["stall", "stall"]

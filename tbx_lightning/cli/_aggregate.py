@@ -62,7 +62,17 @@ AGGREGATE_DIR = "aggregate"
 """The folder under the runs directory that holds the aggregate runs."""
 BAND_CATEGORY = "bands"
 """The Custom Scalars category of the Margin charts."""
-DEFAULT_EXCLUDE = ("vitals/*", "alerts/*", "hp_metric", "epoch", "_hparams_/*")
+DEFAULT_EXCLUDE = (
+    "vitals/*",
+    "vitals_layers/*",
+    "alerts/*",
+    "by_tokens/*",
+    "by_samples/*",
+    "hp_metric",
+    "epoch",
+    "trainer/epoch",
+    "_hparams_/*",
+)
 """Tags left out unless ``--metrics`` asks for them: the monitor's, alerts, the epoch."""
 _NAME_LIMIT = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]+")
@@ -198,7 +208,7 @@ def write_aggregates(
         runs_dir: The directory of the runs (a sweep's experiment directory).
         over: Config keys or fnmatch patterns to aggregate over (``seed``, ``*seed``).
         metrics: fnmatch patterns of the scalar tags to aggregate (default: every tag
-            but ``vitals/*``, ``alerts/*`` and ``epoch``).
+            but the monitor's ``vitals/*`` and ``vitals_layers/*``, ``by_tokens/*``, ``by_samples/*`` and ``epoch``).
         records: The runs, if already read (default: :func:`tbx_lightning.runs.read_runs`).
 
     Returns:

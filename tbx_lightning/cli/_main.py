@@ -110,7 +110,7 @@ def _hparams_parser(hparams: argparse.ArgumentParser) -> None:
     hparams.add_argument(
         "--all",
         action="store_true",
-        help="every key, every metric but vitals/* with its best, no width limit",
+        help="every key, every metric but the monitor's with its best, no width limit",
     )
     hparams.add_argument(
         "--width",
@@ -211,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATTERN",
         help="scalar tags to aggregate (fnmatch patterns; default: all but vitals/*, "
-        "alerts/* and epoch)",
+        "vitals_layers/*, by_tokens/*, by_samples/* and epoch)",
     )
 
     alerts = commands.add_parser(

@@ -36,7 +36,16 @@ __all__ = [
     "table_rows",
 ]
 
-_DEFAULT_EXCLUDE = ("vitals/*", "hp_metric", "epoch", "_hparams_/*")
+_DEFAULT_EXCLUDE = (
+    "vitals/*",
+    "vitals_layers/*",
+    "by_tokens/*",
+    "by_samples/*",
+    "hp_metric",
+    "epoch",
+    "trainer/epoch",
+    "_hparams_/*",
+)
 FORMATS = ("table", "csv", "markdown", "json")
 STALLED_COLUMN = "stalled_since"
 
@@ -147,7 +156,8 @@ def table_rows(
             the best); default :func:`main_metrics`.
         keys: fnmatch patterns of the config keys to show (instead of the differing ones).
         best: Show a ``best`` column after every metric.
-        all_metrics: Show every metric but ``vitals/*`` (when ``metrics`` is not given).
+        all_metrics: Show every metric but the monitor's (``vitals/*``, ``vitals_layers/*``)
+            (when ``metrics`` is not given).
 
     Raises:
         TableError: ``sort`` names no metric of these runs.

@@ -273,9 +273,19 @@ class ModelMonitor:
                 self.sink.log_scalars if self.sink is not None else None,
                 quiet=self.sink is None,
             )
+        self._notifier: Any = None
+        url = opts.webhook_url()
+        if url and self.sink is not None:
+            use = getattr(self.sink, "use_webhook", None)
+            if callable(use):  # the run delivers: alerts, and its end and stall on request
+                use(url, opts.webhook_events)
+            else:  # a plain writer: this monitor delivers its alerts itself
+                from tbx_lightning._notify import WebhookNotifier
+
+                self._notifier = WebhookNotifier(url)
+        if self._alerts is not None and url and self.sink is not None:
             notify = getattr(self.sink, "notify_alert", None)
-            if callable(notify):
-                self._alerts.listeners.append(notify)
+            self._alerts.listeners.append(notify if callable(notify) else self._notify)
         self._no_tokens_said = False
         counting = getattr(self.sink, "count_seen", None)
         self._count_seen = counting if callable(counting) else None
@@ -418,8 +428,25 @@ class ModelMonitor:
             handle.remove()
         self._hooks.clear()
         self._pace.remove_hooks()
+        if self._notifier is not None:
+            self._notifier.close(timeout=2.0)
+            self._notifier = None
 
     close = detach
+
+    def _notify(self, alert: Alert) -> None:
+        if self._notifier is not None and "alerts" in self.options.webhook_events:
+            self._notifier.notify(
+                {
+                    "kind": alert.kind,
+                    "run": getattr(self.sink, "log_dir", None),
+                    "step": alert.step,
+                    "where": alert.where or "model",
+                    "value": alert.value,
+                    "threshold": alert.threshold,
+                    "message": alert.message,
+                }
+            )
 
     # ------------------------------------------------------------------ loop hooks
     def observe_loss(self, step: int, loss: float | torch.Tensor) -> None:
@@ -490,9 +517,8 @@ class ModelMonitor:
         self._step_allowed = True
         if self.options.skip_nonfinite_steps_on:
             self._step_allowed = self._guard(step, loss)
-        if not self._hooks:
-            if norm and not self._ends_at_throughput:
-                self._end_scalar_step(step)  # no optimizer hook will end this step
+        if not self._hooks and norm and not self._ends_at_throughput:
+            self._end_scalar_step(step)  # no optimizer hook will end this step
         return self._step_allowed
 
     def after_clip(self, step: int) -> None:

@@ -19,6 +19,7 @@ from tbx_lightning.monitor._alerts import AlertRules, OnAlert
 __all__ = ["MonitorOptions", "resolve_options"]
 
 _ON_ALERT = ("warn", "stop", "raise")
+WEBHOOK_EVENTS = ("alerts", "end", "stall")
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,13 @@ class MonitorOptions:
             ``by_tokens/<tag>``, so runs with different batch or sequence sizes compare
             at equal data. Needs token counts (``tokens_fn`` or ``log_throughput(tokens=)``).
         by_samples: The same against the number of samples seen, as ``by_samples/<tag>``.
-        alert_webhook: A URL that receives each alert (and the run's end) as JSON,
-            delivered in the background (Slack-compatible for Slack URLs); ``None``
-            reads ``TBX_LIGHTNING_ALERT_WEBHOOK``, ``""`` turns delivery off.
+        alert_webhook: A URL that receives each new alert as JSON, delivered in the
+            background with bounded timeouts and queue (Slack's form for
+            ``hooks.slack.com``); ``None`` reads ``TBX_LIGHTNING_ALERT_WEBHOOK``, ``""``
+            turns delivery off. See docs/monitor.md.
+        webhook_events: What the webhook receives: ``"alerts"``, and on request
+            ``"end"`` (the run's final status) and ``"stall"`` (no logging for longer
+            than the run's own pace explains, at least 120 s, while the process lives).
 
     Example:
         >>> from tbx_lightning.monitor import AlertRules, MonitorOptions
@@ -110,6 +115,7 @@ class MonitorOptions:
     by_tokens: Sequence[str] = ()
     by_samples: Sequence[str] = ()
     alert_webhook: str | None = None
+    webhook_events: Sequence[str] = ("alerts",)
 
     def __post_init__(self) -> None:
         for key in ("group_depth", "hist_every_n_steps", "norm_every_n_steps", "seed"):
@@ -190,6 +196,15 @@ class MonitorOptions:
                     f"['train/loss', 'val/*'], got {getattr(self, key)!r}."
                 )
             object.__setattr__(self, key, tuple(patterns))
+        events = self.webhook_events
+        if isinstance(events, str):
+            events = (events,)
+        if not isinstance(events, Sequence) or not set(events) <= set(WEBHOOK_EVENTS):
+            raise ConfigError(
+                f"Expected monitor option `webhook_events` to be a list of {WEBHOOK_EVENTS}, "
+                f"got {self.webhook_events!r}."
+            )
+        object.__setattr__(self, "webhook_events", tuple(events))
         if self.alert_webhook is not None and not isinstance(self.alert_webhook, str):
             raise ConfigTypeError(
                 "Expected monitor option `alert_webhook` to be a URL string, '' (off) or None "
@@ -209,6 +224,16 @@ class MonitorOptions:
         if self.skip_nonfinite_steps is not None:
             return self.skip_nonfinite_steps
         return self.alerts is not False and self.on_alert in ("stop", "raise")
+
+    def webhook_url(self, environ: Mapping[str, str] | None = None) -> str:
+        """The alert webhook: ``alert_webhook``, else ``$TBX_LIGHTNING_ALERT_WEBHOOK``; "" for none."""
+        if self.alert_webhook is not None:
+            return self.alert_webhook.strip()
+        import os
+
+        from tbx_lightning._notify import ENV_VAR
+
+        return (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
 
     @property
     def can_stop(self) -> bool:

@@ -60,7 +60,18 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 
 @contextlib.contextmanager
 def capture_outputs(module: torch.nn.Module | None) -> Iterator[list[Any]]:
-    """Yields a list that collects ``module``'s forward outputs; the hook goes on exit."""
+    """Yields a list that collects ``module``'s forward outputs; the hook goes on exit.
+
+    Args:
+        module: The module whose outputs to collect; ``None`` collects nothing.
+
+    Example:
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> with capture_outputs(layer) as outputs:
+        ...     _ = layer(torch.zeros(4, 3))
+        >>> outputs[0].shape
+        torch.Size([4, 2])
+    """
     captured: list[Any] = []
     handle = (
         None

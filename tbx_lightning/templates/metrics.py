@@ -121,13 +121,17 @@ def epoch_metrics(metrics: Mapping[str, Any], limit: int = 6) -> dict[str, float
     """The metrics to show at an epoch's end, by tag: ``val/*``, then ``train/*``.
 
     ``train/loss`` (one batch's value) comes after the epoch means; Lightning's
-    ``*_step``/``*_epoch`` copies, ``vitals/*`` and ``epoch`` are left out.
+    ``*_step``/``*_epoch`` copies, the monitor's tags and ``trainer/epoch`` are left out.
 
     Example:
         >>> epoch_metrics({"train/loss": 0.9, "train/acc": 0.5, "val/loss": 1.0})
         {'val/loss': 1.0, 'train/acc': 0.5, 'train/loss': 0.9}
     """
-    keys = {k for k in metrics if not k.startswith("vitals/") and k != "epoch"}
+    keys = {
+        k
+        for k in metrics
+        if not k.startswith(("vitals/", "vitals_layers/")) and k not in ("epoch", "trainer/epoch")
+    }
     keys = {k for k in keys if not k.endswith(("_step", "_epoch"))}
 
     def rank(key: str) -> tuple[int, str]:
