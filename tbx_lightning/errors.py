@@ -1,13 +1,29 @@
-"""Every error tbx_lightning raises, under one base class.
+"""Every error tbx_lightning raises, under one base class, grouped by what the caller does.
 
-Catch :class:`TBXError` for anything the package raises on purpose. Each subclass
-also derives from the built-in exception that fits it (``ValueError`` for bad
-values, ``TypeError`` for wrong types, ``RuntimeError`` for failures at run time),
-so ``except ValueError`` written against the stock loggers keeps working.
+Catch :class:`TBXError` for anything the package raises on purpose. Below it, one
+class per thing a caller can do about it::
+
+    TBXError
+    ├── ConfigError            fix a config key, option or argument (ValueError)
+    │   ├── ConfigTypeError        ... of the wrong type, or misspelled (TypeError)
+    │   └── HParamsError           ... that cannot become hyperparameters
+    ├── LoggedDataError        fix what you log
+    │   ├── LoggedValueError       a name, value or step that cannot be written (ValueError)
+    │   └── LoggedTypeError        ... of a type that cannot be written (TypeError)
+    ├── UsageError             call it where it can work (RuntimeError)
+    │   └── RunNotStartedError     a tracker used before its run started
+    ├── RunWriterError         storage failed: free space, fix access, retry (RuntimeError)
+    │   └── RunInUseError          another live process writes the run
+    ├── GraphExportError       the model's graph could not be captured (RuntimeError)
+    ├── TrainingAlertError     training went wrong: an alert with on_alert="raise"
+    └── MissingDependencyError install an extra (ImportError)
+
+Each class also derives from the built-in exception that fits it, so ``except
+ValueError`` written against the stock loggers keeps working.
 
 Example:
-    >>> from tbx_lightning import HParamsError, TBXError
-    >>> issubclass(HParamsError, TBXError) and issubclass(HParamsError, ValueError)
+    >>> from tbx_lightning import ConfigError, HParamsError, TBXError
+    >>> issubclass(HParamsError, ConfigError) and issubclass(HParamsError, ValueError)
     True
 """
 
@@ -19,11 +35,11 @@ if TYPE_CHECKING:
     from tbx_lightning.monitor._alerts import Alert
 
 __all__ = [
-    "BuildError",
     "ConfigError",
     "ConfigTypeError",
     "GraphExportError",
     "HParamsError",
+    "LoggedDataError",
     "LoggedTypeError",
     "LoggedValueError",
     "MissingDependencyError",
@@ -31,7 +47,6 @@ __all__ = [
     "RunNotStartedError",
     "RunWriterError",
     "TBXError",
-    "TableError",
     "TrainingAlertError",
     "UsageError",
 ]
@@ -41,28 +56,91 @@ class TBXError(Exception):
     """Base class of every error raised by tbx_lightning."""
 
 
+# ---------------------------------------------------------------------- fix the config
+class ConfigError(TBXError, ValueError):
+    """A config key, override, option or argument is not valid.
+
+    The message names it, says what is valid, and where it is set (the template's
+    YAML key, the keyword argument). The ``tbx-lightning`` command prints it and
+    exits with status 2.
+    """
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """An option has the wrong type, or an unknown option name was passed (a typo)."""
+
+
+class HParamsError(ConfigError):
+    """A config cannot become hyperparameters; the message names the key path."""
+
+
+# ---------------------------------------------------------------------- fix the data
+class LoggedDataError(TBXError):
+    """Something logged cannot be written as given; nothing of the call is written."""
+
+
+class LoggedValueError(LoggedDataError, ValueError):
+    """A logged name, value or step cannot be written as given.
+
+    Raised for an empty name, two values that land on one tag
+    (``{"val": {"acc": 1}, "val/acc": 2}``), a step outside int64 or an image
+    whose shape does not fit its layout. The message names the key; nothing of
+    the call is written.
+    """
+
+
+class LoggedTypeError(LoggedDataError, TypeError):
+    """A logged name, value or step has a type that cannot be written.
+
+    Raised for a value that is neither a number, a one-element tensor or array,
+    a string nor a dict of these, and for a step that is not an int (``1.5``,
+    ``"7"``, ``True``). The message names the key or the step.
+    """
+
+
+# ---------------------------------------------------------------------- fix the call
+class UsageError(TBXError, RuntimeError):
+    """A feature was called where it cannot work yet or at all (not set up, no such module).
+
+    The message says what is missing and how to provide it, e.g. a callback used
+    outside ``Trainer.fit`` or ``sharded=True`` without a process group.
+    """
+
+
+class RunNotStartedError(UsageError):
+    """A tracker was used before its run was started (``init_trackers`` or ``start()``)."""
+
+
+# ---------------------------------------------------------------------- storage
 class RunWriterError(TBXError, RuntimeError):
     """Writing a run failed (full disk, vanished directory, lost credentials).
 
     Raised on the caller's next call after the background thread hit the error;
-    the events that could not be written are kept in memory and retried on the
-    next flush, so fixing the cause and calling ``flush()`` loses nothing.
+    the message names the path and what to do. What could not be written is kept
+    and written by a later ``flush()``/``close()`` once the cause is fixed.
     """
 
 
-class HParamsError(TBXError, ValueError):
-    """A config cannot become hyperparameters; the message names the key path."""
+class RunInUseError(RunWriterError):
+    """Another live process holds the run directory (its lease file names the pid and host).
+
+    Raised instead of letting two writers merge one run's HParams row and status: pick
+    another ``version``, wait for that run to end, or remove the lease file named in the
+    message if that process is gone.
+    """
 
 
+# ---------------------------------------------------------------------- features
 class GraphExportError(TBXError, RuntimeError):
     """No capture method produced a graph of the model.
 
     The message names the model class, each method tried with its one-line
     error, and what to do about it.
 
-    Attributes:
+    Args:
         model_class: Qualified class name of the model.
         attempts: ``(method, one-line error)`` for each method tried.
+        hint: What to do about it, the message's last line.
 
     Example:
         >>> import torch
@@ -86,50 +164,11 @@ class GraphExportError(TBXError, RuntimeError):
         self.attempts = attempts
 
 
-class ConfigError(TBXError, ValueError):
-    """A config, override or option is not valid; the message says which and what is valid."""
-
-
-class BuildError(TBXError, ValueError):
-    """A composed config could not be turned into objects (wrong argument, bad value)."""
-
-
-class TableError(TBXError, ValueError):
-    """The runs directory or an option of the ``hparams`` command is not usable."""
-
-
-class ConfigTypeError(TBXError, TypeError):
-    """An option has the wrong type, or an unknown option name was passed (a typo)."""
-
-
-class LoggedValueError(TBXError, ValueError):
-    """A logged name, value or step cannot be written as given.
-
-    Raised for an empty name, two values that land on one tag
-    (``{"val": {"acc": 1}, "val/acc": 2}``), a step outside int64 or an image
-    whose shape does not fit its layout. The message names the key; nothing of
-    the call is written.
-    """
-
-
-class LoggedTypeError(TBXError, TypeError):
-    """A logged name, value or step has a type that cannot be written.
-
-    Raised for a value that is neither a number, a one-element tensor or array,
-    a string nor a dict of these, and for a step that is not an int (``1.5``,
-    ``"7"``, ``True``). The message names the key or the step.
-    """
-
-
-class RunNotStartedError(TBXError, RuntimeError):
-    """A tracker was used before its run was started (``init_trackers`` or ``start()``)."""
-
-
 class TrainingAlertError(TBXError, RuntimeError):
-    """Raised by a monitor with ``on_alert="raise"`` when an alert fires.
+    """Raised by a monitor with ``on_alert="raise"`` when an alert fires, on every rank.
 
-    Attributes:
-        alert: The alert that stopped training.
+    Args:
+        alert: The alert that stopped training (kept as ``.alert``).
     """
 
     def __init__(self, alert: Alert) -> None:
@@ -137,22 +176,6 @@ class TrainingAlertError(TBXError, RuntimeError):
         self.alert = alert
 
 
-class UsageError(TBXError, RuntimeError):
-    """A feature was called where it cannot work yet or at all (not set up, no such module).
-
-    The message says what is missing and how to provide it, e.g. a callback used
-    outside ``Trainer.fit`` or ``sharded=True`` without a process group.
-    """
-
-
+# ---------------------------------------------------------------------- environment
 class MissingDependencyError(TBXError, ImportError):
     """An optional dependency is not installed; the message gives the ``pip install`` line."""
-
-
-class RunInUseError(RunWriterError):
-    """Another live process holds the run directory (its lease file names the pid and host).
-
-    Raised instead of letting two writers merge one run's HParams row and status: pick
-    another ``version``, wait for that run to end, or remove the lease file named in the
-    message if that process is gone.
-    """

@@ -54,7 +54,7 @@ from tbx_lightning._events import masked_crc
 from tbx_lightning._lease import LEASE_FILE
 from tbx_lightning._spool import upload_spool
 from tbx_lightning._summary import SummaryData, TagStats, minimizes, read_summary
-from tbx_lightning.errors import TableError
+from tbx_lightning.errors import ConfigError
 
 __all__ = [
     "AGGREGATE_FILE",
@@ -183,7 +183,7 @@ def _plugin_data(content: bytes, which: str) -> Any:
 
     data = plugin_data_pb2.HParamsPluginData.FromString(content)
     if data.version != _PLUGIN_DATA_VERSION or not data.HasField(which):
-        raise TableError(
+        raise ConfigError(
             f"An HParams record holds no {which} of plugin data version "
             f"{_PLUGIN_DATA_VERSION} (found version {data.version}): was the run written "
             "by a newer TensorBoard?"
@@ -404,7 +404,7 @@ def read_run_dir(
         now: The time to judge that against (default: now).
 
     Raises:
-        TableError: An HParams record of a data version this TensorBoard cannot read.
+        ConfigError: An HParams record of a data version this TensorBoard cannot read.
     """
     path = os.path.abspath(os.fspath(path))
     base = os.path.dirname(path) if root is None else os.path.abspath(os.fspath(root))
@@ -441,7 +441,7 @@ def read_runs(
         now: See :func:`read_run_dir`.
 
     Raises:
-        TableError: ``runs_dir`` does not exist or holds no events file.
+        ConfigError: ``runs_dir`` does not exist or holds no events file.
     """
     root = _root(runs_dir)
     moment = time.time() if now is None else now
@@ -455,14 +455,14 @@ def read_runs(
 def _root(runs_dir: str | os.PathLike[str]) -> str:
     root = os.path.abspath(os.fspath(runs_dir))
     if not os.path.isdir(root):
-        raise TableError(f"RUNS_DIR {str(runs_dir)!r} is not a directory.")
+        raise ConfigError(f"RUNS_DIR {str(runs_dir)!r} is not a directory.")
     return root
 
 
 def _dirs_or_error(root: str, given: str | os.PathLike[str]) -> list[str]:
     dirs = _run_dirs(root)
     if not dirs:
-        raise TableError(
+        raise ConfigError(
             f"No TensorBoard events files under {str(given)!r}: point RUNS_DIR at a "
             "directory that `tbx-lightning fit` or `sweep` wrote (e.g. runs/quickstart)."
         )
@@ -521,7 +521,7 @@ def read_alerts(runs_dir: str | os.PathLike[str]) -> list[AlertRecord]:
         runs_dir: A run directory or a directory of runs; aggregate runs are left out.
 
     Raises:
-        TableError: ``runs_dir`` does not exist or holds no events file.
+        ConfigError: ``runs_dir`` does not exist or holds no events file.
     """
     # TensorBoard's reader (optional, like every tensorboard import here): the alerts are
     # Text entries, which no summary keeps.

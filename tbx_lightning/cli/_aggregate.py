@@ -46,7 +46,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from tbx_lightning import RunWriter
 from tbx_lightning.cli._spread import Group, differing, group_runs, spread
 from tbx_lightning.cli._table import patterns
-from tbx_lightning.errors import ConfigError, TableError
+from tbx_lightning.errors import ConfigError
 from tbx_lightning.runs import AGGREGATE_FILE, RunRecord, read_runs
 
 __all__ = [
@@ -136,7 +136,7 @@ def _clear(target: str) -> None:
             subdirs[:] = []
             continue
         if any("tfevents" in name for name in files):
-            raise TableError(
+            raise ConfigError(
                 f"{current!r} holds a run that is not an aggregate (no {AGGREGATE_FILE}): "
                 f"move it out of {target!r}, which `tbx-lightning aggregate` rewrites."
             )
@@ -215,13 +215,13 @@ def write_aggregates(
         ``(aggregate run directory, number of runs, tags)`` per group.
 
     Raises:
-        TableError: no runs, ``over`` matches no key, or ``runs_dir`` is one run itself.
+        ConfigError: no runs, ``over`` matches no key, or ``runs_dir`` is one run itself.
     """
     root = os.path.abspath(os.fspath(runs_dir))
     if records is None:
         records = read_runs(root)
     if any(os.path.abspath(record.path) == root for record in records):
-        raise TableError(
+        raise ConfigError(
             f"{str(runs_dir)!r} is one run: point RUNS at the directory that holds the "
             "runs to aggregate (a sweep's experiment directory)."
         )
@@ -240,10 +240,7 @@ def write_aggregates(
 def aggregate(args: argparse.Namespace) -> int:
     """``tbx-lightning aggregate RUNS --over KEYS``."""
     over = patterns(args.over) or []
-    try:
-        written = write_aggregates(args.runs_dir, over, metrics=patterns(args.metrics))
-    except TableError as error:
-        raise ConfigError(str(error)) from None
+    written = write_aggregates(args.runs_dir, over, metrics=patterns(args.metrics))
     root = os.path.abspath(args.runs_dir)
     for path, count, tags in written:
         print(f"{os.path.relpath(path, root)}: mean and band of {len(tags)} tags over {count} runs")

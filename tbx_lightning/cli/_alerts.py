@@ -12,7 +12,6 @@ import time
 from typing import Any
 
 from tbx_lightning.cli._table import cell_text, clip, render
-from tbx_lightning.errors import ConfigError, TableError
 from tbx_lightning.runs import AlertRecord, read_alerts
 
 __all__ = ["COLUMNS", "alert_rows", "alerts"]
@@ -49,10 +48,7 @@ def _fit_messages(rows: list[dict[str, Any]], width: int) -> list[dict[str, Any]
 
 def alerts(args: argparse.Namespace) -> int:
     """``tbx-lightning alerts RUNS``."""
-    try:
-        found = read_alerts(args.runs_dir)
-    except TableError as error:
-        raise ConfigError(str(error)) from None
+    found = read_alerts(args.runs_dir)
     if args.limit is not None:
         found = found[: max(0, args.limit)]
     rows = alert_rows(found)

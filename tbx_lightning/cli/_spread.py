@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tbx_lightning.errors import TableError
+from tbx_lightning.errors import ConfigError
 from tbx_lightning.runs import RunRecord
 
 __all__ = ["OWN_COLUMNS", "Group", "Grouping", "differing", "group_runs", "spread"]
@@ -83,12 +83,12 @@ def group_runs(records: Sequence[RunRecord], patterns: Sequence[str]) -> Groupin
         patterns: Config keys or fnmatch patterns (``data.seed``, ``*seed``).
 
     Raises:
-        TableError: no pattern matches a config key of these runs.
+        ConfigError: no pattern matches a config key of these runs.
     """
     keys = sorted({k for r in records for k in r.hparams} - set(OWN_COLUMNS))
     over = [k for k in keys if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
     if not over:
-        raise TableError(
+        raise ConfigError(
             f"--over {','.join(patterns)!r} matches no config key of these runs; the keys "
             f"that differ between them are: {', '.join(differing(records)) or '(none)'}"
         )

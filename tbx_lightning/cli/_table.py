@@ -22,7 +22,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 from tbx_lightning.cli._spread import OWN_COLUMNS, differing, group_runs, spread
-from tbx_lightning.errors import ConfigError, TableError
+from tbx_lightning.errors import ConfigError
 from tbx_lightning.runs import RunRecord, minimizes, read_runs
 
 __all__ = [
@@ -86,7 +86,7 @@ def _metric_columns(
     with_best = {m for m in chosen if best or (not every and m.startswith("val/"))}
     all_tags = sorted({tag for record in records for tag in record.stats})
     if sort is not None and sort not in all_tags:
-        raise TableError(
+        raise ConfigError(
             f"--sort {sort!r} is not a metric of these runs; choose one of: "
             + ", ".join(chosen or all_tags)
         )
@@ -160,7 +160,7 @@ def table_rows(
             (when ``metrics`` is not given).
 
     Raises:
-        TableError: ``sort`` names no metric of these runs.
+        ConfigError: ``sort`` names no metric of these runs.
     """
     metric_columns = _metric_columns(
         records, sort=sort, metrics=metrics, best=best, all_metrics=all_metrics
@@ -231,7 +231,7 @@ def spread_rows(
         The columns, the rows, and the keys the runs were grouped over (with copies).
 
     Raises:
-        TableError: ``over`` matches no config key, or ``sort`` names no metric.
+        ConfigError: ``over`` matches no config key, or ``sort`` names no metric.
     """
     grouping = group_runs(records, over)
     metric_columns = _metric_columns(
@@ -440,7 +440,7 @@ def render(
     ``"-inf"``, which strict parsers accept.
 
     Raises:
-        TableError: Unknown ``fmt``.
+        ConfigError: Unknown ``fmt``.
     """
     if fmt == "json":
         safe = [{c: _json_safe(row.get(c)) for c in columns} for row in rows]
@@ -459,7 +459,7 @@ def render(
         lines += ["| " + " | ".join(c.replace("|", "\\|") for c in line) + " |" for line in cells]
         return "\n".join(lines)
     if fmt != "table":
-        raise TableError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
+        raise ConfigError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     headers, left_out = list(columns), 0
     if width:
         headers, cells, left_out = _fit(columns, cells, width, combined)
@@ -493,15 +493,12 @@ def hparams(args: argparse.Namespace) -> int:
         "all_metrics": args.all,
     }
     over = patterns(args.over)
-    try:
-        records = read_runs(args.runs_dir, stalled_after=args.stalled_after)
-        if over:
-            columns, rows, grouped = spread_rows(records, over, **options)
-        else:
-            columns, rows = table_rows(records, **options)
-        print(render(columns, rows, args.format, width=width))
-    except TableError as error:
-        raise ConfigError(str(error)) from None
+    records = read_runs(args.runs_dir, stalled_after=args.stalled_after)
+    if over:
+        columns, rows, grouped = spread_rows(records, over, **options)
+    else:
+        columns, rows = table_rows(records, **options)
+    print(render(columns, rows, args.format, width=width))
     if over and args.format == "table":
         print(
             f"(mean ± sample standard deviation (number of runs) over {', '.join(grouped)}; "

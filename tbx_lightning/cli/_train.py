@@ -15,10 +15,8 @@ import sys
 from omegaconf import DictConfig, OmegaConf
 
 from tbx_lightning.cli._compose import compose_config, split_positional
-from tbx_lightning.errors import ConfigError
 from tbx_lightning.templates.metrics import epoch_metrics
 from tbx_lightning.templates.runner import (
-    BuildError,
     RunResult,
     build_loggers,
     hyperparameters,
@@ -32,7 +30,7 @@ def train(cfg: DictConfig) -> RunResult:
     """Trains ``cfg`` with the runner it names (``runner: lightning`` or ``accelerate``).
 
     Raises:
-        BuildError: A part of the config cannot be built; nothing has been written.
+        ConfigError: A part of the config cannot be built; nothing has been written.
     """
     if cfg.get("runner", "lightning") == "accelerate":
         # The Accelerate loop (and accelerate) loads only for a config that asks for it.
@@ -88,9 +86,6 @@ def fit(args: argparse.Namespace) -> int:
     if args.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True), end="")
         return 0
-    try:
-        result = train(cfg)
-    except BuildError as error:
-        raise ConfigError(str(error)) from None
+    result = train(cfg)
     print(_summary(result), flush=True)
     return 0 if result.status == "success" else 1

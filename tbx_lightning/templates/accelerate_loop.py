@@ -39,7 +39,7 @@ from tbx_lightning.templates.metrics import STEP_METRIC, EpochMean, train_tag, v
 from tbx_lightning.templates.progress import LoopProgress
 from tbx_lightning.templates.runner import (
     CONFIG_KEY,
-    BuildError,
+    ConfigError,
     RunResult,
     absolute,
     cpu_threads,
@@ -55,7 +55,7 @@ def penultimate(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
     backbone = getattr(net, "backbone", None)
     if isinstance(backbone, nn.Module):
         return backbone(images)
-    raise BuildError(
+    raise ConfigError(
         f"{type(net).__name__} has no `backbone` submodule to take embeddings from: "
         "remove callbacks.embedding_projector or give the network a backbone."
     )
@@ -81,7 +81,7 @@ def _logger_node(cfg: DictConfig) -> DictConfig:
     for node in (cfg.get("logger") or {}).values():
         if isinstance(node, DictConfig) and "save_dir" in node:
             return node
-    raise BuildError("The accelerate runner needs logger.tbx.save_dir and logger.tbx.name.")
+    raise ConfigError("The accelerate runner needs logger.tbx.save_dir and logger.tbx.name.")
 
 
 def _monitor_options(node: Any) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def _batch_cap(value: Any) -> int | None:
 def _metrics_of(module: nn.Module) -> Any:
     batch_metrics = getattr(module, "batch_metrics", None)
     if not callable(batch_metrics):
-        raise BuildError(
+        raise ConfigError(
             f"{type(module).__name__} (model._target_) has no `batch_metrics(logits, targets)` "
             "method: the accelerate runner logs what it returns (see "
             "tbx_lightning.templates.metrics)."
@@ -131,7 +131,7 @@ def run(cfg: DictConfig) -> RunResult:
     """Trains ``cfg.model`` with ``cfg.model.optimizer`` on ``cfg.data`` via Accelerate.
 
     Raises:
-        BuildError: A part of the config cannot be built; nothing has been written.
+        ConfigError: A part of the config cannot be built; nothing has been written.
     """
     with cpu_threads(cfg.get("num_threads")):
         return _run(cfg)
@@ -329,7 +329,7 @@ def _embedding_source(node: Any, module: nn.Module) -> Any:
     try:
         submodule = module.get_submodule(str(name))
     except AttributeError as error:
-        raise BuildError(
+        raise ConfigError(
             f"callbacks.embedding_projector.module_name={name!r} names no submodule of "
             f"{type(module).__name__}: {error}"
         ) from None
@@ -338,7 +338,7 @@ def _embedding_source(node: Any, module: nn.Module) -> Any:
         with capture_outputs(submodule) as captured:
             module(images)
         if not captured:
-            raise BuildError(f"Submodule {name!r} did not run in the forward pass.")
+            raise ConfigError(f"Submodule {name!r} did not run in the forward pass.")
         return as_embeddings(
             captured[-1], f"submodule {name!r}", str(node.get("pool") or "flatten")
         )

@@ -21,12 +21,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tbx_lightning.errors import BuildError
+from tbx_lightning.errors import ConfigError
 from tbx_lightning.templates import progress
 
 __all__ = [
     "CONFIG_KEY",
-    "BuildError",
+    "ConfigError",
     "RunResult",
     "absolute",
     "build_callbacks",
@@ -65,16 +65,16 @@ class RunResult:
 
 
 def instantiate_node(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate`` of ``cfg.<key>``; failures become a :class:`BuildError`."""
+    """``hydra.utils.instantiate`` of ``cfg.<key>``; failures become a :class:`ConfigError`."""
     node = OmegaConf.select(cfg, key)
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__ or error
         message = str(error).split("\nfull_key:")[0]
-        raise BuildError(f"Cannot build `{key}` from the config: {message}") from cause
+        raise ConfigError(f"Cannot build `{key}` from the config: {message}") from cause
     except (TypeError, ValueError) as error:
-        raise BuildError(f"Cannot build `{key}` from the config: {error}") from error
+        raise ConfigError(f"Cannot build `{key}` from the config: {error}") from error
 
 
 def build_callbacks(cfg: DictConfig) -> list[Any]:
@@ -112,7 +112,7 @@ def hyperparameters(cfg: DictConfig) -> DictConfig:
     """The resolved config, as the run's HParams row and config.yaml."""
     resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if not isinstance(resolved, DictConfig):
-        raise BuildError("The config's top level must be a mapping.")
+        raise ConfigError("The config's top level must be a mapping.")
     return resolved
 
 
@@ -135,7 +135,7 @@ def cpu_threads(count: int | None) -> Iterator[None]:
         yield
         return
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise BuildError(f"Expected num_threads to be null or an int >= 1, got {count!r}.")
+        raise ConfigError(f"Expected num_threads to be null or an int >= 1, got {count!r}.")
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -148,7 +148,7 @@ def run(cfg: DictConfig) -> RunResult:
     """Trains the composed config with Lightning; a training error gives a failed result.
 
     Raises:
-        BuildError: A part of the config cannot be built; nothing has been written.
+        ConfigError: A part of the config cannot be built; nothing has been written.
     """
     with cpu_threads(cfg.get("num_threads")):
         return _run(cfg)
@@ -175,7 +175,7 @@ def _run(cfg: DictConfig) -> RunResult:
         trainer = instantiate_node(cfg, "trainer", callbacks=callbacks, logger=False)
     loggers = build_loggers(cfg)
     if not loggers:
-        raise BuildError("The config has no logger: add `- logger: tbx` to the defaults.")
+        raise ConfigError("The config has no logger: add `- logger: tbx` to the defaults.")
     trainer.loggers = loggers
     logger = loggers[0]
     logger.log_hyperparams(hyperparameters(cfg))
