@@ -23,11 +23,11 @@ from .errors import (
 from .lightning import RunStateCallback, TBXLogger
 from .lightning._monitor import TrainingMonitor
 from .lightning._projector import EmbeddingProjector
-from .monitor import Alert, AlertRules, ModelMonitor, MonitorOptions
+
+# The monitor's own names (ModelMonitor, MonitorOptions, AlertRules, Alert) have one home:
+# tbx_lightning.monitor.
 
 __all__ = [
-    "Alert",
-    "AlertRules",
     "ConfigError",
     "ConfigTypeError",
     "EmbeddingProjector",
@@ -37,8 +37,6 @@ __all__ = [
     "LoggedTypeError",
     "LoggedValueError",
     "MissingDependencyError",
-    "ModelMonitor",
-    "MonitorOptions",
     "RunInUseError",
     "RunNotStartedError",
     "RunStateCallback",

@@ -12,9 +12,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from tbx_lightning import RunWriter, TBXLogger, TrainingMonitor
+from tbx_lightning import RunWriter, TBXLogger, TrainingAlertError, TrainingMonitor
 from tbx_lightning.errors import TBXError
-from tbx_lightning.monitor import Alert, AlertRules, ModelMonitor, TrainingAlertError
+from tbx_lightning.monitor import Alert, AlertRules, ModelMonitor
 from tbx_lightning.monitor._alerts import AlertEngine, robust_threshold
 
 

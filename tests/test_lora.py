@@ -22,8 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tbx_lightning  # noqa: F401 - registers log_with="tbx"
-from tbx_lightning import EmbeddingProjector, TBXLogger, TrainingMonitor
-from tbx_lightning.monitor import ModelMonitor, TrainingAlertError
+from tbx_lightning import EmbeddingProjector, TBXLogger, TrainingAlertError, TrainingMonitor
+from tbx_lightning.monitor import ModelMonitor
 from tests.lora import (
     ADAPTED,
     EMBED_MODULE,

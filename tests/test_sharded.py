@@ -110,7 +110,8 @@ import torch
 from torch import nn
 from accelerate import Accelerator
 import tbx_lightning
-from tbx_lightning.monitor import ModelMonitor, TrainingAlertError
+from tbx_lightning import TrainingAlertError
+from tbx_lightning.monitor import ModelMonitor
 
 out, on_alert = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)

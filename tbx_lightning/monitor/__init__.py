@@ -17,7 +17,7 @@ or Accelerate loops route to it, with one set of options (:class:`MonitorOptions
 - :mod:`._sink`: what a monitor writes into (:class:`MonitorSink`).
 """
 
-from tbx_lightning.monitor._alerts import Alert, AlertRules, TrainingAlertError
+from tbx_lightning.monitor._alerts import Alert, AlertRules
 from tbx_lightning.monitor._binning import log_histograms
 from tbx_lightning.monitor._groups import adapter_group, group_name
 from tbx_lightning.monitor._model import ModelMonitor
@@ -30,7 +30,6 @@ __all__ = [
     "ModelMonitor",
     "MonitorOptions",
     "MonitorSink",
-    "TrainingAlertError",
     "adapter_group",
     "group_name",
     "log_histograms",

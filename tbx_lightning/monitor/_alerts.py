@@ -23,9 +23,9 @@ from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from tbx_lightning.errors import ConfigError, TrainingAlertError
+from tbx_lightning.errors import ConfigError
 
-__all__ = ["ALERT_COUNT_TAG", "ALERT_TEXT_TAG", "Alert", "AlertRules", "TrainingAlertError"]
+__all__ = ["ALERT_COUNT_TAG", "ALERT_TEXT_TAG", "Alert", "AlertEngine", "AlertRules"]
 
 # The Text entry of the alerts table (TensorBoard lists it as ``alerts/text_summary``)
 # and the scalar of the cumulative count, which sorts with the run-level vitals.

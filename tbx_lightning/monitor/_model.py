@@ -43,13 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbx_lightning.errors import ConfigTypeError, LoggedValueError, UsageError
-from tbx_lightning.monitor._alerts import (
-    Alert,
-    AlertEngine,
-    AlertRules,
-    TrainingAlertError,
-)
+from tbx_lightning.errors import ConfigTypeError, LoggedValueError, TrainingAlertError, UsageError
+from tbx_lightning.monitor._alerts import Alert, AlertEngine, AlertRules
 from tbx_lightning.monitor._binning import (
     _SUMSQ_ALL,
     _acc_dtype,
@@ -77,7 +72,6 @@ __all__ = [
     "ModelMonitor",
     "MonitorOptions",
     "MonitorSink",
-    "TrainingAlertError",
     "adapter_group",
     "group_name",
 ]

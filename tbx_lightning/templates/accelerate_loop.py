@@ -16,7 +16,7 @@ the composed config:
   (``cpu`` forces the CPU), ``trainer.enable_progress_bar``;
 - ``logger.tbx.save_dir`` / ``logger.tbx.name``: the run directory;
 - ``callbacks.training_monitor`` / ``callbacks.embedding_projector``: present turns them on;
-  the monitor's arguments that :class:`~tbx_lightning.ModelMonitor` takes are passed on.
+  the monitor's arguments that :class:`~tbx_lightning.monitor.ModelMonitor` takes are passed on.
 """
 
 from __future__ import annotations
