@@ -177,36 +177,6 @@ def test_importing_the_tracker_before_accelerate_registers_it(tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
 
 
-def test_accelerate_without_registry_explains_and_instances_work(tmp_path: Path) -> None:
-    result = run_python(
-        """
-        import accelerate.tracking as tracking
-        del tracking.register_tracker_class  # as in releases before the registry
-        import tbx_lightning
-        from accelerate import Accelerator
-        try:
-            Accelerator(log_with="tbx", project_dir="runs")
-        except ValueError as error:
-            print(error)
-        else:
-            raise SystemExit("no error for log_with='tbx'")
-        Accelerator(log_with="tensorboard", project_dir="runs")  # others still pass through
-        from tbx_lightning import TBXTracker
-        accelerator = Accelerator(log_with=[TBXTracker("old", "runs")])
-        accelerator.init_trackers("ignored-for-instances", config={"lr": 0.5})
-        accelerator.log({"loss": 2.5}, step=1)
-        accelerator.end_training()
-        """,
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert "no tracker registry" in result.stdout
-    assert "log_with=[TBXTracker('my-project', 'runs')]" in result.stdout
-    run = tmp_path / "runs" / "old" / "version_0"
-    assert scalars(read(run), "loss") == [(1, 2.5)]
-    assert session(read(run))[1] == "STATUS_SUCCESS"
-
-
 @pytest.mark.parametrize(
     "imports",
     [

@@ -378,3 +378,13 @@ def test_missing_example_input_warns_with_the_stock_prefix(tmp_path: Path) -> No
     acc = read(logger.log_dir)
     assert acc.Tags()["graph"] is False
     assert status_of(acc) == api_pb2.STATUS_SUCCESS
+
+
+def test_accelerate_has_the_tracker_registry_the_registration_uses() -> None:
+    # `log_with="tbx"` rests on register_tracker_class (accelerate 1.15, the declared floor).
+    import accelerate.tracking as tracking
+
+    from tbx_lightning.accelerate import TBXTracker
+
+    assert callable(tracking.register_tracker_class)
+    assert tracking.LOGGER_TYPE_TO_CLASS["tbx"] is TBXTracker

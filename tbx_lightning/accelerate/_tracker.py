@@ -12,9 +12,8 @@ A run lives in ``<logging_dir>/<project_name>/version_N``, versioned like
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -407,52 +406,18 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------- registration
-_OLD_ACCELERATE = (
-    "Unsupported logging capability: 'tbx'. accelerate {version} has no tracker registry "
-    "(`accelerate.tracking.register_tracker_class`), so `log_with='tbx'` cannot name "
-    "tbx_lightning's tracker. Pass an instance instead: `from tbx_lightning import TBXTracker; "
-    "Accelerator(log_with=[TBXTracker('my-project', 'runs')])`, or upgrade accelerate."
-)
-
-
-def _explain_missing_registry(tracking: Any) -> None:
-    """On accelerate releases without a registry, make ``log_with="tbx"`` say what to do."""
-    import sys
-
-    original = getattr(tracking, "filter_trackers", None)
-    if original is None or getattr(original, "_tbx_explains", False):
-        return
-    version = getattr(sys.modules.get("accelerate"), "__version__", "(this release)")
-
-    @functools.wraps(original)
-    def filter_trackers(log_with: Any, *args: Any, **kwargs: Any) -> Any:
-        names = log_with if isinstance(log_with, list | tuple) else [log_with]
-        if any(isinstance(name, str) and str(name) == TBXTracker.name for name in names):
-            raise ConfigError(_OLD_ACCELERATE.format(version=version))
-        return original(log_with, *args, **kwargs)
-
-    wrapped: Callable[..., Any] = filter_trackers
-    wrapped._tbx_explains = True  # type: ignore[attr-defined]
-    tracking.filter_trackers = wrapped
-    # ``accelerate.accelerator`` binds the name on import; replace it there too if it is loaded.
-    accelerator_module = sys.modules.get("accelerate.accelerator")
-    if getattr(accelerator_module, "filter_trackers", None) is original:
-        accelerator_module.filter_trackers = wrapped  # type: ignore[union-attr]
 
 
 def register() -> None:
     """Registers :class:`TBXTracker` with Accelerate as ``"tbx"``; safe to call repeatedly.
 
-    Runs by itself when ``accelerate.tracking`` is imported after ``import tbx_lightning``.
-    With an accelerate release that lacks ``register_tracker_class``, ``log_with="tbx"``
-    fails with a message that says to pass ``log_with=[TBXTracker(...)]``, which works there.
+    Runs by itself when ``accelerate.tracking`` is imported after ``import tbx_lightning``,
+    through ``accelerate.tracking.register_tracker_class`` (accelerate 1.15 and later, the
+    declared floor; ``tests/test_upstream_contract.py`` fails loudly if it goes away).
     """
     import accelerate.tracking as tracking
 
-    register_class = getattr(tracking, "register_tracker_class", None)
-    if register_class is None:
-        _explain_missing_registry(tracking)
-        return
+    register_class = tracking.register_tracker_class
     registry = getattr(tracking, "LOGGER_TYPE_TO_CLASS", {})
     current = registry.get(TBXTracker.name)
     if current is TBXTracker:
