@@ -19,6 +19,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
+from google.protobuf import text_format
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -528,13 +529,25 @@ def test_log_graph_routes_to_graph_module(tmp_path: Path) -> None:
 
 
 def test_log_embedding_routes_to_projector(tmp_path: Path) -> None:
+    # The embedding lands at the run's latest step, as float32 rows the projector reads.
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
     tracker = TBXTracker("e", tmp_path)
     tracker.start()
     tracker.log({"loss": 1.0}, step=5)
-    tracker.log_embedding("feats", torch.randn(10, 3), metadata=[str(i) for i in range(10)])
+    feats = torch.randn(10, 3)
+    record = tracker.log_embedding("feats", feats, metadata=[f"p{i}" for i in range(10)])
     tracker.finish()
-    config = (Path(tracker.log_dir) / "projector_config.pbtxt").read_text()
-    assert "feats" in config
+    assert (record.step, record.num_points, record.dim) == (5, 10, 3)
+    config = ProjectorConfig()
+    text_format.Parse((Path(tracker.log_dir) / "projector_config.pbtxt").read_text(), config)
+    (entry,) = config.embeddings
+    assert entry.tensor_name == "feats:00000005"
+    assert list(entry.tensor_shape) == [10, 3]
+    rows = np.fromfile(Path(tracker.log_dir) / entry.tensor_path, dtype="<f4").reshape(10, 3)
+    np.testing.assert_array_equal(rows, feats.numpy())
+    lines = (Path(tracker.log_dir) / entry.metadata_path).read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines[1:]] == [f"p{i}" for i in range(10)]
 
 
 # ----------------------------------------------------------------------------- status
@@ -584,8 +597,15 @@ def test_memory_filesystem(tmp_path: Path) -> None:
         p.rsplit("/", 1)[-1] for p in fs.ls("/tbx-accelerate-test/mem/version_0", detail=False)
     )
     assert "config.yaml" in names
-    assert any(name.startswith("events.out.tfevents.") for name in names)
+    # What the run wrote reads back: the scalar, the config, the status.
+    local = tmp_path / "copy"
+    fs.get("/tbx-accelerate-test/mem/version_0", str(local), recursive=True)
     fs.rm("/tbx-accelerate-test", recursive=True)
+    acc = read(local)
+    assert scalars(acc, "a") == [(0, 1.0)]
+    row, status = session(acc)
+    assert row == {"lr": 0.1} and status == "STATUS_SUCCESS"
+    assert yaml.safe_load((local / "config.yaml").read_text()) == {"lr": 0.1}
 
 
 def test_minimal_example_runs(tmp_path: Path) -> None:

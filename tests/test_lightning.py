@@ -223,22 +223,36 @@ def test_resume_continues_one_curve_in_the_same_run(tmp_path: Path) -> None:
 
 
 def test_log_graph_at_fit_start(tmp_path: Path) -> None:
-    pytest.importorskip("tbx_lightning.graph")
+    # The graph of the module's example input, its layers as scopes, written once.
     logger = TBXLogger(tmp_path, log_graph=True)
     trainer(logger, max_epochs=1).fit(Regressor(), loader())
     acc = read(logger.log_dir)
     assert acc.Tags()["graph"] is True
-    assert any(tag.startswith("graph/export") for tag in acc.Tags()["tensors"])
+    graph = acc.Graph()
+    ops = {node.op for node in graph.node}
+    assert "aten::linear" in ops, ops
+    scopes = {node.name.split("/")[0] for node in graph.node if node.op == "aten::linear"}
+    assert scopes == {"net"}, scopes
+    notes = [t for t in acc.Tags()["tensors"] if t.startswith("graph/export")]
+    assert len(notes) == 1, notes
 
 
 def test_pickles_without_its_writer(tmp_path: Path) -> None:
     import pickle
 
+    # A spawned process gets the logger pickled: the same run, no writer of the parent's,
+    # and what the parent logged is on disk first; the clone adds to the same run.
     logger = TBXLogger(tmp_path)
     logger.log_metrics({"m": 1.0}, 0)
     clone = pickle.loads(pickle.dumps(logger))
-    assert clone.log_dir == logger.log_dir and clone._run is None
+    assert clone.log_dir == logger.log_dir
+    assert clone._tbx_run.current_writer is None
+    assert [e.step for e in read(logger.log_dir).Scalars("m")] == [0]  # flushed by the pickling
     logger.finalize("success")
+    clone.log_metrics({"m": 2.0}, 1)
+    clone.finalize("success")
+    acc = read(logger.log_dir)
+    assert [(e.step, e.value) for e in acc.Scalars("m")] == [(0, 1.0), (1, 2.0)]
 
 
 def test_hparams_dashboard_over_several_fits(tmp_path: Path, tensorboard) -> None:

@@ -530,10 +530,22 @@ def test_bf16_parameters(tmp_path: Path) -> None:
     assert h.num == sum(h.bucket) == 64 * 64 + 64
 
 
-def test_no_sink_computes_nothing_and_repeated_step_is_ignored(tmp_path: Path) -> None:
+def test_no_sink_computes_nothing_and_repeated_step_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = Net()
+    model(torch.randn(4, 4)).sum().backward()
     monitor = ModelMonitor(model, None, hist_every_n_steps=1)
-    monitor.after_backward(0)  # no error, nothing to write
+    calls: list[str] = []
+    for name in ("histograms", "norms"):
+        original = getattr(monitor._stats, name)
+        monkeypatch.setattr(
+            monitor._stats,
+            name,
+            lambda *a, _o=original, _n=name, **k: calls.append(_n) or _o(*a, **k),
+        )
+    assert monitor.after_backward(0)  # a rank that writes nothing and holds no shard
+    assert calls == []
     run = RunWriter(tmp_path)
     monitor = ModelMonitor(model, run, hist_every_n_steps=1, norm_every_n_steps=0)
     monitor.after_backward(0)
