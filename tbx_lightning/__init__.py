@@ -1,10 +1,12 @@
-"""TensorBoard runs for PyTorch Lightning and Hugging Face Accelerate, through tensorboardX.
+"""TensorBoard runs for PyTorch Lightning, Hugging Face Accelerate and Trainer, through tensorboardX.
 
-``import tbx_lightning`` stays light: it imports neither lightning nor accelerate.
-The integrations load on first use of their names (``tbx_lightning.TBXLogger``,
-``tbx_lightning.TBXTracker``), and ``Accelerator(log_with="tbx")`` works after a
-plain ``import tbx_lightning`` because the tracker registers itself the moment
-accelerate's tracking module is imported (see :mod:`tbx_lightning.accelerate._registration`).
+``import tbx_lightning`` stays light: it imports neither lightning nor accelerate nor
+transformers. The integrations load on first use of their names (``tbx_lightning.TBXLogger``,
+``tbx_lightning.TBXTracker``, ``tbx_lightning.TBXCallback``), and ``Accelerator(log_with="tbx")``
+and ``TrainingArguments(report_to="tbx")`` work after a plain ``import tbx_lightning``
+because the tracker and the callback register themselves the moment their host's registry
+module is imported (see :mod:`tbx_lightning.accelerate._registration` and
+:mod:`tbx_lightning.hf._registration`).
 """
 
 # Only public names are bound here without an underscore: tests/test_public_api.py
@@ -15,6 +17,9 @@ import typing as _typing
 from tbx_lightning._version import __version__
 from tbx_lightning.accelerate._registration import (
     install_accelerate_hook as _install_accelerate_hook,
+)
+from tbx_lightning.hf._registration import (
+    install_transformers_hook as _install_transformers_hook,
 )
 
 if _typing.TYPE_CHECKING:
@@ -37,6 +42,7 @@ if _typing.TYPE_CHECKING:
         TrainingAlertError,
         UsageError,
     )
+    from tbx_lightning.hf import TBXCallback
     from tbx_lightning.lightning import RunStateCallback, TBXLogger
     from tbx_lightning.lightning._monitor import TrainingMonitor
     from tbx_lightning.lightning._projector import EmbeddingProjector
@@ -62,6 +68,7 @@ __all__ = [
     "RunStateCallback",
     "RunWriter",
     "RunWriterError",
+    "TBXCallback",
     "TBXError",
     "TBXLogger",
     "TBXTracker",
@@ -92,6 +99,7 @@ _LAZY = {
     "RunStateCallback": "tbx_lightning.lightning",
     "RunWriter": "tbx_lightning._writer",
     "RunWriterError": "tbx_lightning.errors",
+    "TBXCallback": "tbx_lightning.hf",
     "TBXError": "tbx_lightning.errors",
     "TableError": "tbx_lightning.errors",
     "TBXLogger": "tbx_lightning.lightning",
@@ -116,3 +124,4 @@ def __dir__() -> list[str]:
 
 
 _install_accelerate_hook()
+_install_transformers_hook()
