@@ -654,3 +654,38 @@ def test_import_tbx_lightning_stays_light() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
     assert "TBXCallback" in tbx_lightning.__all__
+
+
+# ----------------------------------------------------------------------------- example
+def test_trl_sft_example_runs_and_resumes_in_one_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("trl")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("trl_sft", REPO / "examples" / "trl_sft.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    monkeypatch.chdir(tmp_path)
+    budget = [
+        "args.logging_steps=1",
+        "args.eval_steps=3",
+        "args.save_steps=3",
+        "model.vocab_size=128",
+    ]
+    first = example.main([*budget, "args.max_steps=3"])
+    second = example.main([*budget, "args.max_steps=5", "ckpt_path=true"])
+    assert first == second == str(tmp_path / "runs" / "trl-sft" / "version_0")
+    acc = read(first)
+    assert [s for s, _ in scalars(acc, "train/loss")] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in scalars(acc, "train/mean_token_accuracy")] == [1, 2, 3, 4, 5]
+    assert [s for s, _ in scalars(acc, "eval/loss")] == [3, 5]  # and at the end
+    row, status = session(acc)
+    assert status == "STATUS_SUCCESS"
+    assert row["args.max_steps"] == 5 and row["args.learning_rate"] == pytest.approx(3e-3)
+    assert row["peft.r"] == 8 and row["model.hidden_size"] == 64
+    assert not any(k.startswith(("paths.", "callbacks.")) for k in row)
+    assert not {"task_name", "num_threads", "ckpt_path"} & set(row)
+    entries = read_config(fsspec.filesystem("file"), first).embeddings
+    assert len(entries) == 3  # before the first training, and at the end of each
