@@ -689,3 +689,35 @@ def test_trl_sft_example_runs_and_resumes_in_one_run(
     assert not {"task_name", "num_threads", "ckpt_path"} & set(row)
     entries = read_config(fsspec.filesystem("file"), first).embeddings
     assert len(entries) == 3  # before the first training, and at the end of each
+
+
+# ----------------------------------------------------------------------------- template
+def test_finetune_lm_hf_experiment_runs_through_the_cli(tmp_path: Path) -> None:
+    from tbx_lightning import cli
+
+    code = cli.main(
+        [
+            "fit",
+            "finetune_lm_hf",
+            f"paths.runs_dir={tmp_path}",
+            "data.limit=48",
+            "hf_args.max_steps=4",
+            "hf_args.logging_steps=1",
+            "hf_args.eval_steps=4",
+            "hf_args.save_steps=4",
+            "callbacks.training_monitor.norm_every_n_steps=2",
+        ]
+    )
+    assert code == 0
+    run = tmp_path / "finetune_lm_hf" / "version_0"
+    acc = read(run)
+    assert [s for s, _ in scalars(acc, "train/loss")] == [1, 2, 3, 4]
+    assert [s for s, _ in scalars(acc, "eval/loss")] == [4]
+    assert [s for s, _ in scalars(acc, "vitals/grad_norm_total")] == [1, 2, 3, 4]
+    row, status = session(acc)
+    assert status == "STATUS_SUCCESS"
+    assert row["args.lr_scheduler_type"] == "cosine" and row["peft.r"] == 4
+    assert row["data.block_size"] == 32 and row["tags"] == "['text', 'llama', 'lora', 'transformers']"
+    assert not any(k.startswith(("trainer.", "hf_args.", "callbacks.", "paths.")) for k in row)
+    assert (tmp_path / "finetune_lm_hf" / "checkpoints" / "checkpoint-4" / RUN_FILE).is_file()
+    assert len(read_config(fsspec.filesystem("file"), str(run)).embeddings) == 2

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 ROOT_CONFIG = "train"
 DEFAULT_EXPERIMENT = "quickstart"
-RUNNERS = ("lightning", "accelerate")
+RUNNERS = ("lightning", "accelerate", "hf")
 _COMMANDS = ("fit", "sweep", "hparams", "list", "upload", "-h", "--help", "--version")
 # Groups that are not part of the root config's defaults list.
 _NOT_COMPOSED = ("sweep",)

@@ -45,6 +45,10 @@ def _run(cfg: DictConfig) -> RunResult:
         from tbx_lightning.templates.accelerate_loop import run as run_accelerate
 
         return run_accelerate(cfg)
+    if cfg.get("runner", "lightning") == "hf":
+        from tbx_lightning.templates.hf_finetune import run as run_hf
+
+        return run_hf(cfg)
     from tbx_lightning.templates.runner import run as run_lightning
 
     return run_lightning(cfg)

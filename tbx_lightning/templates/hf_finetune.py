@@ -11,7 +11,7 @@ adapters, a word-level ``tokenizers`` tokenizer trained on the text, a
 
 - ``model``: the builder :func:`lora_llama` and its sizes;
 - ``hf_args``: ``TrainingArguments`` fields (``output_dir`` defaults to
-  ``<runs_dir>/<task_name>/checkpoints``);
+  ``<logger.tbx.save_dir>/<task_name>/checkpoints``);
 - ``data.path`` / ``data.block_size`` / ``data.limit``: the text and its blocks;
 - ``logger.tbx``: the run directory (``save_dir``/``name``), ``hparams_exclude``;
 - ``callbacks.training_monitor``: present turns the monitor on, with its options;
@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +40,7 @@ from tbx_lightning.templates.runner import (
 )
 
 __all__ = [
+    "build",
     "corpus_text",
     "lora_llama",
     "run",
@@ -177,10 +178,16 @@ def run(cfg: DictConfig) -> RunResult:
         BuildError: A part of the config cannot be built; nothing has been written.
     """
     with cpu_threads(cfg.get("num_threads")):
-        return _run(cfg)
+        trainer, callback = build(cfg)
+        return _train(cfg, trainer, callback)
 
 
-def _run(cfg: DictConfig) -> RunResult:
+def build(cfg: DictConfig) -> tuple[Any, Any]:
+    """The ``(Trainer, TBXCallback)`` the config describes; nothing is written yet.
+
+    Raises:
+        BuildError: A part of the config cannot be built.
+    """
     from transformers import Trainer, TrainingArguments, set_seed
 
     from tbx_lightning import TBXCallback
@@ -217,11 +224,15 @@ def _run(cfg: DictConfig) -> RunResult:
     callbacks_node = _node(cfg, "callbacks")
     monitor_node = callbacks_node.get("training_monitor")
     options = _monitor_options(monitor_node) if isinstance(monitor_node, dict) else {}
-    container = OmegaConf.to_container(hyperparameters(cfg), resolve=True)
+    # The route records the Trainer's arguments, the model's sizes and the LoRA config
+    # itself (as args.*, model.*, peft.*); Lightning's trainer group is not used here.
+    config = cast(dict[str, Any], OmegaConf.to_container(hyperparameters(cfg), resolve=True))
+    for key in ("model", "trainer", "hf_args"):
+        config.pop(key, None)
     callback = TBXCallback(
         logger["save_dir"],
         name=logger.get("name"),
-        config=container,
+        config=config,
         monitor=isinstance(monitor_node, dict),
         log_embeddings="embedding_projector" in callbacks_node,
         log_graph=bool(logger.get("log_graph", False)),
@@ -236,30 +247,36 @@ def _run(cfg: DictConfig) -> RunResult:
         processing_class=tokenizer,
         callbacks=[callback],
     )
+    return trainer, callback
+
+
+def _train(cfg: DictConfig, trainer: Any, callback: Any) -> RunResult:
+    from tbx_lightning.hf._tags import tag_of
+
     started = time.time()
     error: BaseException | None = None
     try:
         trainer.train(resume_from_checkpoint=cfg.get("ckpt_path"))
     except Exception as exc:  # recorded as a failed run; the caller decides what to do
         error = exc
-    log_dir = absolute(callback.log_dir or str(logger["save_dir"]))
-    from tbx_lightning.hf._tags import tag_of
-
+    log_dir = absolute(callback.log_dir or str(trainer.args.output_dir))
     metrics = {
         tag_of(key): float(value)
         for entry in trainer.state.log_history
         for key, value in entry.items()
         if isinstance(value, int | float) and key not in ("step", "epoch")
     }
-    status = "failed" if error is not None else "success"
-    if error is None and callback.stop_checkpoint is not None:
-        status = "failed"
+    from transformers.trainer_utils import get_last_checkpoint
+
+    stopped = callback.stop_checkpoint
+    output_dir = str(trainer.args.output_dir)
+    last = stopped or (get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None)
     return RunResult(
         log_dir=log_dir,
         experiment_dir=os.path.dirname(log_dir),
-        status=status,
+        status="failed" if error is not None or stopped is not None else "success",
         seconds=time.time() - started,
         metrics=metrics,
-        checkpoint=absolute(callback.stop_checkpoint) if callback.stop_checkpoint else None,
+        checkpoint=absolute(last) if last else None,
         error=error,
     )
