@@ -717,7 +717,9 @@ def test_finetune_lm_hf_experiment_runs_through_the_cli(tmp_path: Path) -> None:
     row, status = session(acc)
     assert status == "STATUS_SUCCESS"
     assert row["args.lr_scheduler_type"] == "cosine" and row["peft.r"] == 4
-    assert row["data.block_size"] == 32 and row["tags"] == "['text', 'llama', 'lora', 'transformers']"
+    assert (
+        row["data.block_size"] == 32 and row["tags"] == "['text', 'llama', 'lora', 'transformers']"
+    )
     assert not any(k.startswith(("trainer.", "hf_args.", "callbacks.", "paths.")) for k in row)
     assert (tmp_path / "finetune_lm_hf" / "checkpoints" / "checkpoint-4" / RUN_FILE).is_file()
     assert len(read_config(fsspec.filesystem("file"), str(run)).embeddings) == 2
