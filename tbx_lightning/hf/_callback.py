@@ -37,6 +37,7 @@ from tbx_lightning.hf._completions import (
     COMPLETIONS_TAG,
     callback_rows,
     grpo_rows,
+    has_sources,
     markdown_table,
 )
 from tbx_lightning.hf._config import check_args_in_row, row_exclusions, run_config
@@ -224,6 +225,8 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         self._batch: tuple[float | None, float | None] = (None, None)
         self._measured: int | None = None
         self._graph_pending = False
+        self._whole_model = True
+        self._completions = False
         self._epoch_step: int | None = None
         self._completions_step = -1
         self._warned: set[str] = set()
@@ -331,14 +334,26 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         self._step_loss = None
         self._measured = None
         self.stop_checkpoint = None
-        self._hooks.wrap_step()
         if self._writes:
             self._start_run(args, state, model)
         if self.monitor_on and model is not None:
             self._start_monitor(args, model, kwargs.get("optimizer"))
-        if self._writes and self.log_embeddings and state.global_step == 0:
+        sharded = model is not None and _sharded(model)
+        self._whole_model = model is not None and not sharded
+        if sharded and (self.log_graph or self.log_embeddings):
+            self._warn_once(
+                "sharded",
+                "TBXCallback(log_graph=..., log_embeddings=...) needs the whole model on one "
+                "process: the model is sharded (FSDP), so no graph and no embeddings are written.",
+            )
+        if self._writes and self._whole_model and self.log_embeddings and state.global_step == 0:
             self._write_embeddings(model, kwargs.get("processing_class"), 0)
-        self._graph_pending = self._writes and self.log_graph and model is not None
+        self._graph_pending = self._writes and self._whole_model and self.log_graph
+        # The step wrappers serve the monitor and the graph; without either a step costs
+        # nothing but the callback's own (empty) hooks.
+        if self.monitor is not None or self._graph_pending:
+            self._hooks.wrap_step()
+        self._completions = self._writes and has_sources(self._hooks.trainer)
 
     def _start_run(self, args: Any, state: Any, model: Any) -> None:
         resumed = state.global_step > 0
@@ -458,7 +473,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         self._training = False
         if not self._writes:
             return
-        if self.log_embeddings:
+        if self.log_embeddings and self._whole_model:
             self._write_embeddings(
                 kwargs.get("model"), kwargs.get("processing_class"), int(state.global_step)
             )
@@ -492,6 +507,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
             self._write_graph(inputs)
         monitor = self.monitor
         if monitor is None:
+            self._hooks.unwrap_step()  # only the graph needed the first batch
             return call()
         monitor.start_flop_count()
         try:
@@ -579,7 +595,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
 
     def _write_completions(self, step: int) -> None:
         run, trainer = self._run, self._hooks.trainer
-        if run is None or trainer is None:
+        if run is None or trainer is None or not self._completions:
             return
         columns: Mapping[str, Sequence[Any]] | None = None
         at = step
@@ -600,3 +616,12 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _sharded(model: Any) -> bool:
+    """Whether ``model`` is split across processes (FSDP1/FSDP2, DTensor parameters)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
+            return True
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())

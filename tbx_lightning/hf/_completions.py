@@ -18,9 +18,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["COMPLETIONS_TAG", "callback_rows", "grpo_rows", "markdown_table"]
+__all__ = ["COMPLETIONS_TAG", "callback_rows", "grpo_rows", "has_sources", "markdown_table"]
 
 COMPLETIONS_TAG = "completions"
+
+
+def has_sources(trainer: Any) -> bool:
+    """Whether ``trainer`` generates samples a completions table is written from."""
+    if trainer is None:
+        return False
+    if getattr(trainer, "log_completions", False):
+        return True
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", ())
+    return any(type(c).__name__ == "LogCompletionsCallback" for c in callbacks)
 
 
 def _text(value: Any) -> str:
