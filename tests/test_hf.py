@@ -53,9 +53,11 @@ VOCAB = 128
 
 # ----------------------------------------------------------------------------- helpers
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Tiny models train fastest on one thread, and far faster when other processes share
-    the cores; restored after each test."""
+    the cores; restored after each test. Runs go where the tests say, whatever the
+    environment's TENSORBOARD_LOGGING_DIR."""
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -259,9 +261,8 @@ def test_trainer_run_tags_row_config_and_status(
 
 
 def test_report_to_tbx_writes_under_output_dir_runs(
-    tmp_path: Path, tokenizer: Any, blocks: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tokenizer: Any, blocks: Any
 ) -> None:
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     args = targs(tmp_path / "out", report_to="tbx", max_steps=2, logging_steps=1)
     trainer = Trainer(model=tiny_llama(len(tokenizer)), args=args, train_dataset=blocks)
     (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, TBXCallback)]
@@ -723,3 +724,29 @@ def test_finetune_lm_hf_experiment_runs_through_the_cli(tmp_path: Path) -> None:
     assert not any(k.startswith(("trainer.", "hf_args.", "callbacks.", "paths.")) for k in row)
     assert (tmp_path / "finetune_lm_hf" / "checkpoints" / "checkpoint-4" / RUN_FILE).is_file()
     assert len(read_config(fsspec.filesystem("file"), str(run)).embeddings) == 2
+
+
+def test_without_the_trainer_the_callback_says_what_it_cannot_do(
+    tmp_path: Path, tokenizer: Any, blocks: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tbx_lightning.hf._callback as callback_module
+
+    monkeypatch.setattr(callback_module, "find_trainer", lambda: None)
+    callback = TBXCallback(tmp_path / "runs", norm_every_n_steps=1)
+    trainer = Trainer(
+        model=tiny_llama(len(tokenizer)),
+        args=targs(tmp_path / "out", max_steps=2, logging_steps=1, max_grad_norm=1e-3),
+        train_dataset=blocks,
+        callbacks=[callback],
+    )
+    with pytest.warns(UserWarning) as caught:
+        trainer.train()
+    messages = [str(w.message) for w in caught]
+    assert any("could not find the Trainer" in m for m in messages)
+    assert any("measured gradients after clipping" in m for m in messages)
+    acc = read(callback.log_dir or "")
+    # Measured in on_pre_optimizer_step: the clipped norm, as the warning says.
+    assert [v for _, v in scalars(acc, "vitals/grad_norm_total")] == pytest.approx(
+        [1e-3, 1e-3], rel=1e-3
+    )
+    assert session(acc)[1] == "STATUS_SUCCESS"

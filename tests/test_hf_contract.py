@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -393,7 +393,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
                 "not call accelerator.clip_grad_norm_ (DeepSpeed, or a custom training loop); "
                 "vitals/grad_norm_total is then the clipped norm.",
             )
-        self._unscaled()
+        self._measure(step)
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.monitor is not None:
@@ -538,14 +538,14 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
 
     def _unscaled(self) -> None:
         """Gradients complete, unscaled, not clipped: measure, check, maybe veto the step."""
-        monitor, trainer = self.monitor, self._hooks.trainer
-        if monitor is None or not self._training:
+        state = getattr(self._hooks.trainer, "state", None)
+        if self.monitor is None or not self._training or state is None:
             return
-        state = getattr(trainer, "state", None)
-        if state is None:
-            return
-        step = int(state.global_step) + 1  # the step the Trainer logs this update at
-        if self._measured == step:
+        self._measure(int(state.global_step) + 1)  # the step the Trainer logs this update at
+
+    def _measure(self, step: int) -> None:
+        monitor = self.monitor
+        if monitor is None or self._measured == step:
             return
         self._measured = step
         loss, self._step_loss = self._step_loss, None
