@@ -750,3 +750,41 @@ def test_without_the_trainer_the_callback_says_what_it_cannot_do(
         [1e-3, 1e-3], rel=1e-3
     )
     assert session(acc)[1] == "STATUS_SUCCESS"
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+@pytest.mark.slow
+def test_hparams_tab_compares_two_trainings(
+    tmp_path: Path, tokenizer: Any, blocks: Any, tensorboard: Any
+) -> None:
+    for lr in (1e-2, 1e-3):
+        callback = TBXCallback(tmp_path / "runs", name="sweep", norm_every_n_steps=2)
+        Trainer(
+            model=lora_llama(len(tokenizer)),
+            args=targs(
+                tmp_path / "out", learning_rate=lr, max_steps=4, eval_strategy="steps", eval_steps=4
+            ),
+            train_dataset=blocks,
+            eval_dataset=blocks.select(range(4)),
+            callbacks=[callback],
+        ).train()
+    server = tensorboard(tmp_path / "runs")
+    assert sorted(server.wait_for_runs(2)) == ["sweep/version_0", "sweep/version_1"]
+    experiment = server.hparams_experiment()
+    names = {h["name"] for h in experiment["hparamInfos"]}
+    assert {
+        "args.learning_rate",
+        "args.per_device_train_batch_size",
+        "peft.r",
+        "model.type",
+    } <= names
+    assert not any(
+        n.startswith(("args.output_dir", "args.logging", "model_config.")) for n in names
+    )
+    assert len(names) < 60  # the fields that tell runs apart, not 100+ of them
+    metrics = [m["name"]["tag"] for m in experiment["metricInfos"]]
+    assert {"train/loss", "eval/loss", "vitals/grad_norm_total"} <= set(metrics)
+    groups = {g["name"]: g for g in server.session_groups(slice_size=10)}
+    lrs = {name: g["hparams"]["args.learning_rate"] for name, g in groups.items()}
+    assert lrs == {"sweep/version_0": pytest.approx(1e-2), "sweep/version_1": pytest.approx(1e-3)}
+    assert {g["sessions"][0]["status"] for g in groups.values()} == {"STATUS_SUCCESS"}
