@@ -603,6 +603,60 @@ def test_grpo_completions_are_a_bounded_text_table(tmp_path: Path, tokenizer: An
     assert row["args.num_generations"] == 2
 
 
+def test_dpo_metrics_and_log_completions_callback_table(tmp_path: Path, tokenizer: Any) -> None:
+    trl = pytest.importorskip("trl")
+    import datasets
+    from transformers import GenerationConfig
+    from trl.trainer.callbacks import LogCompletionsCallback
+
+    pairs = {
+        "prompt": ["the keeper", "the light", "a ship", "the sea"] * 2,
+        "chosen": [" counted the steps", " burned all night", " passed by", " was grey"] * 2,
+        "rejected": [" the the the", " of of", " a a a", " and and"] * 2,
+    }
+    data = datasets.Dataset.from_dict(pairs)
+    config = trl.DPOConfig(
+        str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        max_length=16,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        report_to="none",
+    )
+    callback = TBXCallback(tmp_path / "runs", max_completions=2)
+    trainer = trl.DPOTrainer(
+        model=lora_llama(len(tokenizer)),
+        args=config,
+        train_dataset=data,
+        eval_dataset=data.select(range(4)),
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    generation = GenerationConfig(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    trainer.add_callback(LogCompletionsCallback(trainer, generation, num_prompts=2, freq=1))
+    trainer.train()
+    acc = read(callback.log_dir or "")
+    tags = set(acc.Tags()["scalars"])
+    for split in ("train", "eval"):
+        assert {
+            f"{split}/rewards/chosen",
+            f"{split}/rewards/margins",
+            f"{split}/logps/chosen",
+        } <= tags
+    tables = texts(acc, "completions")
+    assert [s for s, _ in tables] == [1, 2]
+    lines = tables[-1][1].splitlines()
+    assert lines[0] == "| prompt | completion |"
+    assert [line.split(" | ")[0] for line in lines[2:]] == ["| the keeper", "| the light"]
+    row, _ = session(acc)
+    assert row["args.beta"] == pytest.approx(0.1) and row["args.loss_type"] == "['sigmoid']"
+
+
 # ----------------------------------------------------------------------------- processes
 @pytest.mark.slow
 def test_two_processes_only_world_process_zero_writes(tmp_path: Path) -> None:
