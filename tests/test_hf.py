@@ -161,6 +161,70 @@ def test_options_are_checked_at_construction() -> None:
         TBXCallback(version=1.5)  # type: ignore[arg-type]
 
 
+def test_log_keys_map_to_the_routes_tags() -> None:
+    from tbx_lightning import LoggedValueError
+    from tbx_lightning.hf._tags import trainer_tags
+
+    logs = {
+        "loss": 1.0,
+        "epoch": 0.5,
+        "eval_loss": 2.0,
+        "eval_rewards/chosen": 0.1,
+        "train_runtime": 3.0,
+        "train_loss": 1.5,
+        "total_flos": 9.0,
+        "kl": 0.2,
+        "reward": None,
+        "val/acc": 0.9,
+    }
+    assert trainer_tags(logs) == {
+        "train/loss": 1.0,
+        "trainer/epoch": 0.5,
+        "eval/loss": 2.0,
+        "eval/rewards/chosen": 0.1,
+        "train/runtime": 3.0,
+        "train/loss_mean": 1.5,
+        "train/total_flos": 9.0,
+        "train/kl": 0.2,
+        "val/acc": 0.9,
+    }
+    with pytest.raises(LoggedValueError, match="'eval_loss' and 'eval/loss' both map to"):
+        trainer_tags({"eval_loss": 1.0, "eval/loss": 2.0})
+
+
+def test_completion_cells_stay_one_table_row() -> None:
+    from tbx_lightning.hf._completions import markdown_table
+
+    table = markdown_table(
+        {
+            "prompt": [[{"role": "user", "content": "a|b"}]],
+            "completion": ["line one\nline two " + "x" * 50],
+            "reward": [0.123456],
+        },
+        max_rows=4,
+        max_chars=20,
+    )
+    assert table is not None
+    header, rule, row = table.splitlines()
+    assert header == "| prompt | completion | reward |" and rule == "|---|---|---|"
+    assert row == "| user: a\\|b | line one<br>line two x… | 0.1235 |"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("not json", id="damaged"),
+        pytest.param('{"version": "../elsewhere", "step": 3}', id="outside-the-runs-folder"),
+        pytest.param('{"version": 1, "step": -1}', id="negative-step"),
+        pytest.param('{"version": true, "step": 3}', id="bool-version"),
+        pytest.param("[1, 2]", id="not-an-object"),
+    ],
+)
+def test_a_bad_run_record_is_ignored(tmp_path: Path, text: str) -> None:
+    (tmp_path / RUN_FILE).write_text(text)
+    assert read_record(str(tmp_path)) is None
+
+
 def test_constructing_writes_nothing(tmp_path: Path) -> None:
     TBXCallback(tmp_path / "runs", name="x", on_alert="stop")
     assert not (tmp_path / "runs").exists()
