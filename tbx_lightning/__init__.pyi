@@ -20,6 +20,7 @@ from .errors import (
     TrainingAlertError,
     UsageError,
 )
+from .hf import TBXCallback
 from .lightning import RunStateCallback, TBXLogger
 from .lightning._monitor import TrainingMonitor
 from .lightning._projector import EmbeddingProjector
@@ -42,6 +43,7 @@ __all__ = [
     "RunStateCallback",
     "RunWriter",
     "RunWriterError",
+    "TBXCallback",
     "TBXError",
     "TBXLogger",
     "TBXTracker",

@@ -124,10 +124,18 @@ def test_every_yaml_composes_and_instantiates(
         experiment = "finetune_lm"
     elif (group, option) == ("model", "finetune"):
         experiment = "finetune"
+    elif (group, option) == ("model", "llama_lora"):
+        experiment = "finetune_lm_hf"
     elif (group, option) == ("trainer", "gpu") and not torch.cuda.is_available():
         overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
     # Loggers are built but never written to; the finetune model reads the fixture's checkpoint.
     cfg = cli.compose_config(experiment, [*overrides, f"paths.runs_dir={runs}"], CONFIG_DIR)
+    if cfg.get("runner") == "hf":  # transformers.Trainer: built by its runner (tests/test_hf.py)
+        from tbx_lightning.templates import hf_finetune
+
+        trainer, _ = hf_finetune.build(cfg)
+        assert type(trainer).__name__ == "Trainer"
+        return
     _build_everything(cfg)
 
 

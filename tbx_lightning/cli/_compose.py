@@ -29,7 +29,7 @@ from tbx_lightning.templates.resolvers import register_resolvers
 
 ROOT_CONFIG = "train"
 DEFAULT_EXPERIMENT = "quickstart"
-RUNNERS = ("lightning", "accelerate")
+RUNNERS = ("lightning", "accelerate", "hf")
 # Groups that are not part of the root config's defaults list.
 _NOT_COMPOSED = ("sweep",)
 # Hydra's own groups (launchers, sweepers): picked with hydra/launcher=..., not composed.

@@ -27,7 +27,7 @@ __all__ = ["fit", "metric_text", "record_failed", "tensorboard_line", "train"]
 
 
 def train(cfg: DictConfig) -> RunResult:
-    """Trains ``cfg`` with the runner it names (``runner: lightning`` or ``accelerate``).
+    """Trains ``cfg`` with the runner it names (``runner: lightning``, ``accelerate`` or ``hf``).
 
     Raises:
         ConfigError: A part of the config cannot be built; nothing has been written.
@@ -37,6 +37,11 @@ def train(cfg: DictConfig) -> RunResult:
         from tbx_lightning.templates.accelerate_loop import run as run_accelerate
 
         return run_accelerate(cfg)
+    if cfg.get("runner", "lightning") == "hf":
+        # The Hugging Face Trainer (and transformers) loads only for a config that asks for it.
+        from tbx_lightning.templates.hf_finetune import run as run_hf
+
+        return run_hf(cfg)
     return run_lightning(cfg)
 
 

@@ -26,7 +26,6 @@ from tbx_lightning.templates import progress
 
 __all__ = [
     "CONFIG_KEY",
-    "ConfigError",
     "RunResult",
     "absolute",
     "build_callbacks",
