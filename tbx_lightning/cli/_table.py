@@ -16,12 +16,12 @@ import fnmatch
 import io
 import json
 import os
-import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tbx_lightning import _fs
+from tbx_lightning._events import read_records
 from tbx_lightning._summary import TagStats, minimizes, read_summary
 from tbx_lightning.errors import TableError
 
@@ -40,7 +40,6 @@ __all__ = [
 _DEFAULT_EXCLUDE = ("vitals/*", "hp_metric", "epoch", "_hparams_/*")
 FORMATS = ("table", "csv", "markdown", "json")
 _SESSION_MARK = b"_hparams_/session_"
-_HEADER = struct.Struct("<QI")
 # TensorBoard's HParams plugin: its name, data version and session record tags. The
 # plugin's protos are read directly; its ``metadata`` module would import TensorBoard's
 # TensorFlow stub, which costs more than reading a thousand summaries.
@@ -187,20 +186,6 @@ def read_run(path: str, root: str) -> RunRecord:
     return record
 
 
-def _records(handle: Any) -> Iterable[bytes]:
-    """The serialised events of a TFRecord file, up to the first incomplete record."""
-    read = handle.read
-    while True:
-        header = read(12)
-        if len(header) < 12:
-            return
-        length, _crc = _HEADER.unpack(header)
-        data = read(length + 4)
-        if len(data) < length + 4:
-            return
-        yield data[:length]
-
-
 def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, bytes | None]:
     """The first session start and end records of a run, as TensorBoard keeps them.
 
@@ -213,7 +198,7 @@ def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, by
     found: dict[str, bytes] = {}
     for name in names:
         with open(os.path.join(path, name), "rb") as handle:
-            for data in _records(handle):
+            for data in read_records(handle, os.path.join(path, name)):
                 if _SESSION_MARK not in data:
                     continue
                 try:
