@@ -370,8 +370,10 @@ class RunWriter:
         if tensor_idx is None:
             self._put((_SCALARS, step, time.time(), keys, values))
             return
-        stacked = stack_tensors(keys, values, tensor_idx)
+        stacked = self._stack(keys, values, tensor_idx)
         self._put((_TENSOR_SCALARS, step, time.time(), keys, values, tensor_idx, stacked))
+
+    _stack = staticmethod(stack_tensors)  # one device-to-host transfer for a call's tensors
 
     def _check_keys(self, keys: tuple[str, ...]) -> None:
         check_tags(keys)
