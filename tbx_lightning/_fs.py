@@ -207,12 +207,14 @@ class UnsafeFileError(OSError):
     or (where ownership is checked) owned by another user or writable by others."""
 
 
-def read_bytes(fs: Any, path: str, *, limit: int, owned: bool = False) -> bytes:
+def read_bytes(
+    fs: Any, path: str, *, limit: int, owned: bool = False, private: bool = False
+) -> bytes:
     """The content of a file a run directory or a spool holds, read as untrusted.
 
     Locally the file is opened without following a link and must be a regular file of
-    at most ``limit`` bytes; with ``owned`` it must also belong to this user and not be
-    writable by group or others. Remote objects are read and their size checked.
+    at most ``limit`` bytes; with ``owned`` it must also belong to this user, and with
+    ``private`` besides be writable by nobody else (a file of a spool, written 0600). Remote objects are read and their size checked.
 
     Raises:
         FileNotFoundError: there is no such file.
@@ -233,8 +235,8 @@ def read_bytes(fs: Any, path: str, *, limit: int, owned: bool = False) -> bytes:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise UnsafeFileError(errno.EINVAL, "not a regular file", path)
-        if owned:
-            _check_owner(info, path)
+        if owned or private:
+            _check_owner(info, path, private)
         if info.st_size > limit:
             raise UnsafeFileError(errno.EFBIG, f"larger than {limit} bytes", path)
         parts = []
@@ -253,10 +255,10 @@ def read_bytes(fs: Any, path: str, *, limit: int, owned: bool = False) -> bytes:
         os.close(fd)
 
 
-def _check_owner(info: os.stat_result, path: str) -> None:
+def _check_owner(info: os.stat_result, path: str, private: bool) -> None:
     if info.st_uid != os.getuid():
         raise UnsafeFileError(errno.EPERM, f"owned by uid {info.st_uid}, not by this user", path)
-    if info.st_mode & 0o022:
+    if private and info.st_mode & 0o022:
         raise UnsafeFileError(errno.EPERM, "writable by group or others", path)
 
 

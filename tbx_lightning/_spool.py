@@ -166,7 +166,7 @@ class _Manifest:
 
     def _load(self, strict: bool) -> dict[str, Any]:
         try:
-            raw = _fs.read_bytes(_LOCAL, self.path, limit=_MANIFEST_LIMIT, owned=True)
+            raw = _fs.read_bytes(_LOCAL, self.path, limit=_MANIFEST_LIMIT, private=True)
             data = json.loads(raw.decode("utf-8"))
         except FileNotFoundError:
             if strict:

@@ -402,3 +402,17 @@ def test_upload_of_a_folder_that_is_a_link_is_refused(url: str, tmp_path: Path) 
     link.symlink_to(real)
     with pytest.raises(RunWriterError, match=r"is a symbolic link"):
         upload_spool(link)
+
+
+def test_a_group_writable_lease_of_a_live_writer_of_this_user_still_holds(tmp_path: Path) -> None:
+    """Shared clusters often set umask 002: the owner, not the mode, makes a lease trusted."""
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        lease = tmp_path / LEASE_FILE
+        lease.write_text(_lease(holder.pid, uid=os.getuid()))
+        lease.chmod(0o664)
+        with pytest.raises(RunInUseError, match=rf"in use by another writer: pid {holder.pid}"):
+            RunWriter(tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
