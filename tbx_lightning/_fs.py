@@ -59,11 +59,11 @@ __all__ = [
 
 # The run's records file: the records that are replaced while the run goes on (the HParams
 # row, the status, the config text), one per tag. TensorBoard reads every file whose name
-# holds "tfevents", in name order; this name sorts before every event file ("events.out."
-# ones), so its records are read first (TensorBoard keeps the first record of a tag), and
-# a glob for the run's event streams ("events.out.*") does not find it. It is replaced
-# whole, atomically.
-RECORDS_FILE = "events.0000000000.tbx-records.tfevents"
+# holds "tfevents", in name order; "events-" sorts before every event file ("events.out.")
+# so its records are read first (TensorBoard keeps the first record of a tag), and a glob
+# for the run's event streams ("events.*") does not find it. It is replaced whole,
+# atomically.
+RECORDS_FILE = "events-tbx-records.tfevents"
 # Its name in runs of earlier releases, read when a resumed run has no RECORDS_FILE.
 LEGACY_RECORDS_FILE = "events.out.tfevents.0000000000.tbx-records"
 

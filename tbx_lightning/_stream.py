@@ -12,7 +12,7 @@ local: a remote run is written into its spool folder the same way.
   ``RunWriter``'s ``max_queue_bytes``).
 - Records that change while the run goes on (the HParams row, the status, the config
   text) live one per tag in the records file (:data:`RECORDS_FILE`), whose name sorts
-  before every event file's and is no ``events.out.*`` name (a glob for the run's
+  before every event file's and is no ``events.*`` name (a glob for the run's
   event streams does not find it); it is replaced whole, atomically, after each change.
 - Each new event file's name sorts after every event file already in the folder, so
   TensorBoard (which reads them in name order) never reads a resumed run's file

@@ -212,7 +212,7 @@ def test_records_are_kept_one_per_tag_in_the_records_file(tmp_path: Path) -> Non
     names = sorted(p.name for p in tmp_path.iterdir())
     # The records file sorts before the event file: TensorBoard reads its records first.
     assert names == [RECORDS_FILE, event_file.name, "summary.json"]
-    assert not RECORDS_FILE.startswith("events.out") and "tfevents" in RECORDS_FILE
+    assert not RECORDS_FILE.startswith("events.") and "tfevents" in RECORDS_FILE
     assert records(tmp_path / RECORDS_FILE) == [("a", 3.0), ("b", 5.0)]
     assert records(event_file) == [("m", 1.0)]  # the event stream holds none of them
 
