@@ -1,16 +1,33 @@
-"""The one file-system layer: local paths and fsspec URLs, atomic writes, version claiming.
+"""The file-system layer: local paths and fsspec URLs, atomic writes, safe reads, versions.
 
-Every file the package writes (events, config.yaml, hparams.yaml, projector assets)
-goes through here, so ``memory://``, ``s3://`` and ``file://`` work wherever a local
-path does.
+Files that are written whole (config.yaml, summary.json, the records file, leases,
+the spool's manifest, the projector config) are written here, atomically, and read
+back here as untrusted input (:func:`read_bytes`: no link followed, sizes capped,
+ownership checked where it matters), so ``memory://``, ``s3://`` and ``file://``
+work wherever a local path does. Three kinds of write do not go through here, each
+for a reason:
+
+- Event files are appended by their writer thread (``_writer._EventFile``) through a
+  descriptor of its own, unbuffered, so that a failed write resumes exactly where the
+  disk stopped it. They are always local: a remote run is written into its spool.
+- Projector tensors are streamed from the caller's memory in chunks
+  (``projector._files``), in new files of a new folder, never rewritten.
+- Lightning's ``hparams.yaml`` is written by Lightning's own ``save_hparams_to_yaml``.
+
+Modes: local run folders and their files follow the user's umask, as every other
+TensorBoard writer does (a run folder is often read by a teammate's TensorBoard).
+A spool (see ``_spool``) is private: :func:`private_dir` gives folders 0700 and
+``private=True`` writes give files 0600, whatever the umask.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
 import re
+import stat
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,20 +43,29 @@ __all__ = [
     "RECORDS_FILE",
     "bounded",
     "call_with_deadline",
+    "check_shared_root",
     "claim_version",
     "create_exclusive",
     "is_local",
     "join",
     "makedirs",
+    "private_dir",
+    "read_bytes",
     "resolve",
+    "safe_parts",
     "write_bytes_atomic",
     "write_text_atomic",
 ]
 
-# The run's records file: patchable records too large to rewrite in one page of the event
-# file. It sorts before every timed event file, so TensorBoard (which keeps the first
-# record of a tag) reads its records first; it is replaced whole, atomically.
-RECORDS_FILE = "events.out.tfevents.0000000000.tbx-records"
+# The run's records file: the records that are replaced while the run goes on (the HParams
+# row, the status, the config text), one per tag. TensorBoard reads every file whose name
+# holds "tfevents", in name order; "events-" sorts before every event file ("events.out.")
+# so its records are read first (TensorBoard keeps the first record of a tag), and a glob
+# for the run's event streams ("events.*") does not find it. It is replaced whole,
+# atomically.
+RECORDS_FILE = "events-tbx-records.tfevents"
+# Its name in runs of earlier releases, read when a resumed run has no RECORDS_FILE.
+LEGACY_RECORDS_FILE = "events.out.tfevents.0000000000.tbx-records"
 
 # Every version number handed out is recorded here, one empty marker per number, so a
 # number is never handed out twice, even after its folder was deleted.
@@ -51,6 +77,7 @@ REQUEST_TIMEOUT = 10.0
 CLAIM_TIMEOUT = 30.0
 
 _VERSION_RE = re.compile(r"^version_(\d+)$")
+LOCAL = LocalFileSystem()
 _T = TypeVar("_T")
 
 
@@ -130,12 +157,16 @@ def makedirs(fs: Any, path: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def write_bytes_atomic(fs: Any, path: str, data: bytes, *, tmp_prefix: str | None = None) -> None:
+def write_bytes_atomic(
+    fs: Any, path: str, data: bytes, *, tmp_prefix: str | None = None, private: bool = False
+) -> None:
     """Writes ``data`` so that readers see either the old file or the new one, never a part.
 
-    Local files are written to a temporary sibling (``.<name>.<random>.tmp``, or
-    ``<tmp_prefix>.<random>.tmp``) and renamed over the target; object stores
-    replace an object in one PUT, which is atomic by itself.
+    Local files are written to a new temporary sibling (``.<name>.<random>.tmp``, or
+    ``<tmp_prefix>.<random>.tmp``; created exclusively, no link followed) and renamed
+    over the target, which replaces a link there rather than writing through it;
+    ``private`` gives the file mode 0600. Object stores replace an object in one PUT,
+    which is atomic by itself.
     """
     if is_local(fs):
         parent = os.path.dirname(path)
@@ -143,19 +174,166 @@ def write_bytes_atomic(fs: Any, path: str, data: bytes, *, tmp_prefix: str | Non
         prefix = tmp_prefix if tmp_prefix is not None else f".{os.path.basename(path)}"
         tmp = os.path.join(parent, f"{prefix}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
+            _write_new(tmp, data, private)
             os.replace(tmp, path)
         finally:
-            if os.path.exists(tmp):
+            if os.path.lexists(tmp):
                 os.remove(tmp)
         return
     fs.pipe_file(path, data)
 
 
-def write_text_atomic(fs: Any, path: str, text: str) -> None:
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+
+
+def _write_new(path: str, data: bytes, private: bool) -> None:
+    fd = os.open(path, _NEW_FLAGS | getattr(os, "O_CLOEXEC", 0), 0o600 if private else 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(fs: Any, path: str, text: str, *, private: bool = False) -> None:
     """Writes UTF-8 text atomically, see :func:`write_bytes_atomic`."""
-    write_bytes_atomic(fs, path, text.encode("utf-8"))
+    write_bytes_atomic(fs, path, text.encode("utf-8"), private=private)
+
+
+class UnsafeFileError(OSError):
+    """A file that is not what its reader may trust: a link, not a regular file, too large,
+    or (where ownership is checked) owned by another user or writable by others."""
+
+
+def read_bytes(
+    fs: Any, path: str, *, limit: int, owned: bool = False, private: bool = False
+) -> bytes:
+    """The content of a file a run directory or a spool holds, read as untrusted.
+
+    Locally the file is opened without following a link and must be a regular file of
+    at most ``limit`` bytes; with ``owned`` it must also belong to this user, and with
+    ``private`` besides be writable by nobody else (a file of a spool, written 0600). Remote objects are read and their size checked.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        UnsafeFileError: the file fails a check above (the message says which).
+    """
+    if not is_local(fs):
+        data = fs.cat_file(path)
+        if len(data) > limit:
+            raise UnsafeFileError(errno.EFBIG, f"larger than {limit} bytes", path)
+        return bytes(data)
+    try:
+        fd = os.open(path, _READ_FLAGS | getattr(os, "O_CLOEXEC", 0))
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EMLINK):
+            raise UnsafeFileError(error.errno, "a symbolic link, not followed", path) from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFileError(errno.EINVAL, "not a regular file", path)
+        if owned or private:
+            _check_owner(info, path, private)
+        if info.st_size > limit:
+            raise UnsafeFileError(errno.EFBIG, f"larger than {limit} bytes", path)
+        parts = []
+        left = limit + 1
+        while left > 0:
+            part = os.read(fd, min(left, 1 << 20))
+            if not part:
+                break
+            parts.append(part)
+            left -= len(part)
+        data = b"".join(parts)
+        if len(data) > limit:
+            raise UnsafeFileError(errno.EFBIG, f"larger than {limit} bytes", path)
+        return data
+    finally:
+        os.close(fd)
+
+
+def _check_owner(info: os.stat_result, path: str, private: bool) -> None:
+    if info.st_uid != os.getuid():
+        raise UnsafeFileError(errno.EPERM, f"owned by uid {info.st_uid}, not by this user", path)
+    if private and info.st_mode & 0o022:
+        raise UnsafeFileError(errno.EPERM, "writable by group or others", path)
+
+
+def private_dir(path: str, *, hint: str, create: bool = True) -> None:
+    """Makes ``path`` an owner-only folder (0700), or checks that the one there is safe.
+
+    ssh's rules for ``~/.ssh``: the folder must be a real folder (not a link), belong
+    to this user and be writable by nobody else. With ``create``, a missing folder is
+    made and one of this user's with group or other permission bits is made 0700;
+    without, the folder is only checked.
+
+    Raises:
+        RunWriterError: the folder is a link, not a folder, belongs to another user or
+            is writable by group or others; the message names it and ends with ``hint``.
+    """
+    if create:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            os.chmod(path, 0o700)  # whatever the umask
+            return
+    info = os.lstat(path)
+    problem = None
+    if stat.S_ISLNK(info.st_mode):
+        problem = "is a symbolic link"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder"
+    elif info.st_uid != os.getuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    elif info.st_mode & 0o022:
+        problem = f"is writable by group or others (mode {stat.S_IMODE(info.st_mode):o})"
+    if problem is not None:
+        raise RunWriterError(
+            f"The spool folder {path!r} {problem}: another user could read or replace what "
+            f"is written there, so it is not used. {hint}"
+        )
+    if create and info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def check_shared_root(path: str, *, hint: str) -> None:
+    """Checks the folder that holds the spools: this user's (or root's) and writable by no
+    one else, or shared with the sticky bit (as ``/tmp`` is), where nobody can rename or
+    remove a folder of another user.
+
+    Raises:
+        RunWriterError: the folder fails that; the message names it and ends with ``hint``.
+    """
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise RunWriterError(f"The spool root {path!r} is not a folder. {hint}")
+    if info.st_mode & stat.S_ISVTX:
+        return
+    if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
+        raise RunWriterError(
+            f"The spool root {path!r} (uid {info.st_uid}, mode "
+            f"{stat.S_IMODE(info.st_mode):o}) can be changed by another user, who could "
+            f"replace the folders written there. {hint}"
+        )
+
+
+def safe_parts(rel: str) -> list[str] | None:
+    """The parts of a relative ``/``-separated path that stays inside its folder, else None.
+
+    Refused: empty paths and parts, ``.``, ``..``, absolute paths, backslashes and NUL,
+    so the parts joined under a folder can never name anything outside it.
+    """
+    if not rel or rel.startswith("/") or "\\" in rel or "\x00" in rel:
+        return None
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return parts
 
 
 def _version_numbers(fs: Any, folder: str) -> list[int]:
@@ -182,32 +360,30 @@ def existing_versions(fs: Any, root: str) -> list[int]:
     return sorted(found)
 
 
-def create_exclusive(fs: Any, path: str, data: bytes = b"") -> bool:
+def create_exclusive(fs: Any, path: str, data: bytes = b"", *, private: bool = False) -> bool:
     """Creates the file ``path`` holding ``data`` only if nothing is there.
 
     Returns False when the file already exists (someone else was first). Local files
     are written to a temporary sibling and hard-linked into place, so a reader never
     sees the file without its content. Object stores use a conditional PUT where they
     have one; stores without it fall back to check-then-write, which is safe within
-    one process (``memory://``) but can race across hosts.
+    one process (``memory://``) but can race across hosts. ``private`` gives a local
+    file mode 0600.
     """
     if is_local(fs):
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+        _write_new(tmp, data, private)
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
         except OSError:  # no hard links here (some network file systems): exclusive open
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+                _write_new(path, data, private)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
         finally:
             os.remove(tmp)
         return True

@@ -143,6 +143,7 @@ class RunSummary:
         fs: The run's fsspec file system (see ``_fs.resolve``).
         run_path: The run directory inside ``fs``.
         purge_step: The writer's ``purge_step``, if any.
+        private: Save the file with mode 0600 (a spool folder).
 
     Example:
         >>> import tempfile
@@ -158,8 +159,11 @@ class RunSummary:
         TagStats(count=2, last=0.25, min=0.25, max=0.5)
     """
 
-    def __init__(self, fs: Any, run_path: str, *, purge_step: int | None = None) -> None:
+    def __init__(
+        self, fs: Any, run_path: str, *, purge_step: int | None = None, private: bool = False
+    ) -> None:
         self.fs = fs
+        self.private = private
         self.run_path = run_path
         self.path = _fs.join(fs, run_path, SUMMARY_FILE)
         # tag -> [count, last, min, max]; min/max stay +inf/-inf until a finite value arrives.
@@ -172,6 +176,14 @@ class RunSummary:
         self._failed = False
         if purge_step is None:
             self._carry_on()
+
+    def restart(self) -> None:
+        """Forgets every file and statistic (the run folder was removed): only what is
+        logged from now on is covered; the status stays."""
+        self._tags.clear()
+        self._files.clear()
+        self._first_time = self._last_time = None
+        self._dirty = True
 
     def _carry_on(self) -> None:
         try:
@@ -278,7 +290,7 @@ class RunSummary:
             return True
         try:
             text = json.dumps(self.to_json(), separators=(",", ":"))
-            _fs.write_text_atomic(self.fs, self.path, text)
+            _fs.write_text_atomic(self.fs, self.path, text, private=self.private)
         except Exception as error:
             if not self._failed:  # once per failing streak, not once per flush
                 _log.warning(
@@ -295,15 +307,25 @@ class RunSummary:
         return True
 
 
-def read_summary(fs: Any, run_path: str) -> SummaryData | None:
-    """The run's saved summary, or None when there is none or it cannot be parsed.
+_SUMMARY_LIMIT = 256 << 20
 
-    Whether it is current is for the caller to judge from ``files``.
+
+def read_summary(fs: Any, run_path: str) -> SummaryData | None:
+    """The run's saved summary, or None when there is none or it cannot be used.
+
+    Whether it is current is for the caller to judge from ``files``. A file that is
+    not a summary this package wrote (a link, damaged or foreign JSON, JSON nested
+    deeper than the parser goes) is skipped with one logged warning naming it; the
+    caller then reads the run's events.
     """
     path = _fs.join(fs, run_path, SUMMARY_FILE)
     try:
-        raw = json.loads(fs.cat_file(path))
-    except (FileNotFoundError, NotADirectoryError, ValueError, UnicodeDecodeError):
+        raw = json.loads(_fs.read_bytes(fs, path, limit=_SUMMARY_LIMIT))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+        why = getattr(error, "strerror", None) or type(error).__name__
+        _log.warning("Ignored %s (%s): the run is read from its event files.", path, why)
         return None
     try:
         if raw.get("format") != FORMAT:

@@ -5,8 +5,9 @@ record when no run declares an experiment summary. So each run writes exactly on
 session start (its hyperparameters) and one session end (its status), and never an
 experiment summary: then every key of every run is a column and every scalar tag
 is a metric column. TensorBoard keeps the first record of a tag it reads, so both
-records are written once with room to spare and rewritten in place when the
-hyperparameters or the status change.
+records (and the ``run/config`` text) live in the run's records file, one per tag,
+which sorts before the event files and is replaced whole when the hyperparameters
+or the status change (see ``RunWriter.put_record``).
 
 The row holds the flattened config without the keys matched by ``hparams_exclude``
 (:data:`DEFAULT_HPARAMS_EXCLUDE` by default: the keys Hydra's ``instantiate`` reads,
@@ -49,10 +50,10 @@ from tensorboardX.summary import text as text_summary
 
 from tbx_lightning import _fs
 from tbx_lightning._secrets import MASK, Masker, is_secret_key, mask_secrets_in
-from tbx_lightning.errors import ConfigTypeError, HParamsError, LoggedValueError
+from tbx_lightning.errors import ConfigTypeError, HParamsError, LoggedValueError, RunWriterError
 
 if TYPE_CHECKING:
-    from tbx_lightning._writer import RecordHandle, RunWriter
+    from tbx_lightning._writer import RunWriter
 
 __all__ = [
     "CONFIG_TEXT_TAG",
@@ -97,8 +98,6 @@ _MAX_EXACT_INT = 2**53
 STATUS_COLUMN = "run.status"
 DURATION_COLUMN = "run.duration_s"
 CONFIG_TEXT_TAG = "run/config"
-# The summary tag tensorboardX gives a text entry (the Text plugin's tag).
-_CONFIG_SUMMARY_TAG = f"{CONFIG_TEXT_TAG}/text_summary"
 # Synonyms shown as one value in the status column, so a sweep's column has few values.
 _STATUS_LABELS = {"finished": "success", "failure": "failed"}
 
@@ -569,8 +568,8 @@ class RunHParams:
 
     Each run gets one HParams row (its table columns, see :func:`table_columns`),
     ``config.yaml`` and one ``run/config`` text entry (the whole resolved config as
-    YAML, masked like ``config.yaml``), both rewritten in place when later calls add
-    keys. :meth:`finish` adds the ``run.status`` and ``run.duration_s`` columns.
+    YAML, masked like ``config.yaml``), both replaced when later calls add keys.
+    :meth:`finish` adds the ``run.status`` and ``run.duration_s`` columns.
 
     Args:
         run: The run's writer.
@@ -613,12 +612,10 @@ class RunHParams:
         self._own: dict[str, HParamValue] = {}
         self.status: str | None = None
         self.start_time: float | None = None
-        self._start: RecordHandle | None = None
-        self._end: RecordHandle | None = None
-        self._text: RecordHandle | None = None
         self._text_written = ""
-        self._lock = threading.Lock()
-        self._warned_full = False
+        # Re-entrant: a signal handler (Lightning's SLURM requeue) may finish the run
+        # while a call of this thread is inside log().
+        self._lock = threading.RLock()
         self._secrets: set[str] = set()
         self._warned_escaped: set[str] = set()
 
@@ -651,34 +648,21 @@ class RunHParams:
             flat = flatten(merged, mask_secrets=False)
             self._secrets = secrets
             self._warn_escaped(escaped)
-            self.config = merged
+            # Written before anything is kept: a call that storage refuses changes nothing.
             self.write_config_file("config.yaml", config_yaml(merged))
+            self.config = merged
             row = self._row(flat)
-            if self._start is None:
+            if self.start_time is None:
                 self.start_time = time.time()
                 if self._started is None:
                     self._started = self.start_time
-                earlier = self.run.find_records(
-                    (SESSION_START_TAG, SESSION_END_TAG, _CONFIG_SUMMARY_TAG)
-                )
-                if SESSION_START_TAG in earlier and SESSION_END_TAG in earlier:
-                    # A resumed run: TensorBoard shows the first records of the run, so the
-                    # earlier process's row and status are updated instead of adding new ones.
-                    self._start = earlier[SESSION_START_TAG]
-                    self._end = earlier[SESSION_END_TAG]
-                    self._patch_start(row)
-                    self.run.patch_record(self._end, session_end_event("running", self.start_time))
-                else:
-                    self._start = self.run.write_record(
-                        session_start_event(row, self.start_time), reserve=_room_for(row)
-                    )
-                    self._end = self.run.write_record(
-                        session_end_event("running", self.start_time), reserve=96
-                    )
-                self._text = earlier.get(_CONFIG_SUMMARY_TAG)
+                # A resumed run's records (in the records file) are replaced: TensorBoard
+                # shows the first record of a tag, one row and one status per run.
+                self._put_start(row)
+                self.run.put_record(session_end_event("running", self.start_time))
                 self.status = "running"
             elif row != self.row:
-                self._patch_start(row)
+                self._put_start(row)
             self.flat = flat
             self.row = row
             self._write_config_text()
@@ -723,7 +707,7 @@ class RunHParams:
         return row
 
     def _write_config_text(self) -> None:
-        """Writes the ``run/config`` text entry once, and rewrites it in place when it changes.
+        """Writes the ``run/config`` text entry, again whenever it changes.
 
         A run without hyperparameters (``finish`` with nothing logged) gets none.
         """
@@ -732,29 +716,12 @@ class RunHParams:
         text = config_markdown(self.config)
         if text == self._text_written:
             return
-        event = config_text_event(self.config, time.time())
-        if self._text is None:
-            # Room to grow to twice its size in place; a small config stays in the page
-            # of the session records instead of taking a page of its own.
-            size = event.ByteSize()
-            self._text = self.run.write_record(event, reserve=max(1024, 2 * size + 512))
-        else:
-            self.run.patch_record(self._text, event)
+        self.run.put_record(config_text_event(self.config, time.time()))
         self._text_written = text
 
-    def _patch_start(self, row: dict[str, HParamValue]) -> None:
-        assert self._start is not None and self.start_time is not None  # set together above
-        if self.run.patch_record(self._start, session_start_event(row, self.start_time)):
-            return
-        if not self._warned_full:
-            self._warned_full = True
-            warnings.warn(
-                f"The hyperparameters of {self.run.log_dir!r} grew past the room kept for them in the "
-                f"event file ({self._start.length} bytes): config.yaml has all "
-                f"{len(row)} keys, the HParams table keeps the first {len(self.row)}. Log the whole "
-                "config in the first call to see every key in TensorBoard.",
-                stacklevel=3,
-            )
+    def _put_start(self, row: dict[str, HParamValue]) -> None:
+        assert self.start_time is not None  # set by the first log()
+        self.run.put_record(session_start_event(row, self.start_time))
 
     def finish(self, status: str = "success", *, label: str | None = None) -> None:
         """Records the run's final status (``success``, ``failed``, ``aborted``, ...) and end time.
@@ -764,14 +731,10 @@ class RunHParams:
         """
         key = _status_key(status)
         with self._lock:
-            if self._end is None:
+            if self.start_time is None:
                 # A run that never logged hyperparameters still gets its row and status.
-                self._lock.release()
-                try:
-                    self.log({})
-                finally:
-                    self._lock.acquire()
-            assert self._end is not None and self._started is not None
+                self.log({})
+            assert self._started is not None
             end = time.time()
             shown = key if label is None else label
             self._own = {
@@ -780,27 +743,47 @@ class RunHParams:
             }
             row = self._row(self.flat)
             if row != self.row:
-                self._patch_start(row)
+                self._put_start(row)
                 self.row = row
-            self.run.patch_record(self._end, session_end_event(key, end))
+            self.run.put_record(session_end_event(key, end))
             self.status = key
 
     def _stored_config(self) -> dict[str, Any]:
+        """The config a run directory already has (a resumed run); damage is skipped with a warning."""
         path = _fs.join(self.run.fs, self.run.path, "config.yaml")
         try:
-            stored = yaml.safe_load(self.run.fs.cat_file(path))
-        except (FileNotFoundError, yaml.YAMLError):
+            stored = yaml.safe_load(_fs.read_bytes(self.run.fs, path, limit=_CONFIG_LIMIT))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except (OSError, yaml.YAMLError, RecursionError, ValueError) as error:
+            warnings.warn(
+                f"tbx_lightning: ignored {_fs.url(self.run.fs, path)!r} "
+                f"({getattr(error, 'strerror', None) or type(error).__name__}): the run's config "
+                "starts anew from what is logged now.",
+                stacklevel=4,
+            )
             return {}
         return stored if isinstance(stored, dict) else {}
 
     def write_config_file(self, name: str, text: str) -> None:
-        """Atomically (re)writes a text file in the run directory."""
-        _fs.write_text_atomic(self.run.fs, _fs.join(self.run.fs, self.run.path, name), text)
+        """Atomically (re)writes a text file in the run directory.
+
+        Raises:
+            RunWriterError: storage refused it (full disk, removed folder); the message
+                names the file and what to do.
+        """
+        path = _fs.join(self.run.fs, self.run.path, name)
+        try:
+            _fs.write_text_atomic(self.run.fs, path, text)
+        except OSError as error:
+            raise RunWriterError(
+                f"Writing {_fs.url(self.run.fs, path)!r} failed: {type(error).__name__}: "
+                f"{error}. Free space or restore the run folder, then log the "
+                "hyperparameters again."
+            ) from error
 
 
-def _room_for(flat: Mapping[str, HParamValue]) -> int:
-    size = session_start_event(flat, time.time()).ByteSize()
-    return max(4096, 2 * size + 1024)
+_CONFIG_LIMIT = 64 << 20
 
 
 def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ import torch
 
 from tbx_lightning._layout import LayoutBuilder
 from tbx_lightning._rules import WRITER_OPTIONS, check_step, check_writer_options
+from tbx_lightning._signals import CallLock
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import (
     GraphExportError,
@@ -380,8 +381,11 @@ class Run:
         self.strict_graph = strict_graph
         self.graph_options = dict(graph_options or {})
         self.owner = owner
-        self.lock = threading.RLock()
+        # Re-entrant, and it knows when this thread is inside a call: a signal handler may
+        # finish the run in the middle of one (see tbx_lightning._signals).
+        self.lock = CallLock()
         self._writer: RunWriter | None = None
+        self._unclosed: RunWriter | None = None  # released, but its close failed
         self._hparams: RunHParams | None = None
         self._step: int | None = None
         self._started: float | None = None
@@ -451,15 +455,34 @@ class Run:
             return self._hparams
 
     def release(self) -> RunWriter | None:
-        """Closes the writer (thread and event file); returns it. Logging later reopens the run."""
+        """Closes the writer (thread and event file); returns it. Logging later reopens the run.
+
+        A close that fails keeps the writer's pending data: :meth:`flush` (or the next
+        writer of the run) retries it.
+        """
         with self.lock:
             writer, self._writer, self._hparams = self._writer, None, None
             if self._stall_watch is not None:  # an idle process after a fit is no stall
                 self._stall_watch.set()
                 self._stall_watch = None
         if writer is not None:
-            writer.close()
+            try:
+                writer.close()
+            except BaseException:
+                self._unclosed = writer
+                raise
         return writer
+
+    def release_later(self) -> None:
+        """Releases the writer once the call this thread is inside returns; flushes it now.
+
+        For a signal handler that interrupted a call of this run: closing the writer
+        under that call would fail it when it resumes.
+        """
+        writer = self._writer
+        if writer is not None:
+            writer.flush()
+        self.lock.defer(self.release)
 
     def reopen(self, *, purge_step: int | None = None) -> None:
         """Closes the writer; the next call opens a new one, with ``purge_step`` if given."""
@@ -472,6 +495,9 @@ class Run:
     def flush(self) -> None:
         """Writes everything logged so far to storage (nothing happens when no writer is open)."""
         writer = self._writer
+        if writer is None and self._unclosed is not None:
+            self._unclosed.flush()  # retries its close: the last events and the status
+            self._unclosed = None
         if writer is not None:
             writer.flush()
             with self.lock:
@@ -896,6 +922,7 @@ class Run:
             self._writer.flush()
         state = self.__dict__.copy()
         state["_writer"] = None
+        state["_unclosed"] = None
         state["_hparams"] = None
         state["lock"] = None
         state["_layout"] = None
@@ -906,7 +933,7 @@ class Run:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.lock = threading.RLock()
+        self.lock = CallLock()
         self._layout = LayoutBuilder()
         self._layout_tags = 0
 

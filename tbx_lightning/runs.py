@@ -43,14 +43,13 @@ import json
 import math
 import os
 import re
-import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from tbx_lightning import _fs
-from tbx_lightning._events import masked_crc
+from tbx_lightning._events import read_records
 from tbx_lightning._lease import LEASE_FILE
 from tbx_lightning._spool import upload_spool
 from tbx_lightning._summary import SummaryData, TagStats, minimizes, read_summary
@@ -91,8 +90,6 @@ _PLUGIN_DATA_VERSION = 0
 _START_TAG = "_hparams_/session_start_info"
 _END_TAG = "_hparams_/session_end_info"
 _SESSION_MARK = b"_hparams_/session_"
-_HEADER = struct.Struct("<QI")
-_CRC = struct.Struct("<I")
 
 
 @dataclass
@@ -226,29 +223,6 @@ def _apply_session(
         record.end_time = last_wall
 
 
-def _records(handle: Any) -> Iterator[bytes]:
-    """The serialised events of a TFRecord file, up to the first incomplete or damaged record.
-
-    Each record's length and data are checked against their CRCs, as TensorBoard's
-    reader does, so a damaged file ends the scan instead of feeding garbage on.
-    """
-    read = handle.read
-    while True:
-        header = read(12)
-        if len(header) < 12:
-            return
-        length, length_crc = _HEADER.unpack(header)
-        if masked_crc(header[:8]) != length_crc:
-            return
-        data = read(length + 4)
-        if len(data) < length + 4:
-            return
-        body = data[:length]
-        if masked_crc(body) != _CRC.unpack(data[length:])[0]:
-            return
-        yield body
-
-
 def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, bytes | None]:
     """The first session start and end records of a run, as TensorBoard keeps them.
 
@@ -266,7 +240,7 @@ def _session_contents(path: str, names: Sequence[str]) -> tuple[bytes | None, by
         except OSError:
             continue
         with handle:
-            for data in _records(handle):
+            for data in read_records(handle, os.path.join(path, name)):
                 if _SESSION_MARK not in data:
                     continue
                 try:

@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tbx_lightning import _fs
-from tbx_lightning._writer import RunWriter
+from tbx_lightning._writer import RECORDS_FILE, RunWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,8 +159,9 @@ def test_lightning_ddp_two_cpu_processes_write_one_run_from_rank_zero(tmp_path: 
     assert len({log_dir for _, log_dir in ranks}) == 1
     assert sorted(n for n in os.listdir(logs / "ddp") if not n.startswith(".")) == ["version_0"]
     run_dir = logs / "ddp" / "version_0"
-    # Written by rank 0 only: one event file, one config.
-    assert len(glob.glob(str(run_dir / "*tfevents*"))) == 1
+    # Written by rank 0 only: one event file, one records file, one config.
+    assert len(glob.glob(str(run_dir / "events.out.tfevents*"))) == 1
+    assert (run_dir / RECORDS_FILE).is_file()
     files = sorted(p.name for p in run_dir.iterdir() if p.is_file())
     assert [name for name in files if "tfevents" not in name] == [
         "config.yaml",

@@ -24,8 +24,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from tbx_lightning._writer import RunWriter, RunWriterError
+from tbx_lightning._writer import RECORDS_FILE, RunWriter, RunWriterError
 from tbx_lightning.hparams import SESSION_END_TAG, RunHParams
+from tests.rows import session
 from tests.tbserver import TensorBoardServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -360,10 +361,10 @@ def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     # Simulation: writes beyond a byte budget fail with ENOSPC, like a full disk.
     import errno
 
-    from tbx_lightning import _writer
+    from tbx_lightning import _stream
 
     state = {"budget": 24_000, "used": 0}
-    original = _writer._EventFile.write
+    original = _stream.EventFile.write
 
     def write(self: Any, data: bytes) -> int:
         if state["used"] + len(data) > state["budget"]:
@@ -371,7 +372,7 @@ def tiny_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
         state["used"] += len(data)
         return original(self, data)
 
-    monkeypatch.setattr(_writer._EventFile, "write", write)
+    monkeypatch.setattr(_stream.EventFile, "write", write)
     mount.mkdir()
     yield mount, lambda: state.update(budget=10**9)
 
@@ -427,19 +428,22 @@ def test_vanished_log_directory_raises_one_clear_error_and_logging_goes_on(
     shutil.rmtree(run_dir)
     for step in range(1, 11):
         run.log_scalars({"loss": float(step)}, step)
-    with pytest.raises(RunWriterError, match=r"was removed while the run was writing"):
+    with pytest.raises(
+        RunWriterError,
+        match=rf"The run folder '{run_dir}' was removed while the run was writing.*made again",
+    ):
         run.flush()
     run.flush()  # one error, not one per call
     for step in range(11, 21):
         run.log_scalars({"loss": float(step)}, step)
-    # The HParams record lived in the removed file: updating it says so, and must not
-    # write into the new file.
-    with pytest.raises(RunWriterError, match=r"cannot update a record .* was removed"):
-        hp.finish("success")
-        run.flush()
+    # The HParams row and status live in the records file, which went with the folder:
+    # the writer wrote them again into the recreated folder, and the status goes on.
+    hp.finish("success")
     run.close()
-    # The recreated directory holds the new event file and the run's summary.
-    (event_file,) = [name for name in os.listdir(run_dir) if "tfevents" in name]
-    assert event_file == os.path.basename(run.event_file)
+    # The recreated directory holds the new event file, the records and the run's summary.
+    names = sorted(name for name in os.listdir(run_dir) if "tfevents" in name)
+    assert names == [RECORDS_FILE, os.path.basename(run.event_file)]
     # Nothing logged after the directory vanished is lost, nothing is corrupted.
     assert _steps(run_dir, "loss") == list(range(1, 21))
+    assert _statuses(run_dir) == [SUCCESS]
+    assert session(run_dir)[0] == {"lr": 0.1}

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from tbx_lightning import _fs
-from tbx_lightning._writer import RunWriter
+from tbx_lightning._writer import RECORDS_FILE, RunWriter
 from tbx_lightning.hparams import MASK, SESSION_END_TAG, SESSION_START_TAG, RunHParams
 from tests.rows import split_run_columns
 from tests.s3server import CREDENTIALS, S3Server
@@ -233,7 +233,9 @@ def test_lightning_fit_logs_and_checkpoints_to_s3(bucket: str, tmp_path: Path) -
         "checkpoints/epoch=0-step=3.ckpt",
         "checkpoints/epoch=0-step=6.ckpt",
     ]
-    assert sum("tfevents" in n for n in names) == 1
+    # One event stream, and the run's records (its HParams row and status) beside it.
+    assert sum(n.startswith("events.out.tfevents") for n in names) == 1
+    assert RECORDS_FILE in names
     local = _download(f"s3://{bucket}/runs/exp/version_0", tmp_path / "copy")
     assert [s for s, _ in _scalars(local)["loss"]] == list(range(6))
     hparams, statuses = _session(local)

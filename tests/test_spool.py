@@ -388,3 +388,59 @@ def test_logger_on_a_black_hole_finishes_and_keeps_hparams_yaml_in_the_spool(
     acc = _read(_download(f"s3://{bucket}/runs/lg/version_0", tmp_path / "copy"))
     assert _steps(acc, "loss") == list(range(100))
     assert yaml.safe_load((tmp_path / "copy" / "hparams.yaml").read_text()) == {"lr": 0.1}
+
+
+def test_objects_of_a_resumed_run_are_fetched_only_inside_the_spool(
+    bucket: str, tmp_path: Path
+) -> None:
+    """Whoever can write the bucket must not create files outside the spool of a resumed run."""
+    url = f"s3://{bucket}/runs/d/version_0"
+    with RunWriter(url, flush_secs=0.2) as run:
+        run.log_scalars({"loss": 1.0}, 0)
+    target = tmp_path / "outside" / "pwned.pth"
+    climb = "/".join([".."] * 40)
+    remote = fsspec.filesystem("s3")
+    planted = f"{bucket}/runs/d/version_0/{climb}{target}"
+    remote.pipe_file(planted, b"import os  # runs at the next interpreter start\n")
+    remote.invalidate_cache()
+    assert planted in remote.find(f"{bucket}/runs/d/version_0")  # S3 keeps the name as it is
+    with (
+        pytest.warns(UserWarning, match=r"1 object\(s\) under .* were not fetched .*lead outside"),
+        RunWriter(url, flush_secs=0.2) as run,
+    ):
+        run.log_scalars({"loss": 2.0}, 1)
+    assert not target.exists()
+    assert not list(tmp_path.rglob("pwned.pth"))
+    remote.rm_file(planted)
+    acc = _read(_download(url, tmp_path / "copy"))
+    assert _steps(acc, "loss") == [0, 1]
+
+
+def test_a_bucket_deleted_while_the_run_writes_is_an_error_naming_it(
+    bucket: str, tmp_path: Path
+) -> None:
+    url = f"s3://{bucket}/runs/gone"
+    run = RunWriter(url, flush_secs=0.2, upload_timeout=2)
+    run.log_scalars({"loss": 0.0}, 0)
+    run.flush()
+    remote = fsspec.filesystem("s3")
+    _until(lambda: any("tfevents" in p for p in remote.find(url)), 15, "the first upload")
+    remote.rm(bucket, recursive=True)
+    remote.invalidate_cache()
+    logged = [0]
+    with pytest.raises(
+        RunWriterError,
+        match=rf"The bucket '{bucket}' .* does not exist.*deleted meanwhile.*tbx-lightning upload",
+    ):
+        for step in range(1, 400):
+            run.log_scalars({"loss": float(step)}, step)
+            logged.append(step)
+            run.flush()
+            time.sleep(0.05)
+    spool = run.spool_dir
+    run.log_scalars({"loss": -1.0}, 1000)  # the run goes on in its spool
+    run.close()
+    assert spool is not None and _steps(_read(spool), "loss") == [*logged, 1000]
+    remote.mkdir(bucket)
+    upload_spool(spool)
+    assert _steps(_read(_download(url, tmp_path / "copy")), "loss") == [*logged, 1000]

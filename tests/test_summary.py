@@ -77,7 +77,7 @@ def test_summary_matches_the_events_tensorboard_reads(tmp_path: Path) -> None:
     # float32 like the event file: 1e39 is +inf there, so not finite and not the max.
     assert saved.tags["big"].max == 129.0
     assert saved.tags["val/loss"].count == 130  # NaNs counted, not taken for min/max
-    event_file = next(p for p in (tmp_path / "run").iterdir() if "tfevents" in p.name)
+    event_file = next(p for p in (tmp_path / "run").iterdir() if p.name.startswith("events.out"))
     assert saved.files == ((event_file.name, event_file.stat().st_size),)
     assert saved.first_time is not None and saved.last_time is not None
     assert saved.first_time <= saved.last_time
@@ -107,7 +107,7 @@ def test_stale_missing_or_broken_summaries_fall_back_to_the_events(tmp_path: Pat
     _write_run(tmp_path / "grown", 0.2, 60)
     _write_run(tmp_path / "broken", 0.3, 60)
     _write_run(tmp_path / "gone", 0.4, 60)
-    event_file = next(p for p in (tmp_path / "grown").iterdir() if "tfevents" in p.name)
+    event_file = next(p for p in (tmp_path / "grown").iterdir() if p.name.startswith("events.out"))
     # Points appended after the summary was saved (a writer killed before its next save).
     with open(event_file, "ab") as handle:
         from tbx_lightning._events import ScalarEncoder

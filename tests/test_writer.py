@@ -186,24 +186,35 @@ def test_purge_step_hides_stale_events_on_resume(tmp_path: Path) -> None:
     assert got == [(s, float(s)) for s in range(5)] + [(s, 100.0 + s) for s in range(5, 8)]
 
 
-def test_patchable_record_is_replaced_in_place(tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+def test_records_are_kept_one_per_tag_in_the_records_file(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    def tagged(tag: str, value: float) -> Event:
+        return Event(step=1, summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)]))
+
+    def records(path: Path) -> list[tuple[str, float]]:
+        events = [Event.FromString(r) for r in RawEventFileLoader(str(path)).Load()]
+        assert events[0].file_version == "brain.Event:2"
+        return [(v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
 
     with RunWriter(tmp_path) as run:
-        handle = run.write_record(Event(step=1, file_version="first"), reserve=128)
-        assert handle is not None
+        run.put_record(tagged("a", 1.0))
         run.log_scalars({"m": 1.0}, 1)
-        assert run.patch_record(handle, Event(step=2, file_version="second"))
+        run.put_record(tagged("b", 5.0))
+        run.put_record(tagged("a", 2.0))
         run.flush()
-        (event_file,) = [p for p in tmp_path.iterdir() if p.name.startswith("events")]
-        versions = [e.file_version for e in EventFileLoader(str(event_file)).Load()]
-        assert [v for v in versions if v] == ["brain.Event:2", "second"]
-        # Outgrown: the record moves to the records file, which sorts before the event file.
-        assert run.patch_record(handle, Event(step=2, file_version="x" * 500))
+        (event_file,) = [
+            p for p in tmp_path.iterdir() if p.name.startswith("events.out.tfevents.1")
+        ]
+        assert records(tmp_path / RECORDS_FILE) == [("a", 2.0), ("b", 5.0)]  # one per tag
+        run.put_record(tagged("a", 3.0))
     names = sorted(p.name for p in tmp_path.iterdir())
+    # The records file sorts before the event file: TensorBoard reads its records first.
     assert names == [RECORDS_FILE, event_file.name, "summary.json"]
-    moved = [e.file_version for e in EventFileLoader(str(tmp_path / RECORDS_FILE)).Load()]
-    assert moved == ["brain.Event:2", "x" * 500]
+    assert not RECORDS_FILE.startswith("events.") and "tfevents" in RECORDS_FILE
+    assert records(tmp_path / RECORDS_FILE) == [("a", 3.0), ("b", 5.0)]
+    assert records(event_file) == [("m", 1.0)]  # the event stream holds none of them
 
 
 def test_memory_filesystem(tmp_path: Path) -> None:
@@ -221,18 +232,18 @@ def test_error_from_storage_is_reported_once_and_data_retried(tmp_path: Path, mo
     run = RunWriter(tmp_path, flush_secs=3600)
     run.log_scalars({"m": 1.0}, 0)
     run.flush()
-    real_write = run._file.write
+    real_write = run._stream.file.write
     calls = {"n": 0}
 
     def failing_write(data: bytes) -> int:
         calls["n"] += 1
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run._file, "write", failing_write)
+    monkeypatch.setattr(run._stream.file, "write", failing_write)
     run.log_scalars({"m": 2.0}, 1)
     with pytest.raises(RunWriterError, match=r"No space left on device.*flush\(\) to retry"):
         run.flush()
-    monkeypatch.setattr(run._file, "write", real_write)
+    monkeypatch.setattr(run._stream.file, "write", real_write)
     run.flush()  # the pending bytes are written now
     run.close()
     assert calls["n"] >= 1
@@ -418,15 +429,15 @@ def test_sustained_logging_is_flushed_on_time(tmp_path: Path) -> None:
 def test_queue_is_bounded_in_bytes_too(tmp_path: Path, monkeypatch) -> None:
     import time
 
-    from tbx_lightning import _writer
+    from tbx_lightning import _stream
 
-    slow = _writer._EventFile.write
+    slow = _stream.EventFile.write
 
     def stalled(self: object, data: bytes) -> int:
         time.sleep(0.002)  # storage slower than the producer
         return slow(self, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_writer._EventFile, "write", stalled)
+    monkeypatch.setattr(_stream.EventFile, "write", stalled)
     keys = {f"layer{i}/grad_norm": 0.5 for i in range(500)}
     item = 200 + 56 * len(keys)
     budget = 10 * item
@@ -434,7 +445,7 @@ def test_queue_is_bounded_in_bytes_too(tmp_path: Path, monkeypatch) -> None:
     with RunWriter(tmp_path, max_queue_bytes=budget) as run:
         for step in range(100):
             run.log_scalars(keys, step)
-            peak = max(peak, run._bytes_in - run._bytes_out)
+            peak = max(peak, run._bytes_in - run._bytes_out + len(run._stream.pending))
     assert peak <= budget + item
     assert len(read(tmp_path).Scalars("layer7/grad_norm")) == 100
 
@@ -490,23 +501,25 @@ def test_forked_child_writes_its_own_file_in_the_same_run(tmp_path: Path) -> Non
     end = metadata.parse_session_end_info_plugin_data(content["_hparams_/session_end_info"])
     assert set(start.hparams) - set(RUN_COLUMNS) == {"lr", "width"}
     assert end.status == api_pb2.STATUS_SUCCESS
-    assert len([p for p in os.listdir(tmp_path) if "tfevents" in p]) == 2
+    # The parent's event file, the child's, and the records file both replaced.
+    names = sorted(p for p in os.listdir(tmp_path) if "tfevents" in p)
+    assert names[0] == RECORDS_FILE and len(names) == 3
 
 
 def test_flush_that_writes_everything_is_not_failed_by_an_older_retry(tmp_path: Path) -> None:
     """A retry that failed just before space was freed must not fail the flush that succeeds."""
     run = RunWriter(tmp_path, flush_secs=3600)
     run.log_scalars({"m": 1.0}, 0)
-    real_flush = run._file.flush
+    real_save = run._summary.save
     stale = {"set": False}
 
-    def flush_after_a_failed_retry() -> None:
+    def save_after_a_failed_retry() -> bool:
         if not stale["set"]:
             stale["set"] = True
-            run._error = OSError(28, "No space left on device")  # the older retry's error
-        real_flush()
+            run._stream.error = OSError(28, "No space left on device")  # the older retry's error
+        return real_save()
 
-    run._file.flush = flush_after_a_failed_retry  # type: ignore[method-assign]
+    run._summary.save = save_after_a_failed_retry  # type: ignore[method-assign]
     run.flush()  # does not raise: everything pending is on storage
     run.close()
     assert stale["set"] and values(read(tmp_path), "m") == [(0, 1.0)]

@@ -611,8 +611,13 @@ class TBXLogger(TensorBoardLogger):
         recorded as ``unknown`` with the string kept (see :meth:`tbx_lightning.run.Run.finish`).
         """
         run = self._tbx_run
+        # Lightning's SLURM requeue calls this from a signal handler, maybe in the middle of
+        # a call of this run on this thread: then the writer is flushed now and released
+        # when that call returns.
+        interrupted = run.lock.held_here()
         with run.lock:
             if not run.is_open:
+                run.flush()  # a close that failed before: write what it kept, status included
                 return
             if isinstance(self._exception, KeyboardInterrupt) and status == "failed":
                 status = "aborted"
@@ -625,7 +630,10 @@ class TBXLogger(TensorBoardLogger):
                     # As the stock logger: every finished run has one, {} if nothing was saved.
                     self._save_hparams_file(writer)
             finally:
-                run.release()
+                if interrupted:
+                    run.release_later()
+                else:
+                    run.release()
 
     @rank_zero_only
     def flush(self) -> None:
