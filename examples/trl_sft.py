@@ -111,6 +111,8 @@ def main(argv: Sequence[str]) -> str:
                 cfg.paths.runs_dir,
                 name=str(cfg.task_name),
                 config=cfg,
+                # This config's own plumbing stays in config.yaml, out of the row.
+                hparams_exclude=["paths.*", "callbacks.*", "task_name", "num_threads", "ckpt_path"],
                 log_embeddings=True,
                 **_plain(cfg.callbacks.monitor),  # type: ignore[arg-type]
             )

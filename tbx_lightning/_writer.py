@@ -152,12 +152,12 @@ class RunWriter:
             calls with thousands of keys or large images cannot hold unbounded memory.
             Bytes a failing storage could not take count too: once they fill it, a log
             call raises :class:`RunWriterError` and queues nothing.
-        purge_step: When resuming a run, TensorBoard hides events of this run at or
-            after this step, so the resumed curve does not zig-zag.
-        filename_suffix: Appended to the event file's name.
         segment_bytes: Remote storage only: object stores cannot append, so the open
             event file is uploaded whole each time it changed; past this size it is
             closed and the run goes on in a new file (TensorBoard reads them in name order).
+        purge_step: When resuming a run, TensorBoard hides events of this run at or
+            after this step, so the resumed curve does not zig-zag.
+        filename_suffix: Appended to the event file's name.
         upload_timeout: Remote storage only: the most seconds :meth:`close` waits for
             the upload of the spool to finish. What is left then stays in the spool
             folder, and a warning names it and the command that uploads it.

@@ -22,14 +22,16 @@ if TYPE_CHECKING:
     from tbx_lightning.hf._callback import TBXCallback
     from tbx_lightning.hf._config import ARGS_IN_ROW, PEFT_IN_ROW
     from tbx_lightning.hf._registration import register
+    from tbx_lightning.hf._tags import tag_of
 
-__all__ = ["ARGS_IN_ROW", "PEFT_IN_ROW", "TBXCallback", "register"]
+__all__ = ["ARGS_IN_ROW", "PEFT_IN_ROW", "TBXCallback", "register", "tag_of"]
 
 _LAZY = {
     "ARGS_IN_ROW": "tbx_lightning.hf._config",
     "PEFT_IN_ROW": "tbx_lightning.hf._config",
     "TBXCallback": "tbx_lightning.hf._callback",
     "register": "tbx_lightning.hf._registration",
+    "tag_of": "tbx_lightning.hf._tags",
 }
 
 

@@ -377,6 +377,9 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         sink = self._run.monitor_sink if self._writes and self._run is not None else None
         monitor = ModelMonitor(model, sink, self.options)
         monitor.measure_post_clip = bool(getattr(args, "max_grad_norm", 0))
+        # fp16 mixed precision: the scaler's skipped steps are expected, not alerts.
+        trainer = self._hooks.trainer
+        monitor.grad_scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
         if optimizer is not None:
             monitor.attach(optimizer)
         self.monitor = monitor

@@ -52,6 +52,9 @@ _SPLITS = (("eval_", "eval/"), ("test_", "test/"), ("train_", "train/"))
 def tag_of(key: str) -> str:
     """The tag of one Trainer log key.
 
+    Args:
+        key: A key of the dict the Trainer passes to ``on_log``.
+
     Example:
         >>> [tag_of(k) for k in ("loss", "eval_loss", "epoch", "mean_token_accuracy")]
         ['train/loss', 'eval/loss', 'trainer/epoch', 'train/mean_token_accuracy']

@@ -251,7 +251,7 @@ def build(cfg: DictConfig) -> tuple[Any, Any]:
 
 
 def _train(cfg: DictConfig, trainer: Any, callback: Any) -> RunResult:
-    from tbx_lightning.hf._tags import tag_of
+    from tbx_lightning.hf import tag_of
 
     started = time.time()
     error: BaseException | None = None
