@@ -15,18 +15,15 @@ with a crash or an allocation of whatever a garbage length says.
 from __future__ import annotations
 
 import math
-import numbers
 import struct
-import sys
 import time
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from crc32c import crc32c
 
-from tbx_lightning.errors import LoggedTypeError, LoggedValueError
+from tbx_lightning._rules import as_number, is_scalar, is_tensor
 
 if TYPE_CHECKING:  # neither is imported here: the hparams table reads with this module
     import torch
@@ -80,27 +77,6 @@ def frame(event: bytes) -> bytes:
 
 
 # ---------------------------------------------------------------------- scalars
-def _is_tensor(value: Any) -> bool:
-    # torch is imported by whoever made a tensor; this module (read by the table) never is.
-    torch_ = sys.modules.get("torch")
-    return torch_ is not None and isinstance(value, torch_.Tensor)
-
-
-def _coerce_scalar(key: str, value: Any) -> float:
-    """Python number for one metric value, or a TypeError that names the key."""
-    if isinstance(value, bool | np.bool_):
-        return float(value)
-    if isinstance(value, numbers.Real):
-        return float(value)
-    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
-        return float(value.reshape(()))
-    raise LoggedTypeError(
-        f"Metric {key!r} has a value of type {type(value).__name__}, which is not a number: "
-        "log int, float, bool, a one-element tensor or array; use "
-        "`experiment.add_text` for strings and `experiment.add_histogram` for arrays."
-    )
-
-
 def coerce_values(keys: tuple[str, ...], values: list[Any]) -> list[int] | None:
     """Converts non-float values in place; returns the positions of tensors, if any."""
     tensor_idx: list[int] | None = None
@@ -108,30 +84,13 @@ def coerce_values(keys: tuple[str, ...], values: list[Any]) -> list[int] | None:
         kind = type(value)
         if kind is float or kind is int:
             continue
-        if _is_tensor(value):
+        if is_tensor(value):
             if tensor_idx is None:
                 tensor_idx = []
             tensor_idx.append(i)
             continue
-        values[i] = _coerce_scalar(keys[i], value)
+        values[i] = as_number(keys[i], value)
     return tensor_idx
-
-
-def check_tags(keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if type(key) is not str or not key:
-            if not isinstance(key, str):
-                raise LoggedTypeError(
-                    f"Metric names must be str, got {type(key).__name__} {key!r}."
-                )
-            raise LoggedValueError("Metric names must not be empty: give the metric a name.")
-        try:
-            key.encode("utf-8")
-        except UnicodeEncodeError as error:  # else the writer thread fails on it later
-            raise LoggedValueError(
-                f"Metric name {key!r} cannot be written as UTF-8 (it holds a lone surrogate "
-                "character): pass a valid string."
-            ) from error
 
 
 def stack_tensors(keys: tuple[str, ...], values: list[Any], tensor_idx: list[int]) -> torch.Tensor:
@@ -141,15 +100,7 @@ def stack_tensors(keys: tuple[str, ...], values: list[Any], tensor_idx: list[int
     parts = []
     for i in tensor_idx:
         tensor = values[i]
-        if tensor.numel() != 1:
-            raise LoggedTypeError(
-                f"Metric {keys[i]!r} is a tensor of shape {tuple(tensor.shape)}: log one-element "
-                "tensors as scalars, or use `experiment.add_histogram` for the whole tensor."
-            )
-        if tensor.is_complex():
-            raise LoggedTypeError(
-                f"Metric {keys[i]!r} is a complex tensor: log its real or abs value."
-            )
+        is_scalar(keys[i], tensor)  # one element, not complex: the rules' own words
         parts.append(tensor.detach().reshape(()).to(torch_.float64))
     devices = {p.device for p in parts}
     if len(devices) > 1:

@@ -26,6 +26,7 @@ events out and POSTs each one with bounded connect and read timeouts (``urllib``
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -44,7 +45,15 @@ from tbx_lightning._secrets import MASK, Masker
 from tbx_lightning._version import __version__
 from tbx_lightning.errors import ConfigError
 
-__all__ = ["ENV_VAR", "FIELDS", "STYLES", "WebhookNotifier", "notifier_from_env"]
+__all__ = [
+    "ENV_VAR",
+    "FIELDS",
+    "STALL_MIN_SECONDS",
+    "STYLES",
+    "RunNotices",
+    "WebhookNotifier",
+    "notifier_from_env",
+]
 
 ENV_VAR = "TBX_LIGHTNING_ALERT_WEBHOOK"
 """The environment variable :func:`notifier_from_env` reads the webhook URL from."""
@@ -364,3 +373,122 @@ def notifier_from_env(environ: Mapping[str, str] | None = None) -> WebhookNotifi
     """
     url = (os.environ if environ is None else environ).get(ENV_VAR, "").strip()
     return WebhookNotifier(url) if url else None
+
+
+# The least silence that counts as a stall for the ``stall`` notice, in seconds; the
+# limit is 10x the run's longest gap between logging calls when that is longer.
+STALL_MIN_SECONDS = 120.0
+
+
+class RunNotices:
+    """The notices of one run: new alerts, and on request its end and its stalls.
+
+    A run (:class:`tbx_lightning.run.Run`) holds one; monitors turn it on through the
+    run's ``use_webhook``. ``stall`` runs a daemon thread that wakes every few seconds
+    and sends one notice per silence: nothing logged for longer than
+    ``max(STALL_MIN_SECONDS, 10 x`` the longest gap between logging calls so far``)``
+    (a stall's own gap never sets the pace). It stops at the run's end and while the
+    run's writer is released (an idle process after a fit is no stall).
+
+    Args:
+        where: Returns the run's directory, for the notices' ``run`` field.
+        step: Returns the run's latest step.
+    """
+
+    def __init__(self, where: Any, step: Any) -> None:
+        self._where = where
+        self._step = step
+        self._lock = threading.Lock()
+        self._notifier: WebhookNotifier | None = None
+        self._events: frozenset[str] = frozenset()
+        self._last = time.monotonic()
+        self._longest_gap = 0.0
+        self._watch: threading.Event | None = None
+
+    def use(self, url: str, events: Any = ("alerts",)) -> None:
+        """Starts sending ``events`` (``alerts``, ``end``, ``stall``) to ``url``."""
+        with self._lock:
+            if self._notifier is None:
+                self._notifier = WebhookNotifier(url)
+                atexit.register(self._notifier.close, 2.0)
+            self._events = frozenset(events) | self._events
+            if "stall" in self._events and self._watch is None:
+                self._watch = threading.Event()
+                threading.Thread(
+                    target=self._watch_for_stall,
+                    args=(self._watch,),
+                    name="tbx-stall-watch",
+                    daemon=True,
+                ).start()
+
+    def send(self, kind: str, **fields: Any) -> None:
+        """Sends one notice (``kind`` plus :data:`FIELDS`), if a webhook is set."""
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.notify({"kind": kind, "run": self._where(), **fields})
+
+    def alert(self, alert: Any) -> None:
+        """Sends a new alert, when alerts were asked for."""
+        if "alerts" in self._events:
+            self.send(
+                alert.kind,
+                step=alert.step,
+                where=alert.where or "model",
+                value=alert.value,
+                threshold=alert.threshold,
+                message=alert.message,
+            )
+
+    def touch(self) -> None:
+        """Something was logged now."""
+        now = time.monotonic()
+        gap = now - self._last
+        if gap <= max(STALL_MIN_SECONDS, 10 * self._longest_gap):  # a stall sets no pace
+            self._longest_gap = max(self._longest_gap, gap)
+        self._last = now
+
+    def pause(self) -> None:
+        """Stops watching for a stall until :meth:`use` asks again."""
+        with self._lock:
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.set()
+
+    def end(self, status: str, note: str | None) -> None:
+        """The end notice, if asked for; then delivers what is queued (at most 5 s) and stops."""
+        self.pause()
+        with self._lock:
+            notifier, self._notifier = self._notifier, None
+            events, self._events = self._events, frozenset()
+        if notifier is None:
+            return
+        if "end" in events:
+            notifier.notify(
+                {
+                    "kind": "run_end",
+                    "run": self._where(),
+                    "step": self._step(),
+                    "where": status,
+                    "message": note or f"run ended: {status}",
+                }
+            )
+        notifier.close(timeout=5.0)
+
+    def _watch_for_stall(self, stop: threading.Event) -> None:
+        said = False
+        while not stop.wait(min(5.0, STALL_MIN_SECONDS / 4)):
+            idle = time.monotonic() - self._last
+            limit = max(STALL_MIN_SECONDS, 10 * self._longest_gap)
+            if idle <= limit:
+                said = False
+            elif not said:
+                said = True
+                self.send(
+                    "stall",
+                    step=self._step(),
+                    value=round(idle, 1),
+                    threshold=round(limit, 1),
+                    message=f"nothing logged for {idle:.0f} s, over {limit:.0f} s (10x the "
+                    "run's longest gap so far, at least "
+                    f"{STALL_MIN_SECONDS:.0f} s): is training hung?",
+                )

@@ -42,14 +42,19 @@ from tensorboardX.writer import FileWriter
 from tbx_lightning import _fs
 from tbx_lightning._events import (
     ScalarEncoder,
-    check_tags,
     coerce_values,
     frame,
     record_key,
     stack_tensors,
 )
 from tbx_lightning._lease import Lease
-from tbx_lightning._rules import MAX_STEP, MIN_STEP, check_step, check_writer_options
+from tbx_lightning._rules import (
+    MAX_STEP,
+    MIN_STEP,
+    check_names,
+    check_step,
+    check_writer_options,
+)
 from tbx_lightning._spool import Spool, SpoolFileSystem
 from tbx_lightning._stream import EventStream
 from tbx_lightning._summary import RunSummary
@@ -250,7 +255,6 @@ class RunWriter:
         self._wake: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._room: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._encoder = ScalarEncoder()
-        self._checked_keys: set[tuple[str, ...]] = set()
         self._experiment: _RunSummaryWriter | None = None
         spool = self._spool
         self._stream = EventStream(
@@ -364,8 +368,7 @@ class RunWriter:
             if kind is not float and kind is not int:
                 tensor_idx = coerce_values(keys, values)
                 break
-        if keys not in self._checked_keys:
-            self._check_keys(keys)
+        check_names(keys)
         self.has_data = True
         if tensor_idx is None:
             self._put((_SCALARS, step, time.time(), keys, values))
@@ -374,11 +377,6 @@ class RunWriter:
         self._put((_TENSOR_SCALARS, step, time.time(), keys, values, tensor_idx, stacked))
 
     _stack = staticmethod(stack_tensors)  # one device-to-host transfer for a call's tensors
-
-    def _check_keys(self, keys: tuple[str, ...]) -> None:
-        check_tags(keys)
-        if len(self._checked_keys) < 4096:  # remember a few key sets: steady-state calls skip this
-            self._checked_keys.add(keys)
 
     def write_record(self, event: Event) -> None:
         """Queues a prebuilt Event into the event stream, after what was queued before."""

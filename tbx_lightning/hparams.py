@@ -71,6 +71,8 @@ __all__ = [
     "flatten",
     "is_secret_key",
     "mask_secrets_in",
+    "status_key",
+    "status_label",
     "table_columns",
     "to_container",
 ]
@@ -553,14 +555,23 @@ def session_end_event(status: str, end_time: float) -> Event:
     )
 
 
-def _status_key(status: str) -> str:
-    key = status.lower()
-    if key not in STATUSES:
-        raise LoggedValueError(
-            f"Unknown run status {status!r}: use one of {sorted(STATUSES)} (Run.finish and the "
-            "integrations take any string and record other ones as 'unknown')."
-        )
-    return key
+def status_key(status: Any) -> tuple[str, bool]:
+    """``(status, known)``: the status TensorBoard is told for any status string.
+
+    Known ones (:data:`STATUSES`, any case) are themselves; any other string is
+    ``"unknown"`` (the integrations keep the string itself as the ``run/status`` text).
+
+    Example:
+        >>> status_key("Success"), status_key("preempted")
+        (('success', True), ('unknown', False))
+    """
+    key = str(status).lower()
+    return (key, True) if key in STATUSES else ("unknown", False)
+
+
+def status_label(status: str) -> str:
+    """What the ``run.status`` column shows: one word per outcome (``finished`` is ``success``)."""
+    return _STATUS_LABELS.get(status, status)
 
 
 class RunHParams:
@@ -729,7 +740,12 @@ class RunHParams:
         The row gets the columns ``run.status`` (``label``, by default the status) and
         ``run.duration_s`` (seconds since ``start_time``).
         """
-        key = _status_key(status)
+        key, known = status_key(status)
+        if not known:
+            raise LoggedValueError(
+                f"Unknown run status {status!r}: use one of {sorted(STATUSES)} (Run.finish and "
+                "the integrations take any string and record other ones as 'unknown')."
+            )
         with self._lock:
             if self.start_time is None:
                 # A run that never logged hyperparameters still gets its row and status.
@@ -738,7 +754,7 @@ class RunHParams:
             end = time.time()
             shown = key if label is None else label
             self._own = {
-                STATUS_COLUMN: _STATUS_LABELS.get(shown, shown),
+                STATUS_COLUMN: status_label(shown),
                 DURATION_COLUMN: round(max(0.0, end - self._started), 3),
             }
             row = self._row(self.flat)

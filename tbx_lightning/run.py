@@ -49,22 +49,20 @@ Example:
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fnmatch
-import numbers
 import re
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from tbx_lightning._images import image_batch
 from tbx_lightning._layout import LayoutBuilder
-from tbx_lightning._rules import WRITER_OPTIONS, check_step, check_writer_options
+from tbx_lightning._notify import RunNotices
+from tbx_lightning._rules import check_step, flatten_values
 from tbx_lightning._signals import CallLock
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import (
@@ -73,255 +71,19 @@ from tbx_lightning.errors import (
     LoggedValueError,
     TBXError,
 )
-from tbx_lightning.hparams import STATUSES, RunHParams, check_hparams_exclude
+from tbx_lightning.hparams import RunHParams, check_hparams_exclude, status_key
 
 if TYPE_CHECKING:
     from tbx_lightning.graph import GraphExport
     from tbx_lightning.projector import EmbeddingRecord
 
-__all__ = [
-    "STATUS_TEXT_TAG",
-    "WRITER_OPTIONS",
-    "Run",
-    "RunSink",
-    "check_step",
-    "check_writer_options",
-    "flatten_values",
-    "image_batch",
-    "status_key",
-]
+__all__ = ["STATUS_TEXT_TAG", "Run", "RunSink"]
 
 STATUS_TEXT_TAG = "run/status"
-# The least silence that counts as a stall for the ``stall`` webhook notice, in seconds;
-# the limit is 10x the run's longest gap between logging calls when that is longer.
-STALL_MIN_SECONDS = 120.0
 _PIL_FORMAT = "HWC"
 
 
-# ---------------------------------------------------------------------- steps and values
-def _is_scalar(key: str, value: Any) -> bool:
-    """True for values that become one scalar point; LoggedTypeError for tensors that cannot."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise LoggedTypeError(
-                f"Value {key!r} is a tensor of shape {tuple(value.shape)}: log one-element tensors "
-                "as scalars, or the whole tensor with `log_histograms({key: tensor})`."
-            )
-        if value.is_complex():
-            raise LoggedTypeError(
-                f"Value {key!r} is a complex tensor: log its real part or abs value."
-            )
-        return True
-    if isinstance(value, bool | np.bool_ | numbers.Real):
-        return True
-    return isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf"
-
-
-def flatten_values(
-    values: Mapping[Any, Any], *, prefix: str = ""
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Splits logged values into scalars and texts, nested dicts as ``a/b/c`` tags.
-
-    Args:
-        values: Name -> number, one-element tensor or array, str, or a dict of these.
-        prefix: Put before every tag, joined with ``/`` (``""`` for none).
-
-    Returns:
-        ``(scalars, texts)``, each tag -> value.
-
-    Raises:
-        LoggedTypeError: a name that is not a str, or a value of another type; the
-            message names the tag.
-        LoggedValueError: an empty name, or two values landing on one tag.
-
-    Example:
-        >>> flatten_values({"val": {"acc": 0.5, "loss": {"ce": 1.0}}, "note": "hi"})
-        ({'val/acc': 0.5, 'val/loss/ce': 1.0}, {'note': 'hi'})
-    """
-    if not isinstance(values, Mapping):
-        raise LoggedTypeError(
-            f"Logged values must be a dict of name -> value, got {type(values).__name__}: "
-            "wrap the value in a dict, e.g. {'loss': value}."
-        )
-    if not prefix:
-        # The training loop's usual call, a flat dict of Python numbers under names seen
-        # before, skips the per-key checks: nothing nested can clash, the names passed.
-        keys = tuple(values)
-        if keys in _CHECKED_NAMES and all(
-            type(v) is float or type(v) is int for v in values.values()
-        ):
-            return dict(values), {}
-    scalars: dict[str, Any] = {}
-    texts: dict[str, str] = {}
-    _flatten_into(values, prefix, scalars, texts, set())
-    if not prefix and not texts and len(scalars) == len(values):
-        if len(_CHECKED_NAMES) >= _MAX_CHECKED_NAMES:
-            _CHECKED_NAMES.clear()
-        _CHECKED_NAMES.add(tuple(values))
-    return scalars, texts
-
-
-# Names of flat calls already checked (str, non-empty, valid UTF-8), bounded in size.
-_CHECKED_NAMES: set[tuple[Any, ...]] = set()
-_MAX_CHECKED_NAMES = 4096
-
-
-def _flatten_into(
-    values: Mapping[Any, Any],
-    prefix: str,
-    scalars: dict[str, Any],
-    texts: dict[str, str],
-    seen: set[int],
-) -> None:
-    if id(values) in seen:
-        raise LoggedValueError(
-            f"Logged dict {prefix!r} contains itself: log a copy without the cycle."
-        )
-    seen = seen | {id(values)}
-    for key, value in values.items():
-        if not isinstance(key, str):
-            raise LoggedTypeError(
-                f"Logged names must be str, got {type(key).__name__} {key!r}"
-                + (f" under {prefix!r}" if prefix else "")
-                + ": convert the key with str()."
-            )
-        if not key:
-            raise LoggedValueError(
-                "Logged names must not be empty"
-                + (f" (an empty key under {prefix!r})" if prefix else "")
-                + ": give the value a name."
-            )
-        tag = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, Mapping):
-            _flatten_into(value, tag, scalars, texts, seen)
-            continue
-        if tag in scalars or tag in texts:
-            raise LoggedValueError(
-                f"Value {tag!r} is given twice in one call (a key containing '/' clashes with a "
-                "nested dict): rename one of them."
-            )
-        _check_utf8(tag, tag, "name")
-        if isinstance(value, str):
-            _check_utf8(tag, value, "text")
-            texts[tag] = value
-        elif _is_scalar(tag, value):
-            scalars[tag] = value
-        else:
-            raise LoggedTypeError(
-                f"Value {tag!r} has type {type(value).__name__}, which cannot be logged as a "
-                "value: log numbers (int, float, bool, one-element tensors or arrays), str (as "
-                "text) or dicts of these (as 'a/b' tags); use `log_images`, `log_histograms` or "
-                "`log_embedding` for images, tensors and embeddings."
-            )
-
-
-def _check_utf8(tag: str, text: str, what: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise LoggedValueError(
-            f"The {what} of value {tag!r} cannot be written as UTF-8 (it holds a lone surrogate "
-            "character, as os.fsdecode or sys.argv can produce): pass a valid string, e.g. "
-            "text.encode('utf-8', 'replace').decode()."
-        ) from error
-
-
-# ---------------------------------------------------------------------- images
-def _image_array(key: str, image: Any, dataformats: str) -> tuple[np.ndarray, str]:
-    """One image as an array with its format: PIL images are HWC, others use ``dataformats``."""
-    if hasattr(image, "getbands") and hasattr(image, "size"):  # a PIL image, without importing PIL
-        return np.asarray(image), _PIL_FORMAT
-    if isinstance(image, torch.Tensor):
-        array = image.detach().cpu().numpy()
-    elif isinstance(image, np.ndarray):
-        array = image
-    else:
-        raise LoggedTypeError(
-            f"Image {key!r} has type {type(image).__name__}: log a tensor, a NumPy array, a PIL "
-            "image, or a list of these."
-        )
-    return array, dataformats
-
-
-def _as_nchw(key: str, batch: np.ndarray, fmt: str) -> np.ndarray:
-    """A batch in ``fmt`` (``N`` + one image's layout) as NCHW with 1, 3 or 4 channels."""
-    if len(set(fmt)) != len(fmt) or set(fmt) - set("NCHW") or not {"H", "W"} <= set(fmt):
-        raise LoggedValueError(
-            f"dataformats={fmt[1:]!r} for image {key!r} is not a layout of H, W and optionally C: "
-            "use 'CHW', 'HWC' or 'HW'."
-        )
-    if "C" not in fmt:
-        batch, fmt = batch[:, None], "NC" + fmt[1:]
-    batch = batch.transpose([fmt.index(axis) for axis in "NCHW"])
-    if batch.shape[1] not in (1, 3, 4):
-        raise LoggedValueError(
-            f"Image {key!r} has {batch.shape[1]} channels in dataformats={fmt[1:]!r}: images have "
-            "1, 3 or 4 channels; pass the dataformats that matches the array ('CHW', 'HWC', 'HW')."
-        )
-    return batch
-
-
-def image_batch(key: str, images: Any, dataformats: str = "CHW") -> np.ndarray:
-    """Any accepted image value as one NCHW batch array.
-
-    ``images`` is one image, a batch (one more dimension than ``dataformats``) or a
-    list of images of one shape: tensors, NumPy arrays (float in [0, 1] or uint8)
-    or PIL images (always HWC).
-
-    Raises:
-        LoggedTypeError: a value that is not an image.
-        LoggedValueError: a shape that does not fit ``dataformats``, an empty list,
-            images of different shapes.
-    """
-    if not isinstance(dataformats, str):
-        raise LoggedTypeError(f"`dataformats` must be a str such as 'CHW', got {dataformats!r}.")
-    fmt = dataformats.upper()
-    if isinstance(images, list | tuple):
-        if not images:
-            raise LoggedValueError(f"Image list {key!r} is empty: log at least one image.")
-        parts = [_image_array(f"{key}[{i}]", image, fmt) for i, image in enumerate(images)]
-        formats = {part_fmt for _, part_fmt in parts}
-        if len(formats) > 1:
-            raise LoggedValueError(
-                f"Images of {key!r} mix PIL images (HWC) with arrays in {fmt}: convert them to one "
-                "layout, or pass dataformats matching all of them."
-            )
-        (one_fmt,) = formats
-        arrays = [array for array, _ in parts]
-        for i, array in enumerate(arrays):
-            if array.ndim != len(one_fmt):
-                raise LoggedValueError(
-                    f"Image {key}[{i}] has {array.ndim} dimensions, expected {len(one_fmt)} for "
-                    f"dataformats={one_fmt!r}."
-                )
-        shapes = {array.shape for array in arrays}
-        if len(shapes) > 1:
-            raise LoggedValueError(
-                f"Images of {key!r} have different shapes {sorted(shapes)}: resize them to one "
-                "shape to log them as one batch, or log them under separate keys."
-            )
-        return _as_nchw(key, np.stack(arrays), "N" + one_fmt)
-    array, one_fmt = _image_array(key, images, fmt)
-    if array.ndim == len(one_fmt):
-        return _as_nchw(key, array[None], "N" + one_fmt)
-    if array.ndim == len(one_fmt) + 1:
-        return _as_nchw(key, array, "N" + one_fmt)
-    raise LoggedValueError(
-        f"Image {key!r} has shape {tuple(array.shape)}, which fits neither one image nor a batch "
-        f"in dataformats={one_fmt!r}: pass dataformats ('CHW', 'HWC' or 'HW') that matches it."
-    )
-
-
 # ---------------------------------------------------------------------- statuses
-def status_key(status: Any) -> tuple[str, bool]:
-    """``(HParams status, known)`` for any status string; unknown ones map to ``"unknown"``."""
-    text = str(status)
-    key = text.lower()
-    if key in STATUSES:
-        return key, True
-    return "unknown", False
-
-
 # ---------------------------------------------------------------------- the run
 class Run:
     """One TensorBoard run as both integrations see it: rules, options, features, lock.
@@ -399,13 +161,8 @@ class Run:
         self._mirrors: dict[str, re.Pattern[str]] = {}
         self._counts: dict[str, dict[int, float]] = {}
         self._mirror_pending: dict[int, dict[str, Any]] = {}
-        # Webhook delivery (see use_webhook): the notifier, what it receives, and the
-        # watch for a stall: when the run last logged, and its longest gap so far.
-        self._notifier: Any = None
-        self._webhook_events: frozenset[str] = frozenset()
-        self._last_activity = time.monotonic()
-        self._longest_gap = 0.0
-        self._stall_watch: threading.Event | None = None
+        # Webhook delivery (use_webhook): alerts, and the run's end and stalls on request.
+        self.notices = RunNotices(self._where, lambda: self._step)
 
     # ------------------------------------------------------------------ writer
     @property
@@ -462,9 +219,7 @@ class Run:
         """
         with self.lock:
             writer, self._writer, self._hparams = self._writer, None, None
-            if self._stall_watch is not None:  # an idle process after a fit is no stall
-                self._stall_watch.set()
-                self._stall_watch = None
+            self.notices.pause()  # an idle process after a fit is no stall
         if writer is not None:
             try:
                 writer.close()
@@ -607,96 +362,21 @@ class Run:
                 count = seen[max(earlier)]
             writer.log_scalars(copies, int(count))
 
+    def _where(self) -> str | None:
+        writer = self._writer
+        return writer.log_dir if writer is not None else None
+
     # ------------------------------------------------------------------ notices
     def use_webhook(self, url: str, events: Sequence[str] = ("alerts",)) -> None:
-        """Delivers notices to ``url`` (see :mod:`tbx_lightning._notify`): ``events`` among
-        ``alerts``, ``end`` (the final status, from :meth:`finish`) and ``stall`` (no
-        logging for longer than ``max(STALL_MIN_SECONDS, 10 x`` the longest gap so far``)``
-        while the process lives). Never blocks or fails training."""
-        from tbx_lightning._notify import WebhookNotifier
+        """Sends notices to ``url``: ``events`` among ``alerts``, ``end`` and ``stall``.
 
-        with self.lock:
-            if self._notifier is None:
-                self._notifier = WebhookNotifier(url)
-                atexit.register(self._notifier.close, 2.0)
-            self._webhook_events = frozenset(events) | self._webhook_events
-            if "stall" in self._webhook_events and self._stall_watch is None:
-                self._stall_watch = threading.Event()
-                threading.Thread(
-                    target=self._watch_for_stall,
-                    args=(self._stall_watch,),
-                    name="tbx-stall-watch",
-                    daemon=True,
-                ).start()
-
-    def notify(self, kind: str, **fields: Any) -> None:
-        """Sends one notice (``kind`` plus :data:`tbx_lightning._notify.FIELDS`), if a webhook is set."""
-        notifier = self._notifier
-        if notifier is None:
-            return
-        writer = self._writer
-        notifier.notify({"kind": kind, "run": writer.log_dir if writer else None, **fields})
+        See :class:`tbx_lightning._notify.RunNotices`; never blocks or fails training.
+        """
+        self.notices.use(url, events)
 
     def notify_alert(self, alert: Any) -> None:
-        """Sends a new alert, when the webhook asked for alerts."""
-        if "alerts" in self._webhook_events:
-            self.notify(
-                alert.kind,
-                step=alert.step,
-                where=alert.where or "model",
-                value=alert.value,
-                threshold=alert.threshold,
-                message=alert.message,
-            )
-
-    def _touch(self) -> None:
-        now = time.monotonic()
-        gap = now - self._last_activity
-        if gap <= max(STALL_MIN_SECONDS, 10 * self._longest_gap):  # a stall sets no pace
-            self._longest_gap = max(self._longest_gap, gap)
-        self._last_activity = now
-
-    def _watch_for_stall(self, stop: threading.Event) -> None:
-        said = False
-        while not stop.wait(min(5.0, STALL_MIN_SECONDS / 4)):
-            idle = time.monotonic() - self._last_activity
-            limit = max(STALL_MIN_SECONDS, 10 * self._longest_gap)
-            if idle <= limit:
-                said = False
-            elif not said:
-                said = True
-                self.notify(
-                    "stall",
-                    step=self._step,
-                    value=round(idle, 1),
-                    threshold=round(limit, 1),
-                    message=f"nothing logged for {idle:.0f} s, over {limit:.0f} s (10x the "
-                    "run's longest gap so far, at least "
-                    f"{STALL_MIN_SECONDS:.0f} s): is training hung?",
-                )
-
-    def _end_notices(self, key: str, note: str | None) -> None:
-        """The end notice, if asked for; then the notifier delivers what it holds and stops."""
-        with self.lock:
-            notifier, self._notifier = self._notifier, None
-            events, self._webhook_events = self._webhook_events, frozenset()
-            watch, self._stall_watch = self._stall_watch, None
-        if watch is not None:
-            watch.set()
-        if notifier is None:
-            return
-        if "end" in events:
-            writer = self._writer
-            notifier.notify(
-                {
-                    "kind": "run_end",
-                    "run": writer.log_dir if writer else None,
-                    "step": self._step,
-                    "where": key,
-                    "message": note or f"run ended: {key}",
-                }
-            )
-        notifier.close(timeout=5.0)
+        """Sends a new alert, when a webhook asked for alerts."""
+        self.notices.alert(alert)
 
     def alert_stopped(self, kind: str, step: int, message: str, action: str) -> None:
         """Records that an alert ended training: :meth:`finish` then records a failure."""
@@ -725,7 +405,7 @@ class Run:
             for tag, text in texts.items():
                 writer.experiment.add_text(tag, text, global_step=at)
             self.seen(at)
-            self._touch()
+            self.notices.touch()
             if writer._summary.tag_count != self._layout_tags:
                 self._update_layout(writer)
         return at
@@ -905,8 +585,7 @@ class Run:
                 self.writer.experiment.add_text(STATUS_TEXT_TAG, note, global_step=at)
             for waiting in sorted(self._mirror_pending):  # no later count will come
                 self.mirror(self.writer, self._mirror_pending.pop(waiting), waiting, wait=False)
-            if self._notifier is not None:
-                self._end_notices(key, note)
+            self.notices.end(key, note)
             hparams.finish(key, label=label)
             writer = self.writer
             if writer.has_data:
@@ -926,13 +605,12 @@ class Run:
         state["_hparams"] = None
         state["lock"] = None
         state["_layout"] = None
-        state["_notifier"] = None
-        state["_stall_watch"] = None
-        state["_webhook_events"] = frozenset()
+        state["notices"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self.notices = RunNotices(self._where, lambda: self._step)
         self.lock = CallLock()
         self._layout = LayoutBuilder()
         self._layout_tags = 0
@@ -966,7 +644,7 @@ class RunSink:
         run = self._run
         writer = run.writer
         writer.log_scalars(metrics, step)
-        run._touch()
+        run.notices.touch()
         if run._mirrors:
             with run.lock:
                 run.mirror(writer, metrics, step)

@@ -73,7 +73,7 @@ def test_non_numeric_metric_value_raises_and_keeps_the_run(
     run: RunWriter, tmp_path: Path, value: Any
 ) -> None:
     with pytest.raises(
-        TypeError, match=r"Metric 'bad' has a value of type \w+, which is not a number"
+        TypeError, match=r"Value 'bad' has type \w+, which cannot be logged as a value"
     ):
         run.log_scalars({"ok": 2.0, "bad": value}, 1)
     run.log_scalars({"after": 3.0}, 2)
@@ -90,7 +90,7 @@ def test_non_numeric_metric_value_raises_and_keeps_the_run(
     ],
 )
 def test_tensor_metric_that_is_not_a_scalar_raises(run: RunWriter, value: Any) -> None:
-    with pytest.raises(TypeError, match=r"Metric 'bad' is a"):
+    with pytest.raises(TypeError, match=r"Value 'bad' is a"):
         run.log_scalars({"bad": value}, 1)
 
 
@@ -108,9 +108,9 @@ def test_nan_and_inf_are_written_as_they_are(run: RunWriter, tmp_path: Path) -> 
 
 # ----------------------------------------------------------------------- tags
 def test_empty_and_non_string_tags_raise(run: RunWriter) -> None:
-    with pytest.raises(ValueError, match="Metric names must not be empty"):
+    with pytest.raises(ValueError, match="Logged names must not be empty"):
         run.log_scalars({"": 1.0}, 1)
-    with pytest.raises(TypeError, match="Metric names must be str, got int 3"):
+    with pytest.raises(TypeError, match="Logged names must be str, got int 3"):
         run.log_scalars({3: 1.0}, 1)  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="cannot be written as UTF-8"):
         run.log_scalars({"bad\ud800": 1.0}, 1)

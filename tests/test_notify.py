@@ -350,10 +350,11 @@ def test_a_webhook_that_never_answers_does_not_hold_training_back(
 def test_a_stall_is_sent_once_and_again_after_logging_resumed(
     recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tbx_lightning import run as run_module
+    from tbx_lightning import _notify
+    from tbx_lightning.run import Run
 
-    monkeypatch.setattr(run_module, "STALL_MIN_SECONDS", 0.4)
-    run = run_module.Run(lambda: str(tmp_path), owner="test")
+    monkeypatch.setattr(_notify, "STALL_MIN_SECONDS", 0.4)
+    run = Run(lambda: str(tmp_path), owner="test")
     run.use_webhook(recorder.url + "/hook", ["stall"])
     for step in range(3):
         run.log({"train/loss": 1.0}, step=step)

@@ -107,11 +107,11 @@ def test_nan_and_inf_are_written_as_they_are(tmp_path: Path) -> None:
 def test_bad_value_names_key_and_keeps_queued_data(tmp_path: Path) -> None:
     with RunWriter(tmp_path) as run:
         run.log_scalars({"ok": 1.0}, 0)
-        with pytest.raises(TypeError, match=r"Metric 'bad' has a value of type str"):
+        with pytest.raises(TypeError, match=r"Value 'bad' has type str"):
             run.log_scalars({"fine": 2.0, "bad": "text"}, 1)
-        with pytest.raises(TypeError, match=r"Metric 'none' has a value of type NoneType"):
+        with pytest.raises(TypeError, match=r"Value 'none' has type NoneType"):
             run.log_scalars({"none": None}, 1)
-        with pytest.raises(TypeError, match=r"Metric 'vec' is a tensor of shape \(3,\)"):
+        with pytest.raises(TypeError, match=r"Value 'vec' is a tensor of shape \(3,\)"):
             run.log_scalars({"vec": torch.ones(3)}, 1)
         with pytest.raises(TypeError, match=r"`step` must be an int, got float"):
             run.log_scalars({"ok": 1.0}, 1.5)  # type: ignore[arg-type]

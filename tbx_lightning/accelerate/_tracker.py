@@ -28,9 +28,10 @@ except ImportError as error:  # pragma: no cover - exercised in a subprocess wit
     ) from error
 
 from tbx_lightning import _fs
+from tbx_lightning._rules import check_writer_options
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import ConfigError, ConfigTypeError, RunNotStartedError
-from tbx_lightning.run import Run, RunSink, check_writer_options
+from tbx_lightning.run import Run, RunSink
 
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter

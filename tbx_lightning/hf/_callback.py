@@ -32,6 +32,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
     ) from error
 
 from tbx_lightning import _fs
+from tbx_lightning._rules import check_writer_options
 from tbx_lightning.errors import ConfigError, ConfigTypeError
 from tbx_lightning.hf._completions import (
     COMPLETIONS_TAG,
@@ -47,7 +48,7 @@ from tbx_lightning.hf._trainer import TrainerHooks, find_trainer
 from tbx_lightning.hparams import DEFAULT_HPARAMS_EXCLUDE, check_hparams_exclude
 from tbx_lightning.monitor import ModelMonitor, MonitorOptions
 from tbx_lightning.monitor._options import resolve_options
-from tbx_lightning.run import Run, check_writer_options
+from tbx_lightning.run import Run
 
 __all__ = ["EMBEDDING_TAG", "TBXCallback"]
 

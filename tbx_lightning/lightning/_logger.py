@@ -33,11 +33,12 @@ from tensorboardX import SummaryWriter
 from torch import Tensor, nn
 
 from tbx_lightning import _fs
+from tbx_lightning._rules import check_writer_options
 from tbx_lightning._summary import SUMMARY_FILE
 from tbx_lightning._writer import RunWriter
 from tbx_lightning.hparams import MASK, is_secret_key, to_container
 from tbx_lightning.lightning._trainer import find_trainer
-from tbx_lightning.run import Run, RunSink, check_writer_options
+from tbx_lightning.run import Run, RunSink
 
 if TYPE_CHECKING:
     from tbx_lightning.graph import GraphExport
