@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from tbx_lightning import RunWriter
+from tbx_lightning.projector import MAX_SPRITE_PX, log_embedding
 from tbx_lightning.projector import _embedding as pj
-from tbx_lightning.projector import log_embedding
+from tbx_lightning.projector._sprite import sprite_png
 from tests.tbserver import TensorBoardServer
 
 PLUGIN = "/data/plugin/projector"
@@ -165,7 +166,7 @@ def write_core_layouts(logdir: Path) -> dict[str, Expected]:
         big = big.view(n, 1, 1, 1).expand(n, 1, 256, 256)
         mat = torch.randn(n, 2, generator=gen)
         rec = log_embedding(run, "img/big", mat, label_img=big)
-        thumb = pj.MAX_SPRITE_PX // 33
+        thumb = MAX_SPRITE_PX // 33
         assert rec.thumbnail_px == thumb
         expected["img_big"] = Expected(
             "main", rec.tensor_name, mat.numpy(), None, (33 * thumb, 32 * thumb), thumb
@@ -264,7 +265,7 @@ def check(server: TensorBoardServer, exp: Expected) -> dict[str, Any]:
         assert entry["sprite"]["singleImageDim"] == [exp.thumb, exp.thumb]
         png = server.get_bytes(f"{PLUGIN}/sprite_image", {"run": exp.run, "name": exp.name})
         assert png_size(png) == exp.sprite_size
-        assert max(exp.sprite_size) <= pj.MAX_SPRITE_PX
+        assert max(exp.sprite_size) <= MAX_SPRITE_PX
         entry["png"] = png
     return entry
 
@@ -542,7 +543,7 @@ def test_sprite_grid_geometry() -> None:
     # The grid is ceil(sqrt(N)) columns wide, as the projector expects.
     for n in (1, 2, 5, 10, 17):
         cols = math.ceil(math.sqrt(n))
-        png, thumb = pj._sprite_png(torch.rand(n, 3, 2, 2), None)
+        png, thumb = sprite_png(torch.rand(n, 3, 2, 2), None)
         assert png_size(png) == (cols * 2, math.ceil(n / cols) * 2) and thumb == 2
 
 

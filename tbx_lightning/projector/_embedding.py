@@ -31,32 +31,32 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 import numbers
-import operator
 import re
-import struct
 import threading
 import warnings
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from google.protobuf import descriptor_pb2, descriptor_pool, text_format
 
 from tbx_lightning import _fs
 from tbx_lightning._rules import check_step
 from tbx_lightning.errors import ConfigError, LoggedTypeError, LoggedValueError
 from tbx_lightning.projector import _files as files
+from tbx_lightning.projector._metadata import metadata_columns, metadata_tsv
+from tbx_lightning.projector._sprite import (
+    check_image_count,
+    image_tensor,
+    sprite_layout,
+    sprite_png,
+)
 
 __all__ = [
     "CONFIG_FILENAME",
     "LATEST_SUFFIX",
-    "MAX_SPRITE_PX",
     "WARN_POINTS",
     "EmbeddingRecord",
     "log_embedding",
@@ -67,9 +67,6 @@ __all__ = [
 
 CONFIG_FILENAME = "projector_config.pbtxt"
 """Name of the config file TensorBoard's projector looks for in a run directory."""
-
-MAX_SPRITE_PX = 8192
-"""Largest sprite width and height the projector accepts (a WebGL texture limit)."""
 
 WARN_POINTS = 100_000
 """Above this many points (and no ``max_points``) a warning suggests sampling."""
@@ -86,21 +83,8 @@ _SUBDIR = files.SUBDIR
 _METADATA = "metadata.tsv"
 _SPRITE = "sprite.png"
 _SAMPLE = "sample.json"
-_INDEX_COLUMN = "index"
-
-# Characters JavaScript's String.prototype.trim() removes: the projector skips
-# metadata lines made only of these, which would shift every later row.
-_JS_BLANK_LINE = re.compile(
-    "[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*\\Z"
-)
-_BLANK_CHARS = frozenset(
-    "\t\n\v\f\r \u00a0\u1680\u2028\u2029\u202f\u205f\u3000\ufeff"
-    + "".join(chr(c) for c in range(0x2000, 0x200B))
-)
-_CELL_ESCAPES = str.maketrans({"\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _SAFE_TAG_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 _NAME_RE = re.compile(r"^(?P<tag>.*):(?P<step>\d{8,})\Z", re.DOTALL)
-_SPRITE_CHUNK_PX = 1 << 24  # pixels per resize chunk: bounds the float copy to ~64 MB a channel
 
 
 @dataclass(frozen=True)
@@ -374,13 +358,13 @@ def log_embedding(
             stacklevel=2,
         )
     header, columns = (
-        (None, None) if metadata is None else _metadata_columns(metadata, metadata_header, total)
+        (None, None) if metadata is None else metadata_columns(metadata, metadata_header, total)
     )
     if label_img is not None:
-        _check_image_count(label_img, total)
+        check_image_count(label_img, total)
         # Checked here, before any file is touched; the sprite is drawn on the helper.
-        label_img = _image_tensor(label_img)
-        _sprite_layout(total if index is None else len(index), *label_img.shape[2:])
+        label_img = image_tensor(label_img)
+        sprite_layout(total if index is None else len(index), *label_img.shape[2:])
 
     # The side files (labels, sprite, sample) are built on the writer's helper thread
     # while the tensor streams: building them is Python work, the write is the kernel's
@@ -477,10 +461,10 @@ def _side_files(
     total: int,
 ) -> tuple[bytes | None, bytes | None, int | None, bytes | None]:
     """The bytes of ``metadata.tsv``, ``sprite.png`` (and its thumbnail size), ``sample.json``."""
-    metadata_bytes = None if columns is None else _metadata_tsv(header, columns, index)
+    metadata_bytes = None if columns is None else metadata_tsv(header, columns, index)
     sprite_bytes = thumb = None
     if label_img is not None:
-        sprite_bytes, thumb = _sprite_png(label_img, index)
+        sprite_bytes, thumb = sprite_png(label_img, index)
     sample_bytes = None
     if index is not None:
         sample_bytes = _sample_json(seed, max_points, total, index)
@@ -624,280 +608,3 @@ def _sample_json(seed: int, max_points: int | None, total: int, index: np.ndarra
         "rows": index.tolist(),
     }
     return (json.dumps(record, separators=(",", ":")) + "\n").encode("ascii")
-
-
-def _rows_of(value: Any, index: np.ndarray | None) -> Any:
-    """Selects the sampled rows of a tensor or array on its own device."""
-    if index is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.index_select(0, torch.from_numpy(index).to(value.device))
-    return value[index]
-
-
-# ---------------------------------------------------------------------- metadata
-def _text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="backslashreplace")
-    return str(value)
-
-
-def _text_column(values: list[Any]) -> list[str]:
-    """Values as text with tabs and line breaks escaped, in one pass when none needs it."""
-    texts = [v if type(v) is str else _text(v) for v in values]
-    joined = "".join(texts)
-    if "\t" in joined or "\n" in joined or "\r" in joined:
-        texts = [t.translate(_CELL_ESCAPES) for t in texts]
-    return texts
-
-
-def _is_row(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) or (
-        isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1
-    )
-
-
-def _metadata_columns(
-    metadata: Any, header: Sequence[str] | None, total: int
-) -> tuple[list[str] | None, list[list[Any]]]:
-    """Normalises every accepted metadata form to (header or None, columns of raw values)."""
-    if isinstance(header, str):
-        raise LoggedTypeError(
-            f"`metadata_header` must be a sequence of column names, got the str {header!r}: "
-            f"pass [{header!r}]."
-        )
-    if header is not None:
-        header = [_text(h) for h in header]
-        if not header:
-            raise LoggedValueError("`metadata_header` is empty: give one name per column.")
-        if len(set(header)) != len(header):
-            raise LoggedValueError(
-                f"`metadata_header` repeats a name: {header}; names must be unique."
-            )
-    if isinstance(metadata, Mapping):
-        names = [_text(k) for k in metadata]
-        if header is not None and header != names:
-            raise LoggedValueError(
-                f"`metadata` is a mapping with columns {names} but `metadata_header` is "
-                f"{header}: pass one of them."
-            )
-        if not names:
-            raise LoggedValueError("`metadata` is an empty mapping: give at least one column.")
-        columns = [_as_list(v, f"metadata[{k!r}]") for k, v in metadata.items()]
-        for name, column in zip(names, columns, strict=True):
-            if len(column) != total:
-                raise LoggedValueError(
-                    f"`metadata` column {name!r} has {len(column)} rows but `mat` has {total} "
-                    "points: give one value per point."
-                )
-        return names, columns
-    values = _as_list(metadata, "metadata")
-    if len(values) != total:
-        raise LoggedValueError(
-            f"`metadata` has {len(values)} rows but `mat` has {total} points: give one "
-            "label (or row) per point."
-        )
-    ncols = len(header) if header is not None else 1
-    if not _is_row(values[0]):
-        if ncols != 1:
-            raise LoggedValueError(
-                f"`metadata` is one column but `metadata_header` has {ncols} names: pass one "
-                "row per point with one value per column."
-            )
-        return header, [values]
-    rows = [_as_list(r, "metadata row") for r in values]
-    for i, row in enumerate(rows):
-        if len(row) != ncols:
-            if header is None:
-                raise LoggedValueError(
-                    f"`metadata` row {i} has {len(row)} values: pass `metadata_header` with "
-                    "one name per column, or a flat list for a single column."
-                )
-            raise LoggedValueError(
-                f"`metadata` row {i} has {len(row)} values but `metadata_header` has {ncols} "
-                "names: every row needs one value per column."
-            )
-    columns = [list(c) for c in zip(*rows, strict=True)]
-    return header, columns
-
-
-def _as_list(value: Any, what: str) -> list[Any]:
-    if isinstance(value, torch.Tensor):
-        return list(value.detach().cpu().tolist())
-    if isinstance(value, np.ndarray):
-        return list(value.tolist())
-    if isinstance(value, (str, bytes)):
-        raise LoggedTypeError(f"`{what}` is a single string: pass a list with one label per point.")
-    if isinstance(value, Iterable):
-        return list(value)
-    raise LoggedTypeError(f"`{what}` must be a sequence, got {type(value).__name__}.")
-
-
-@functools.lru_cache(maxsize=4)
-def _index_cells(count: int) -> list[str]:
-    """``"\\t<i>\\n"`` for every row: the same for every step of a tag, so made once."""
-    return [f"\t{i}\n" for i in range(count)]
-
-
-def _unblank(cells: Sequence[str]) -> str:
-    """A line the projector would skip as blank, with its cells quoted so it is kept."""
-    return "\t".join(json.dumps(c, ensure_ascii=False) for c in cells)
-
-
-def _metadata_tsv(
-    header: list[str] | None, columns: list[list[Any]], index: np.ndarray | None
-) -> bytes:
-    """The metadata file: a header line, then one line per (sampled) point.
-
-    TensorBoard reads a file without a tab in its first line as one unnamed
-    column and then offers no "Label by" / "Color by" choice, so one column is
-    written with a second one, ``index``: each point's row in the given matrix
-    (which also records which rows a sample kept).
-    """
-    picks = index.tolist() if index is not None else None
-    if picks is not None:
-        columns = [[column[i] for i in picks] for column in columns]
-    texts = [_text_column(column) for column in columns]
-    if len(texts) == 1:
-        name = header[0] if header else "label"
-        names = [name, _INDEX_COLUMN if name != _INDEX_COLUMN else "row"]
-        ends = _index_cells(len(texts[0])) if picks is None else [f"\t{i}\n" for i in picks]
-        # Never blank: the index column always holds digits.
-        body = "".join(map(operator.add, texts[0], ends))
-        return ("\t".join(_text_column(names)) + "\n" + body).encode("utf-8")
-    lines = ["\t".join(row) for row in zip(*texts, strict=True)]
-    if header is None:  # unreachable from the public forms; kept for safety
-        header = [f"column_{i}" for i in range(len(texts))]
-    lines = ["\t".join(_text_column(list(header))), *lines]
-    for i, line in enumerate(lines):
-        if (not line or line[0] in _BLANK_CHARS) and _JS_BLANK_LINE.match(line):
-            lines[i] = _unblank(line.split("\t"))
-    return ("\n".join(lines) + "\n").encode("utf-8")
-
-
-# ---------------------------------------------------------------------- sprite
-def _image_tensor(label_img: Any) -> torch.Tensor:
-    if isinstance(label_img, torch.Tensor):
-        images = label_img.detach()
-    else:
-        array = np.asarray(label_img)
-        if array.dtype.kind not in "biuf":
-            raise LoggedTypeError(f"`label_img` must hold numbers, got dtype {array.dtype}.")
-        images = torch.from_numpy(np.ascontiguousarray(array))
-    if images.is_complex():
-        raise LoggedTypeError("`label_img` is complex: pass real pixel values.")
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.ndim != 4 or images.shape[1] not in (1, 3, 4):
-        hint = ""
-        if images.ndim == 4 and images.shape[-1] in (1, 3, 4):
-            hint = " For channels-last images pass label_img.permute(0, 3, 1, 2)."
-        raise LoggedValueError(
-            f"`label_img` must be (N, C, H, W) with C in 1, 3, 4, or (N, H, W); got shape "
-            f"{tuple(label_img.shape)}.{hint}"
-        )
-    if images.shape[2] == 0 or images.shape[3] == 0:
-        raise LoggedValueError(f"`label_img` has empty images: shape {tuple(images.shape)}.")
-    return images
-
-
-def _check_image_count(label_img: Any, total: int) -> None:
-    count = len(label_img)
-    if count != total:
-        raise LoggedValueError(
-            f"`label_img` has {count} images but `mat` has {total} points: give one image per point."
-        )
-
-
-def _value_range(images: torch.Tensor) -> tuple[float, float]:
-    """The input value that maps to 0 and the one that maps to 255."""
-    if images.dtype == torch.uint8:
-        return 0.0, 255.0
-    if images.dtype == torch.bool:
-        return 0.0, 1.0
-    finite = images if not images.is_floating_point() else torch.nan_to_num(images.float())
-    lo, hi = (float(v) for v in torch.aminmax(finite))
-    if images.is_floating_point():
-        if lo >= 0.0 and hi <= 1.0:
-            return 0.0, 1.0
-    elif lo >= 0 and hi <= 255:
-        return 0.0, 255.0
-    if hi == lo:
-        return lo - 1.0, hi
-    return lo, hi
-
-
-def _sprite_layout(n: int, height: int, width: int) -> tuple[int, int, int]:
-    """Columns, rows and thumbnail size of the sprite of ``n`` images."""
-    ncol = math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    thumb = min(max(height, width), MAX_SPRITE_PX // ncol)
-    if thumb < 1:
-        raise LoggedValueError(
-            f"{n:,} label images cannot fit a {MAX_SPRITE_PX} px sprite even at 1 px each: pass "
-            f"max_points <= {MAX_SPRITE_PX**2:,}."
-        )
-    return ncol, nrow, thumb
-
-
-def _sprite_png(label_img: Any, index: np.ndarray | None) -> tuple[bytes, int]:
-    images = _rows_of(_image_tensor(label_img), index)
-    n, channels, height, width = images.shape
-    side = max(height, width)
-    ncol, nrow, thumb = _sprite_layout(n, height, width)
-    padded = height != width
-    out_channels = channels + 1 if padded and channels in (1, 3) else channels
-    lo, hi = _value_range(images)
-    scale = 255.0 / (hi - lo)
-    pad_h, pad_w = side - height, side - width
-    padding = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)
-    sprite = np.zeros((nrow * thumb, ncol * thumb, out_channels), dtype=np.uint8)
-    # Whole grid rows per chunk, so each chunk lands in the sprite with one reshape.
-    rows_per_chunk = max(1, _SPRITE_CHUNK_PX // (ncol * side * side))
-    for grid_row in range(0, nrow, rows_per_chunk):
-        start = grid_row * ncol
-        stop = min(n, (grid_row + rows_per_chunk) * ncol)
-        x = images[start:stop].float()
-        x = torch.nan_to_num(x, nan=lo).sub_(lo).mul_(scale).clamp_(0.0, 255.0)
-        if padded:
-            if channels in (1, 3):
-                x = torch.cat([x, torch.full_like(x[:, :1], 255.0)], dim=1)
-            x = F.pad(x, padding, value=0.0)
-        if thumb != side:
-            x = F.interpolate(x, size=(thumb, thumb), mode="area")
-        tiles = x.round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        count = tiles.shape[0]
-        rows_here = math.ceil(count / ncol)
-        if count < rows_here * ncol:
-            fill = np.zeros((rows_here * ncol - count, *tiles.shape[1:]), dtype=np.uint8)
-            tiles = np.concatenate([tiles, fill])
-        block = (
-            tiles.reshape(rows_here, ncol, thumb, thumb, out_channels)
-            .transpose(0, 2, 1, 3, 4)
-            .reshape(rows_here * thumb, ncol * thumb, out_channels)
-        )
-        sprite[grid_row * thumb : grid_row * thumb + block.shape[0]] = block
-    return _encode_png(sprite), thumb
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _encode_png(pixels: np.ndarray) -> bytes:
-    """An 8-bit PNG of an (H, W, C) uint8 array, C in 1 (grey), 2 (grey+alpha), 3, 4."""
-    height, width, channels = pixels.shape
-    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
-    raw = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter byte 0 per row
-    raw[:, 1:] = pixels.reshape(height, width * channels)
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"".join(
-        [
-            b"\x89PNG\r\n\x1a\n",
-            _png_chunk(b"IHDR", header),
-            _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)),
-            _png_chunk(b"IEND", b""),
-        ]
-    )
