@@ -532,7 +532,9 @@ def test_safe_tag_is_distinct() -> None:
 def test_sprite_larger_than_limit_is_rejected_only_at_one_pixel(
     monkeypatch: pytest.MonkeyPatch, run: RunWriter
 ) -> None:
-    monkeypatch.setattr(pj, "MAX_SPRITE_PX", 4)
+    from tbx_lightning.projector import _sprite
+
+    monkeypatch.setattr(_sprite, "MAX_SPRITE_PX", 4)
     rec = log_embedding(run, "tiny", torch.randn(16, 2), label_img=torch.rand(16, 1, 3, 3))
     assert rec.thumbnail_px == 1
     with pytest.raises(ValueError, match=r"cannot fit a 4 px sprite.*max_points <= 16"):
