@@ -369,3 +369,45 @@ def test_perplexity_jensen_and_mfu_come_from_the_run_the_guides_name(
         rate, rate2, t_ms, f8, t_s, value = (float(g) for g in found.groups())
         assert rate == rate2 and close(t_ms, 4 / rate * 1e3, 1e-3) and close(t_s, t_ms / 1e3, 1e-3)
         assert close(value, f8 * 1e8 / (t_s * 83.2e9), 5e-3), lang
+
+
+def test_the_healthy_run_whose_spike_the_guides_explain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Section 4.4: a healthy quickstart at lr 0.01, batch 32, prints one loss_spike on
+    a hard batch near convergence, and still ends well."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tbx_lightning import cli
+
+    command = "tbx-lightning fit quickstart model.optimizer.lr=0.01 data.batch_size=32 seed=1"
+    lines: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Lines(logging.WARNING)
+    alerts = logging.getLogger("tbx_lightning.alerts")
+    alerts.addHandler(handler)
+    monkeypatch.chdir(tmp_path)
+    try:
+        quiet = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+        assert cli.main(command.split()[1:] + quiet) == 0
+    finally:
+        alerts.removeHandler(handler)
+    acc = EventAccumulator(str(tmp_path / "runs/quickstart/version_0"))
+    acc.Reload()
+    val_acc = acc.Scalars("val/acc")[-1].value
+    later = [e.value for e in acc.Scalars("train/loss") if 251 < e.step <= 260]
+    for lang, text in guide_texts().items():
+        assert command in text, lang
+        (shown,) = [
+            src
+            for _, language, src in fences(text)
+            if language == "text" and src.startswith("alert loss_spike: loss 0.5")
+        ]
+        assert same_output(shown, "\n".join(lines), tmp_path) is None, lang
+        assert f"log(100)/32 = {math.log(100) / 32:.2f}" in text, lang
+        assert close(stated(text, r"`val/acc`\s*(?:为 )?([\d.]+)"), val_acc), lang
+        assert max(later) < stated(text, r"(?:back under|回到) ([\d.]+)"), lang
