@@ -41,11 +41,11 @@ import runpy
 import shlex
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from sybil import Document, Example, Sybil
 from sybil.example import NotEvaluated
 from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser
@@ -269,9 +269,7 @@ def _same_text(expected: str, actual: str, *, timed: bool = False) -> bool:
         return re.fullmatch(pattern, actual) is not None
     e_parts, a_parts = _NUMBER.split(expected), _NUMBER.split(actual)
     e_nums, a_nums = _NUMBER.findall(expected), _NUMBER.findall(actual)
-    if [p.strip() for p in e_parts] != [p.strip() for p in a_parts] or len(e_nums) != len(
-        a_nums
-    ):
+    if [p.strip() for p in e_parts] != [p.strip() for p in a_parts] or len(e_nums) != len(a_nums):
         return False
     if timed:
         return True
@@ -407,7 +405,10 @@ def run_document(
         started = time.perf_counter()
         example.evaluate()
         if os.environ.get("TBX_DOCS_TIMES"):
-            print(f"{path.name}:{example.line}: {time.perf_counter() - started:.1f} s", file=sys.__stderr__)
+            print(
+                f"{path.name}:{example.line}: {time.perf_counter() - started:.1f} s",
+                file=sys.__stderr__,
+            )
 
 
 def run_commands(cwd: Path, lines: Sequence[str]) -> list[tuple[int, str]]:

@@ -6,15 +6,14 @@ How a block runs is in :mod:`tests.guides`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 import logging
 import math
 import re
 import statistics
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.guides import (
     LANGUAGES,
@@ -43,6 +42,8 @@ DOCS = [
 ]
 
 pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(240),
     pytest.mark.filterwarnings(
         # Lightning's advice on tiny CPU runs, not something the docs are about.
         "ignore:.*does not have many workers.*",
@@ -297,7 +298,9 @@ def test_the_update_ratio_of_a_lora_layer_at_step_0_is_derived_and_measured(
         said = stated(text, r"(?:layers is|中位数为) ([\d.]+)")
         assert said == round(median0, 3), lang
         assert f"{0.01 * median0:.4f}" in text, lang  # the same formula at lr 3e-3
-        assert close(stated(text, r"\(([\d.]+) at step 5\)|第 5 步为 ([\d.]+)"), logged[0.3][5], 0.05), lang
+        assert close(
+            stated(text, r"\(([\d.]+) at step 5\)|第 5 步为 ([\d.]+)"), logged[0.3][5], 0.05
+        ), lang
         assert f"{logged[3e-3][10]:.4f}" in text, lang
 
 
@@ -316,7 +319,7 @@ def test_perplexity_jensen_and_mfu_come_from_the_run_the_guides_name(
     for text in guide_texts().values():
         assert command in text
     monkeypatch.chdir(tmp_path)
-    assert cli.main(command.split()[1:] + ["trainer.enable_progress_bar=false"]) == 0
+    assert cli.main([*command.split()[1:], "trainer.enable_progress_bar=false"]) == 0
     acc = EventAccumulator(str(tmp_path / "runs/tiny_lm/version_0"), size_guidance={"scalars": 0})
     acc.Reload()
     first_loss = acc.Scalars("train/loss")[0]
@@ -354,7 +357,9 @@ def test_perplexity_jensen_and_mfu_come_from_the_run_the_guides_name(
         assert close(got["loss"], first_loss.value), lang
         assert close(got["exp"], math.exp(first_loss.value)), lang
         assert close(got["ppl"], first_ppl.value), lang
-        assert close(got["val_loss"], val_loss, 1e-3) and close(got["val_exp"], math.exp(val_loss), 1e-3)
+        assert close(got["val_loss"], val_loss, 1e-3) and close(
+            got["val_exp"], math.exp(val_loss), 1e-3
+        )
         assert close(got["val_ppl"], val_ppl, 1e-3), lang
         assert got["val_ppl"] > got["val_exp"], lang  # the gap the FAQ shows
         assert close(got["flops"] * 1e8, flops), lang
