@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates docs/screenshots/hparams.png, custom_scalars.png, projector.png and alerts.png.
+# Regenerates docs/screenshots/hparams.png, custom_scalars.png, projector.png, alerts.png,
+# bands.png and by_tokens.png.
 #
 # Trains two short quickstart runs with `tbx-lightning fit`, serves them with a real
 # TensorBoard on 127.0.0.1 and photographs the HParams, Custom Scalars and projector

@@ -1,8 +1,8 @@
 """A real browser on a real TensorBoard: HParams, projector, alerts and bands as a user sees them.
 
 Screenshots go to tmp_path; with ``TBX_UPDATE_SCREENSHOTS=1`` they replace
-docs/screenshots/hparams.png, custom_scalars.png, projector.png, alerts.png and
-bands.png (see scripts/screenshots.sh).
+docs/screenshots/hparams.png, custom_scalars.png, projector.png, alerts.png, bands.png
+and by_tokens.png (see scripts/screenshots.sh).
 """
 
 from __future__ import annotations
@@ -297,3 +297,63 @@ def test_custom_scalars_draw_the_band_of_each_group(
             assert all(height > 0 for _, height in areas), (title, areas)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(_screenshot_path(tmp_path, "bands.png")))
+
+
+@pytest.fixture(scope="module")
+def batch_sizes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServer]:
+    """Two short ``tiny_lm`` runs with batches of 8 and 16 windows: one epoch of 24 steps each."""
+    work = tmp_path_factory.mktemp("tokens")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for batch in (8, 16):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "tbx_lightning.cli",
+                "fit",
+                "tiny_lm",
+                f"paths.runs_dir={work / 'runs'}",
+                f"data.batch_size={batch}",
+                "trainer.max_epochs=1",
+                "trainer.limit_train_batches=24",
+                "trainer.log_every_n_steps=2",
+                "~callbacks.embedding_projector",
+                "logger.tbx.log_graph=false",
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=work,
+            timeout=150,
+        )
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    server = TensorBoardServer(work / "runs" / "tiny_lm")
+    try:
+        server.wait_for_runs(2)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_scalars_draw_the_losses_against_tokens_seen(
+    batch_sizes: TensorBoardServer, tmp_path: Path
+) -> None:
+    """``by_tokens/train/loss``: the x-axis is characters seen, so the run with twice the
+    batch covers twice the data in the same steps, and both curves share one axis."""
+    ends = {}
+    for run, batch in (("version_0", 8), ("version_1", 16)):
+        points = batch_sizes.get_json(
+            "/data/plugin/scalars/scalars", {"tag": "by_tokens/train/loss", "run": run}
+        )
+        steps = [step for _, step, _ in points]
+        assert steps and all(step % (batch * 64) == 0 for step in steps), (run, steps)
+        ends[batch] = steps[-1]
+    assert ends[16] == 2 * ends[8]
+    with browser.browser_page(tmp_path / "profile", width=1000, height=470) as page:
+        page.goto(
+            batch_sizes.url + "/#scalars&tagFilter=by_tokens%2Ftrain&_smoothingWeight=0",
+            wait_until="domcontentloaded",
+        )
+        browser.find_text(page, "by_tokens/train/loss", timeout=90)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(_screenshot_path(tmp_path, "by_tokens.png")))
