@@ -39,6 +39,11 @@ DOCS = [
     "docs/templates.md",
     "docs/graph.md",
     "docs/projector.md",
+    "docs/transformers.md",
+    "docs/writer.md",
+    "docs/robustness.md",
+    "docs/s3.md",
+    "docs/architecture.md",
 ]
 
 pytestmark = [
