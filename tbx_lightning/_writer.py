@@ -91,12 +91,12 @@ class _QueueFileWriter(FileWriter):
     """tensorboardX's FileWriter interface, routed into the RunWriter's queue."""
 
     def __init__(self, run: RunWriter) -> None:  # no super(): it would open a second file
-        self._run = run
+        self._writer = run
         self.event_writer = self
         self._default_metadata: dict[str, Any] = {}
 
     def get_logdir(self) -> str:
-        return self._run._writer_logdir()
+        return self._writer._writer_logdir()
 
     # Called by FileWriter.add_event/add_summary/add_graph through ``self.event_writer``.
     def add_event(
@@ -107,15 +107,15 @@ class _QueueFileWriter(FileWriter):
             return
         if not event.wall_time:
             event.wall_time = self._default_metadata.get("walltime", time.time())
-        self._run.has_data = True
-        self._run._put((_EVENT, event))
+        self._writer.has_data = True
+        self._writer._put((_EVENT, event))
 
     def flush(self) -> None:
-        self._run.flush()
+        self._writer.flush()
 
     def close(self) -> None:
         # The SummaryWriter's close ends its part, not the run: the RunWriter owns the file.
-        self._run.flush()
+        self._writer.flush()
 
     def reopen(self) -> None:
         return None
@@ -128,13 +128,13 @@ class _RunSummaryWriter(SummaryWriter):
     all_writers: dict[str, FileWriter] | None
 
     def __init__(self, run: RunWriter) -> None:
-        self._run = run
+        self._writer = run
         super().__init__(logdir=run._writer_logdir(), flush_secs=int(max(1, run.flush_secs)))
 
     def _get_file_writer(self) -> FileWriter:
         if self.all_writers is None or self.file_writer is None:
-            self.file_writer = _QueueFileWriter(self._run)
-            self.all_writers = {self._run.log_dir: self.file_writer}
+            self.file_writer = _QueueFileWriter(self._writer)
+            self.all_writers = {self._writer.log_dir: self.file_writer}
         return self.file_writer
 
 

@@ -145,7 +145,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         }
         self._log_dir: str | None = None
         self._version: int | str | None = None
-        self._run = Run(
+        self._tbx_run = Run(
             self._writer_dir,
             writer_options=options,
             mask_secrets=mask_secrets,
@@ -171,7 +171,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
         ``version`` and ``purge_step`` given, an existing run is reopened and goes on
         from ``purge_step`` (its HParams row and status are updated in place).
         """
-        with self._run.lock:
+        with self._tbx_run.lock:
             if self._started:
                 return
             fs, log_dir, version = _fs.run_dir(
@@ -179,7 +179,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
             )
             self._log_dir = _fs.url(fs, log_dir)
             self._version = version
-            _ = self._run.writer
+            _ = self._tbx_run.writer
             self._started = True
 
     @on_main_process
@@ -222,7 +222,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
                 ``running`` map to TensorBoard's statuses; any other is recorded as
                 ``unknown``, the string kept as a text entry ``run/status``.
         """
-        run = self._run
+        run = self._tbx_run
         with run.lock:
             if not self._started or self._finished:
                 return
@@ -255,7 +255,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
     def monitor_sink(self) -> RunSink | None:
         """What a :class:`~tbx_lightning.monitor.ModelMonitor` writes into (``None`` before
         :meth:`start`): the run, with its status and counts, not one writer."""
-        return self._run.monitor_sink if self._started else None
+        return self._tbx_run.monitor_sink if self._started else None
 
     @property
     def log_dir(self) -> str:
@@ -272,7 +272,7 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
     def _started_run(self) -> Run:
         if not self._started:
             raise _not_started(self)
-        return self._run
+        return self._tbx_run
 
     # ------------------------------------------------------------------ logging
     @on_main_process

@@ -215,7 +215,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
             on_micro_batch=self._micro_batch,
             on_unscaled=self._unscaled,
         )
-        self._run: Run | None = None
+        self._tbx_run: Run | None = None
         self._log_dir: str | None = None
         self._run_version: int | str | None = None
         self._finished = False
@@ -236,7 +236,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
     @property
     def run(self) -> Run | None:
         """The shared :class:`~tbx_lightning.run.Run` (world process zero), or None before it opens."""
-        return self._run
+        return self._tbx_run
 
     @property
     def log_dir(self) -> str | None:
@@ -279,7 +279,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
             graph_options=self.graph_options,
             owner="TBXCallback",
         )
-        self._run, self._log_dir, self._run_version = run, url, claimed
+        self._tbx_run, self._log_dir, self._run_version = run, url, claimed
         self._finished = False
         self._epoch_step = None
         self._completions_step = -1
@@ -291,17 +291,17 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
     def _current_run(self, args: Any, model: Any) -> Run:
         """The run to log into: the current one (an ``evaluate()`` after ``train()`` goes into
         the run it evaluates), or a new one (an ``evaluate()`` before any training)."""
-        if self._run is None:
+        if self._tbx_run is None:
             return self._open(args, model, self.version, None)
-        return self._run
+        return self._tbx_run
 
     def _close_run(self) -> None:
-        run = self._run
+        run = self._tbx_run
         if run is not None:
             run.release()
 
     def _finish(self, status: str) -> None:
-        run = self._run
+        run = self._tbx_run
         if run is None or self._finished:
             return
         self._finished = True
@@ -368,14 +368,14 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
             self._open(args, model, record.version, state.global_step + 1)
         elif resumed and self.version is not None:
             self._open(args, model, self.version, state.global_step + 1)
-        elif self._run is not None and not self._finished:
-            run = self._run  # opened by logs before train() (an evaluate() call): this run
+        elif self._tbx_run is not None and not self._finished:
+            run = self._tbx_run  # opened by logs before train() (an evaluate() call): this run
             run.log_hyperparams(run_config(args, model))
         else:
             self._open(args, model, self.version, None)
 
     def _start_monitor(self, args: Any, model: Any, optimizer: Any) -> None:
-        sink = self._run.monitor_sink if self._writes and self._run is not None else None
+        sink = self._tbx_run.monitor_sink if self._writes and self._tbx_run is not None else None
         monitor = ModelMonitor(model, sink, self.options)
         monitor.measure_post_clip = bool(getattr(args, "max_grad_norm", 0))
         # fp16 mixed precision: the scaler's skipped steps are expected, not alerts.
@@ -423,7 +423,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
         if stopping:
             self.stop_checkpoint = folder
-        if not self._writes or self._run is None or self._run_version is None:
+        if not self._writes or self._tbx_run is None or self._run_version is None:
             return
         written = write_record(
             folder, RunRecord(self._run_version, int(state.global_step), self._log_dir or "")
@@ -434,7 +434,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
                 f"TBXCallback found no checkpoint folder {folder!r} to record the run in: "
                 "train(resume_from_checkpoint=...) from this checkpoint starts a new run.",
             )
-        self._run.flush()
+        self._tbx_run.flush()
         if stopping:
             _log.warning("training stopped after an alert; checkpoint saved to %s", folder)
 
@@ -557,7 +557,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ graph, projector
     def _write_graph(self, inputs: Any) -> None:
-        trainer, run = self._hooks.trainer, self._run
+        trainer, run = self._hooks.trainer, self._tbx_run
         if trainer is None or run is None:
             return
         model = trainer.model
@@ -565,7 +565,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         run.log_graph(model, example, int(trainer.state.global_step))
 
     def _write_embeddings(self, model: Any, tokenizer: Any, step: int) -> None:
-        run = self._run
+        run = self._tbx_run
         get = getattr(model, "get_input_embeddings", None)
         if run is None or not callable(get):
             return
@@ -598,7 +598,7 @@ class TBXCallback(TrainerCallback):  # type: ignore[misc]
         run.log_embedding(EMBEDDING_TAG, mat, metadata=labels, step=step)
 
     def _write_completions(self, step: int) -> None:
-        run, trainer = self._run, self._hooks.trainer
+        run, trainer = self._tbx_run, self._hooks.trainer
         if run is None or trainer is None or not self._completions:
             return
         columns: Mapping[str, Sequence[Any]] | None = None

@@ -334,7 +334,7 @@ class TBXLogger(TensorBoardLogger):
 
     # ------------------------------------------------------------------ the writer
     @property
-    def _run(self) -> RunWriter | None:
+    def _current_writer(self) -> RunWriter | None:
         """The open writer, or None (no call yet, or released at the end of a fit)."""
         return self._tbx_run.current_writer
 

@@ -157,11 +157,11 @@ class Background:
         self._value: Any = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(fn, args), name="tbx-projector-files", daemon=True
+            target=self._work, args=(fn, args), name="tbx-projector-files", daemon=True
         )
         self._thread.start()
 
-    def _run(self, fn: Any, args: tuple[Any, ...]) -> None:
+    def _work(self, fn: Any, args: tuple[Any, ...]) -> None:
         try:
             self._value = fn(*args)
         except BaseException as error:  # handed to the caller by result()
