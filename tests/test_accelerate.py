@@ -21,12 +21,12 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker
 from google.protobuf import text_format
 from omegaconf import OmegaConf
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import tbx_lightning
 from tbx_lightning.accelerate import TBXTracker, register
 from tbx_lightning.hparams import HParamsError
 from tests.rows import session, split_run_columns
+from tests.tb import read, scalars
 from tests.tbserver import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,18 +38,6 @@ def _fresh_accelerate_state() -> Iterator[None]:
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
-
-
-def read(path: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(
-        str(path), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0, "images": 0}
-    )
-    acc.Reload()
-    return acc
-
-
-def scalars(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def versions(root: Path) -> list[str]:

@@ -16,12 +16,7 @@ from tbx_lightning import RunWriter, TBXLogger, TrainingAlertError, TrainingMoni
 from tbx_lightning.errors import TBXError
 from tbx_lightning.monitor import Alert, AlertRules, ModelMonitor
 from tbx_lightning.monitor._alerts import AlertEngine, robust_threshold
-
-
-def read(log_dir: Path | str) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
+from tests.tb import read
 
 
 def alert_texts(acc: EventAccumulator) -> dict[int, str]:

@@ -45,6 +45,7 @@ from tbx_lightning.templates.hf_finetune import (  # noqa: E402
     word_tokenizer,
 )
 from tests.rows import session  # noqa: E402
+from tests.tb import read, scalars  # noqa: E402
 from tests.tbserver import free_port  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,18 +89,6 @@ def targs(out: Path, **kwargs: Any) -> TrainingArguments:
         **kwargs,
     }
     return TrainingArguments(str(out), **options)
-
-
-def read(path: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(
-        str(path), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0, "images": 0}
-    )
-    acc.Reload()
-    return acc
-
-
-def scalars(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def same_points(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:

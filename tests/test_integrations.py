@@ -32,6 +32,7 @@ from tbx_lightning import (
     TBXLogger,
     TBXTracker,
 )
+from tests.tb import read
 
 
 class Driver:
@@ -92,14 +93,6 @@ def make(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Make]:
     for driver in build.drivers:
         driver.target.close() if driver.kind == "logger" else driver.target.finish()
     AcceleratorState._reset_state(True)
-
-
-def read(path: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(
-        str(path), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0, "images": 0}
-    )
-    acc.Reload()
-    return acc
 
 
 def scalars(acc: EventAccumulator) -> dict[str, list[tuple[int, float]]]:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import TBXLogger
 from tests.rows import RUN_COLUMNS, split_run_columns
+from tests.tb import read
 
 
 class Regressor(LightningModule):
@@ -69,12 +70,6 @@ def trainer(logger: Any, **kwargs: Any) -> Trainer:
     }
     options.update(kwargs)
     return Trainer(logger=logger, **options)
-
-
-def read(path: str) -> EventAccumulator:
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc
 
 
 def status_of(acc: EventAccumulator) -> int:

@@ -34,15 +34,10 @@ from tests.lora import (
     token_batches,
 )
 from tests.rows import session
+from tests.tb import read
 from tests.test_dashboards import Dashboards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def read(path: Path | str) -> EventAccumulator:
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def steps(acc: EventAccumulator, tag: str) -> list[int]:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tbx_lightning import RunWriter, TBXLogger, TrainingMonitor
 from tbx_lightning.monitor import ModelMonitor, group_name, log_histograms
 from tbx_lightning.monitor._binning import _Binner
+from tests.tb import read
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -50,12 +51,6 @@ class Net(nn.Module):
         for layer in self.encoder.layers:
             h = layer(h)
         return self.head(h) * self.scale
-
-
-def read(log_dir: Path | str) -> EventAccumulator:
-    acc = EventAccumulator(str(log_dir), size_guidance={"histograms": 0, "scalars": 0})
-    acc.Reload()
-    return acc
 
 
 def scalars(acc: EventAccumulator, tag: str) -> dict[int, float]:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tbx_lightning.monitor import AlertRules
 from tbx_lightning.monitor._alerts import AlertEngine
 from tests.rows import session
+from tests.tb import alert_text, read
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,20 +85,6 @@ if __name__ == "__main__":
         trainer.fit(model, DataLoader(data, batch_size=4))
         print("FIT DONE", name, flush=True)
 """
-
-
-def read(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
-
-
-def alert_text(acc: EventAccumulator) -> str:
-    if "alerts/text_summary" not in acc.Tags()["tensors"]:
-        return ""
-    return "".join(
-        e.tensor_proto.string_val[0].decode() for e in acc.Tensors("alerts/text_summary")
-    )
 
 
 @pytest.fixture(scope="module")

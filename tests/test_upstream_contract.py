@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tbx_lightning import TBXLogger
 from tests.rows import RUN_COLUMNS
+from tests.tb import read
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,12 +73,6 @@ def fit(logger: TBXLogger, model: LightningModule | None = None, **kwargs: Any) 
     trainer = Trainer(logger=logger, **options)
     trainer.fit(model or Plain(), loader())
     return trainer
-
-
-def read(path: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return acc
 
 
 def status_of(acc: EventAccumulator) -> int:

@@ -17,12 +17,7 @@ from tbx_lightning import RunWriter, RunWriterError
 from tbx_lightning._fs import claim_version, run_dir
 from tbx_lightning._writer import RECORDS_FILE
 from tests.rows import RUN_COLUMNS
-
-
-def read(path: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "tensors": 0, "histograms": 0})
-    acc.Reload()
-    return acc
+from tests.tb import read
 
 
 def values(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
