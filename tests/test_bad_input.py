@@ -100,10 +100,12 @@ def test_nan_and_inf_are_written_as_they_are(run: RunWriter, tmp_path: Path) -> 
     run.log_scalars({"x": -math.inf}, 3)
     run.log_scalars({"x": torch.tensor(float("nan"))}, 4)
     run.log_scalars({"x": 1e300}, 5)  # beyond float32: stored as +inf, as a cast would
+    run.log_scalars({"x": -1e300}, 6)
     run.close()
     values = [v for _, v in _scalars(tmp_path / "run")["x"]]
     assert math.isnan(values[0]) and math.isnan(values[3])
     assert values[1] == math.inf and values[2] == -math.inf and values[4] == math.inf
+    assert values[5] == -math.inf
 
 
 # ----------------------------------------------------------------------- tags

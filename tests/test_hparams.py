@@ -166,19 +166,6 @@ def test_secrets_masked_unless_opted_out() -> None:
     assert flatten(cfg, mask_secrets=False)["storage.password"] == "hunter2"
 
 
-def test_ten_thousand_keys(tmp_path: Path) -> None:
-    cfg = {
-        f"group{i // 100}": {f"key{i}": i * 0.5 for i in range(i, i + 100)}
-        for i in range(0, 10_000, 100)
-    }
-    flat = flatten(cfg)
-    assert len(flat) == 10_000
-    with RunWriter(tmp_path) as run:
-        RunHParams(run).log(cfg)
-    values, _ = session_infos(tmp_path)
-    assert len(values) == 10_000 and values["group42.key4250"] == 2125.0
-
-
 def test_run_records_config_files_and_status(tmp_path: Path) -> None:
     cfg = OmegaConf.create({"model": {"lr": 0.1, "seed": None}, "name": "${model.lr}"})
     with RunWriter(tmp_path) as run:

@@ -89,16 +89,6 @@ def test_many_calls_one_event_stream(tmp_path: Path) -> None:
     assert len(events) == 1
 
 
-def test_nan_and_inf_are_written_as_they_are(tmp_path: Path) -> None:
-    with RunWriter(tmp_path) as run:
-        run.log_scalars({"nan": math.nan, "inf": math.inf, "ninf": -math.inf, "big": 1e300}, 0)
-    acc = read(tmp_path)
-    assert math.isnan(acc.Scalars("nan")[0].value)
-    assert acc.Scalars("inf")[0].value == math.inf
-    assert acc.Scalars("ninf")[0].value == -math.inf
-    assert acc.Scalars("big")[0].value == math.inf  # beyond float32, as a cast gives
-
-
 def test_bad_value_names_key_and_keeps_queued_data(tmp_path: Path) -> None:
     with RunWriter(tmp_path) as run:
         run.log_scalars({"ok": 1.0}, 0)
@@ -123,23 +113,6 @@ def test_tags_are_kept_verbatim(tmp_path: Path) -> None:
     with RunWriter(tmp_path) as run:
         run.log_scalars(dict.fromkeys(tags, 1.0), 0)
     assert sorted(read(tmp_path).Tags()["scalars"]) == sorted(tags)
-
-
-def test_steps_going_backwards_are_written_in_order_given(tmp_path: Path) -> None:
-    with RunWriter(tmp_path) as run:
-        for step in (5, 3, 9):
-            run.log_scalars({"m": float(step)}, step)
-    assert values(read(tmp_path), "m") == [(5, 5.0), (3, 3.0), (9, 9.0)]
-
-
-def test_close_is_idempotent_and_calls_after_close_raise(tmp_path: Path) -> None:
-    run = RunWriter(tmp_path)
-    run.log_scalars({"m": 1.0}, 0)
-    run.close()
-    run.close()
-    with pytest.raises(RunWriterError, match="is closed"):
-        run.log_scalars({"m": 2.0}, 1)
-    assert values(read(tmp_path), "m") == [(0, 1.0)]
 
 
 def test_flush_makes_data_readable_while_open(tmp_path: Path) -> None:
