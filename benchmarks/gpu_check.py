@@ -35,7 +35,7 @@ from torch import nn
 
 from tbx_lightning import RunWriter
 from tbx_lightning.monitor import ModelMonitor
-from tbx_lightning.monitor import _model as monitor_model
+from tbx_lightning.monitor import _guard as monitor_guard
 from tbx_lightning.monitor._binning import _Binner
 from tbx_lightning.monitor._stats import Statistics
 
@@ -125,7 +125,7 @@ def check_no_sync_and_mfu(
             Counted(ModelMonitor, "flush") as flushes,
             Counted(RunWriter, "_stack") as packs,
             Counted(Statistics, "write_histograms") as hists,
-            Counted(monitor_model, "nonfinite_per_rank") as guards,
+            Counted(monitor_guard, "nonfinite_per_rank") as guards,
         ):
             started = time.perf_counter()
             for step in range(steps):

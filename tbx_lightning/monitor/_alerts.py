@@ -265,7 +265,7 @@ class AlertEngine:
                     f"{int(count)} non-finite {kind[:-1]} values in {where} at step {step}",
                 )
 
-    def check_overflows(self, step: int, in_a_row: int, limit: int = 32) -> None:
+    def check_overflows(self, step: int, in_a_row: int, limit: int) -> None:
         """A gradient scaler that skipped ``limit`` steps in a row: its scale never settles."""
         if in_a_row == limit:
             self._fire(

@@ -10,22 +10,9 @@ tensor to the host (per-group bin counts, moments and norms), never a parameter.
 Parameters are grouped by their place in the module tree (``group_depth``), so a
 48-layer model gives one group per layer rather than one tag per tensor.
 
-Tags. Run-level values sort right after the run's own metrics; per-layer ones after
-them (``<layer>`` is a module path such as ``model.layers.3``; frozen groups get none):
-
-- ``vitals/alerts``: the cumulative number of alerts (see :class:`AlertRules`), with
-  the Text entry ``alerts`` (``alerts/text_summary`` in TensorBoard).
-- ``vitals/grad_norm_total``; ``vitals/grad_norm_total/post_clip`` once clipping changed it.
-- ``vitals/update_ratio``: the median update/weight ratio over the trainable layers.
-- ``vitals/lr/group_<i>``, ``vitals/momentum/group_<i>`` (``vitals/lr/<name>/group_<i>``
-  for a named optimizer), once the value changed.
-- ``vitals/samples_per_sec``, ``vitals/tokens_per_sec``, ``vitals/step_time_ms``,
-  ``vitals/mfu``, ``vitals/peak_memory_mb``.
-- ``vitals/nonfinite/weights``, ``vitals/nonfinite/grads``: NaN/Inf counts, whole model;
-  ``vitals/frozen_params``: frozen elements, once, when there are any.
-- ``vitals_layers/weight_norm/<layer>``, ``vitals_layers/grad_norm/<layer>``: L2 norms.
-- ``vitals_layers/update_ratio/<layer>``: ``||w_after - w_before|| / ||w_before||``.
-- ``vitals_layers/weights/<layer>``, ``vitals_layers/grads/<layer>``: histograms.
+Tags: run-level values under ``vitals/`` (``vitals/grad_norm_total``, ``vitals/lr/...``,
+``vitals/alerts``, ...), per-layer ones under ``vitals_layers/`` (:data:`._stats.LAYER_PREFIX`),
+the alerts table as the Text entry ``alerts``; docs/monitor.md lists every one.
 
 Every scalar of a step reaches the host in one packed transfer (:meth:`ModelMonitor.flush`),
 where the alert detectors read it: checking costs no extra synchronisation. With
@@ -57,13 +44,14 @@ from tbx_lightning.monitor._groups import (
     build_groups,
     group_name,
 )
+from tbx_lightning.monitor._guard import OVERFLOWS_IN_A_ROW, StepGuard
 from tbx_lightning.monitor._lr import lr_values
 from tbx_lightning.monitor._options import MonitorOptions, resolve_options
 from tbx_lightning.monitor._pace import Pace
-from tbx_lightning.monitor._ranks import agree_on_action, distributed, nonfinite_per_rank
+from tbx_lightning.monitor._ranks import agree_on_action, distributed
 from tbx_lightning.monitor._ratio import Sampler, UpdateRatio
 from tbx_lightning.monitor._readout import Reader, Readout
-from tbx_lightning.monitor._sink import MonitorSink, as_sink
+from tbx_lightning.monitor._sink import MonitorSink, SinkLinks, as_sink
 from tbx_lightning.monitor._stats import Statistics
 
 __all__ = [
@@ -243,10 +231,7 @@ class ModelMonitor:
         self._last_backward_step: int | None = None
         self._step_allowed = True
         self._vetoed: int | None = None
-        # A torch.amp.GradScaler whose skipped steps are expected (fp16 mixed precision):
-        # the Lightning callback and from_accelerator set it. Its overflows in a row.
-        self.grad_scaler: Any = None
-        self._overflows = 0
+        self._step_guard = StepGuard(self._params, process_group)
         self._agreed: int | None = None
         # A scalar step ends (flush, checks, agreement) at the optimizer hook, or, once the
         # loop calls log_throughput, there: the step's loss is then checked with it.
@@ -267,27 +252,9 @@ class ModelMonitor:
                 self.sink.log_scalars if self.sink is not None else None,
                 quiet=self.sink is None,
             )
-        self._notifier: Any = None
-        url = opts.webhook_url()
-        if url and self.sink is not None:
-            use = getattr(self.sink, "use_webhook", None)
-            if callable(use):  # the run delivers: alerts, and its end and stall on request
-                use(url, opts.webhook_events)
-            else:  # a plain writer: this monitor delivers its alerts itself
-                from tbx_lightning._notify import WebhookNotifier
-
-                self._notifier = WebhookNotifier(url)
-        if self._alerts is not None and url and self.sink is not None:
-            notify = getattr(self.sink, "notify_alert", None)
-            self._alerts.listeners.append(notify if callable(notify) else self._notify)
-        self._no_tokens_said = False
-        counting = getattr(self.sink, "count_seen", None)
-        self._count_seen = counting if callable(counting) else None
-        if self._count_seen is not None and (opts.by_tokens or opts.by_samples):
-            mirror = getattr(self.sink, "mirror_by", None)
-            if callable(mirror):
-                mirror("tokens", opts.by_tokens)
-                mirror("samples", opts.by_samples)
+        self._links = SinkLinks(self.sink, opts)
+        if self._alerts is not None and self._links.webhook:
+            self._alerts.listeners.append(self._links.notify)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -340,6 +307,20 @@ class ModelMonitor:
     def peak_flops(self) -> float | None:
         """The device's peak FLOP/s as given (``None``: looked up by device name)."""
         return self._pace.peak_flops
+
+    @property
+    def grad_scaler(self) -> Any:
+        """A ``torch.amp.GradScaler`` whose skipped steps are expected (fp16), or ``None``.
+
+        Its overflow steps are neither alerts nor stops (32 in a row are an alert); the
+        Lightning and Trainer callbacks and :meth:`from_accelerator` set it, a loop sets
+        it itself (``monitor.grad_scaler = scaler``).
+        """
+        return self._step_guard.grad_scaler
+
+    @grad_scaler.setter
+    def grad_scaler(self, scaler: Any) -> None:
+        self._step_guard.grad_scaler = scaler
 
     @property
     def tokens_seen(self) -> float:
@@ -422,25 +403,9 @@ class ModelMonitor:
             handle.remove()
         self._hooks.clear()
         self._pace.remove_hooks()
-        if self._notifier is not None:
-            self._notifier.close(timeout=2.0)
-            self._notifier = None
+        self._links.close()
 
     close = detach
-
-    def _notify(self, alert: Alert) -> None:
-        if self._notifier is not None and "alerts" in self.options.webhook_events:
-            self._notifier.notify(
-                {
-                    "kind": alert.kind,
-                    "run": getattr(self.sink, "log_dir", None),
-                    "step": alert.step,
-                    "where": alert.where or "model",
-                    "value": alert.value,
-                    "threshold": alert.threshold,
-                    "message": alert.message,
-                }
-            )
 
     # ------------------------------------------------------------------ loop hooks
     def observe_loss(self, step: int, loss: float | torch.Tensor) -> None:
@@ -567,21 +532,12 @@ class ModelMonitor:
         scalars: dict[str, float | int | torch.Tensor] = dict(
             self._pace.throughput(step, samples, tokens, self.is_norm_step(step))
         )
-        if self._count_seen is not None and self.sink is not None:
-            counts = {}
-            if tokens is not None:
-                counts["tokens"] = self._pace.tokens_seen
-            elif self.options.by_tokens and not self._no_tokens_said:
-                self._no_tokens_said = True
-                _log.warning(
-                    "by_tokens=%s writes nothing: the loop gives no token counts; pass "
-                    "tokens= to log_throughput (tokens_fn= to TrainingMonitor).",
-                    list(self.options.by_tokens),
-                )
-            if samples is not None:
-                counts["samples"] = self._pace.samples_seen
-            if counts:
-                self._count_seen(step, **counts)
+        if self.sink is not None:
+            self._links.count(
+                step,
+                self._pace.tokens_seen if tokens is not None else None,
+                self._pace.samples_seen if samples is not None else None,
+            )
         if self.is_norm_step(step) and self.sink is not None:
             peak = self._pace.memory()
             if peak is not None:
@@ -602,25 +558,25 @@ class ModelMonitor:
 
     # ------------------------------------------------------------------ the guard
     def _guard(self, step: int, loss: float | torch.Tensor | None) -> bool:
-        """NaN/Inf in the gradients (or the loss) on any rank: fire, clear, veto."""
-        grads = [p.param.grad for p in self._params if p.param.grad is not None]
-        per_rank = nonfinite_per_rank(grads, loss, self._pace.device(), self.process_group)
+        """NaN/Inf in the gradients (or the loss) on any rank: fire, skip the update, act."""
+        per_rank = self._step_guard.check(loss, self._pace.device())
         if not any(g or los for g, los in per_rank):
-            self._overflows = 0
             return True
-        if self._scaler_overflow(step, per_rank):
+        if self._step_guard.is_overflow(per_rank):
+            if self._staged_step == step:
+                self._staged["overflow"] = True  # the step's statistics, flushed later
+            if self._alerts is not None:
+                self._alerts.check_overflows(step, self._step_guard.overflows, OVERFLOWS_IN_A_ROW)
             return True  # the scaler skips this step itself
         self._vetoed = step
+        grads_bad = any(g for g, _ in per_rank)
         checks = self._alerts
         if checks is not None:
-            if per_rank[0][0] or any(g for g, _ in per_rank):
-                counts = self._stats.nonfinite_grads()
-                if counts:
-                    checks.check_nonfinite(step, "grads", counts)
-                else:  # the NaN sits in another rank's gradient shard
-                    checks.check_nonfinite(step, "grads", {"model": 1.0})
-            bad_loss = [r for r, (_, los) in enumerate(per_rank) if los]
-            if bad_loss:
+            if grads_bad:
+                # Per layer on this rank; a NaN in another rank's gradient shard: the model.
+                counts = self._stats.nonfinite_grads() or {"model": 1.0}
+                checks.check_nonfinite(step, "grads", counts)
+            if any(los for _, los in per_rank):
                 if len(per_rank) > 1:
                     checks.check_rank_losses(step, [1.0 if los else 0.0 for _, los in per_rank])
                 else:
@@ -630,56 +586,15 @@ class ModelMonitor:
                     assert loss is not None
                     value = float(loss.item()) if isinstance(loss, torch.Tensor) else float(loss)
                     checks.check_losses([(step, value)])
-        self._skip_update(any(g for g, _ in per_rank))
+        self._step_guard.skip_update(grads_bad)
         if self.sink is not None:  # the rank that writes says it, once
             _log.warning(
                 "step %d skipped: non-finite %s; the weights were left as they are",
                 step,
-                "gradients" if any(g for g, _ in per_rank) else "loss",
+                "gradients" if grads_bad else "loss",
             )
         self._act(step)
         return False
-
-    def _skip_update(self, grads_bad: bool) -> None:
-        """Makes the coming optimizer step leave the weights as they are.
-
-        torch's optimizers skip parameters without a gradient, so the gradients are
-        cleared. A gradient scaler skips a step whose gradients hold NaN/Inf by itself
-        and insists on seeing them (``scaler.step`` fails without any), so with one the
-        gradients stay, and one value is made NaN where they were finite.
-        """
-        if not self._scaler_on:
-            for p in self._params:
-                p.param.grad = None
-            return
-        if not grads_bad:
-            grad = next((p.param.grad for p in self._params if p.param.grad is not None), None)
-            if grad is not None:
-                grad.view(-1)[0] = math.nan
-
-    @property
-    def _scaler_on(self) -> bool:
-        enabled = getattr(self.grad_scaler, "is_enabled", None)
-        return bool(callable(enabled) and enabled())
-
-    def _scaler_overflow(self, step: int, per_rank: list[list[float]]) -> bool:
-        """Whether NaN/Inf gradients with finite losses are a gradient scaler's overflow.
-
-        With fp16 mixed precision a ``GradScaler`` starts with a large loss scale and
-        halves it on every step whose gradients overflow, skipping that step: such
-        steps are expected, not alerts. Only a scale that never settles (32 overflows
-        in a row) is reported, as ``nonfinite_grads`` of the whole model.
-        """
-        if not self._scaler_on:
-            return False
-        if any(los for _, los in per_rank):
-            return False  # a non-finite loss is no overflow of the scale
-        self._overflows += 1
-        if self._staged_step == step:
-            self._staged["overflow"] = True  # the step's statistics, flushed later
-        if self._alerts is not None:
-            self._alerts.check_overflows(step, self._overflows)
-        return True
 
     # ------------------------------------------------------------------ agreement
     def _end_scalar_step(self, step: int) -> None:
@@ -800,7 +715,7 @@ class ModelMonitor:
             # Without the per-step check, NaN/Inf gradients under a gradient scaler are its
             # overflows (it skips those steps); a NaN loss is still found from the loss.
             overflow=bool(staged.get("overflow"))
-            or (self._scaler_on and not self.options.skip_nonfinite_steps_on),
+            or (self._step_guard.scaler_on and not self.options.skip_nonfinite_steps_on),
         )
         checks = self._alerts
         if losses and checks is not None:

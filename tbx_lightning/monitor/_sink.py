@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -9,7 +10,7 @@ import torch
 
 from tbx_lightning.errors import ConfigTypeError
 
-__all__ = ["MonitorSink", "as_sink"]
+__all__ = ["MonitorSink", "SinkLinks", "as_sink"]
 
 
 @runtime_checkable
@@ -62,3 +63,82 @@ def as_sink(target: Any) -> MonitorSink | None:
             f"{type(target).__name__}."
         )
     return target  # type: ignore[no-any-return]
+
+
+class SinkLinks:
+    """What a monitor asks of its sink beyond writing: notices and the tokens/samples axes.
+
+    A run-bound sink (both integrations' ``monitor_sink``) delivers the webhook notices
+    itself (alerts, and the run's end and stalls on request) and writes the
+    ``by_tokens``/``by_samples`` copies; for a plain writer the monitor delivers its
+    alerts itself and the axes are not available.
+
+    Args:
+        sink: The monitor's sink, or ``None`` (a rank that writes nothing).
+        options: The monitor's options (``alert_webhook``, ``webhook_events``,
+            ``by_tokens``, ``by_samples``).
+    """
+
+    def __init__(self, sink: Any, options: Any) -> None:
+        self._sink = sink
+        self._options = options
+        self._notifier: Any = None
+        self._no_tokens_said = False
+        url = options.webhook_url() if sink is not None else ""
+        self.webhook = bool(url)
+        use = getattr(sink, "use_webhook", None)
+        if url and callable(use):
+            use(url, options.webhook_events)
+        elif url:
+            from tbx_lightning._notify import WebhookNotifier
+
+            self._notifier = WebhookNotifier(url)
+        counting = getattr(sink, "count_seen", None)
+        self._count_seen = counting if callable(counting) else None
+        mirror = getattr(sink, "mirror_by", None)
+        if self._count_seen is not None and callable(mirror):
+            mirror("tokens", options.by_tokens)
+            mirror("samples", options.by_samples)
+
+    def notify(self, alert: Any) -> None:
+        """Sends a new alert to the webhook, through the run where it has one."""
+        through_run = getattr(self._sink, "notify_alert", None)
+        if callable(through_run):
+            through_run(alert)
+        elif self._notifier is not None and "alerts" in self._options.webhook_events:
+            self._notifier.notify(
+                {
+                    "kind": alert.kind,
+                    "run": getattr(self._sink, "log_dir", None),
+                    "step": alert.step,
+                    "where": alert.where or "model",
+                    "value": alert.value,
+                    "threshold": alert.threshold,
+                    "message": alert.message,
+                }
+            )
+
+    def count(self, step: int, tokens: float | None, samples: float | None) -> None:
+        """The tokens and samples seen up to ``step`` (cumulative), for the axes."""
+        if self._count_seen is None:
+            return
+        counts = {}
+        if tokens is not None:
+            counts["tokens"] = tokens
+        elif self._options.by_tokens and not self._no_tokens_said:
+            self._no_tokens_said = True
+            logging.getLogger("tbx_lightning.monitor").warning(
+                "by_tokens=%s writes nothing: the loop gives no token counts; pass "
+                "tokens= to log_throughput (tokens_fn= to TrainingMonitor).",
+                list(self._options.by_tokens),
+            )
+        if samples is not None:
+            counts["samples"] = samples
+        if counts:
+            self._count_seen(step, **counts)
+
+    def close(self) -> None:
+        """Delivers what the monitor's own notifier holds (at most 2 s) and stops it."""
+        if self._notifier is not None:
+            self._notifier.close(timeout=2.0)
+            self._notifier = None
