@@ -45,14 +45,13 @@ import threading
 import time
 from typing import Any
 
-from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from tbx_lightning import _fs
 from tbx_lightning._lease import LEASE_FILE, Lease
 from tbx_lightning.errors import RunWriterError
 
-__all__ = ["SPOOL_ENV", "Spool", "SpoolFileSystem", "spool_dir", "spool_root", "upload_spool"]
+__all__ = ["SPOOL_ENV", "Spool", "spool_dir", "spool_root", "upload_spool"]
 
 SPOOL_ENV = "TBX_LIGHTNING_SPOOL"
 MANIFEST = ".tbx-spool.json"
@@ -94,7 +93,7 @@ def _prepare(folder: str) -> None:
     _fs.private_dir(folder, hint=_HINT)
 
 
-def _makedirs_private(base: str, parts: list[str]) -> None:
+def makedirs_private(base: str, parts: list[str]) -> None:
     """Creates the folders ``parts`` under ``base``, each 0700 and none a link."""
     path = base
     for part in parts:
@@ -106,7 +105,7 @@ def _makedirs_private(base: str, parts: list[str]) -> None:
                 raise _fs.UnsafeFileError(errno.ENOTDIR, "not a folder", path) from None
 
 
-def _skip(rel: str) -> bool:
+def skip_in_listing(rel: str) -> bool:
     """Files of the spool itself, never uploaded: its manifest, its lease, temporary files."""
     name = rel.rsplit("/", 1)[-1]
     return rel in (MANIFEST, LEASE_FILE) or name.endswith(".tmp")
@@ -230,7 +229,7 @@ class _Manifest:
             for name in sorted(names):
                 full = os.path.join(parent, name)
                 rel = os.path.relpath(full, self.folder).replace(os.sep, "/")
-                if _skip(rel):
+                if skip_in_listing(rel):
                     continue
                 try:
                     info = os.lstat(full)
@@ -479,13 +478,13 @@ class Spool:
             if parts is None:
                 refused.append(rel)
                 continue
-            if _skip(rel):
+            if skip_in_listing(rel):
                 continue
             local = os.path.join(self.local, *parts)
             if os.path.lexists(local):
                 continue  # the spool's copy is newer: it is uploaded over the remote one
             data = self.remote.cat_file(path)
-            _makedirs_private(self.local, parts[:-1])
+            makedirs_private(self.local, parts[:-1])
             _fs.write_bytes_atomic(_LOCAL, local, data, private=True)
             info = os.stat(local)
             self._manifest.files[rel] = [info.st_size, info.st_mtime_ns]
@@ -685,138 +684,3 @@ def upload_spool(path: str | os.PathLike[str], *, remove: bool = True) -> int:
     if remove:
         shutil.rmtree(folder, ignore_errors=True)
     return len(pending)
-
-
-class SpoolFileSystem(AbstractFileSystem):  # type: ignore[misc]
-    """A remote run's file system as its writer's users see it: remote paths, local files.
-
-    Paths inside the run directory are files in the spool folder (the uploader sends
-    them, and removes remotely what is removed here); :meth:`unstrip_protocol` gives
-    the remote URL, so messages and records name where the run lives. Paths outside
-    the run go to the remote file system itself.
-    """
-
-    protocol = ("tbxspool",)
-    cachable = False
-    root_marker = ""
-
-    def __init__(self, spool: Spool) -> None:
-        super().__init__()
-        self.spool = spool
-        self.local_fs = LocalFileSystem()
-        self._base = spool.remote_path.rstrip("/")
-
-    # ------------------------------------------------------------------ paths
-    def _rel(self, path: Any) -> str | None:
-        """``path`` relative to the run directory, or None for a path outside it."""
-        text = self.spool.remote._strip_protocol(os.fspath(path)).rstrip("/")
-        if text == self._base:
-            return ""
-        if text.startswith(self._base + "/"):
-            return text[len(self._base) + 1 :]
-        return None
-
-    def _local(self, path: Any) -> str | None:
-        rel = self._rel(path)
-        if rel is None:
-            return None
-        if not rel:
-            return self.spool.local
-        parts = _fs.safe_parts(rel)
-        if parts is None:
-            raise RunWriterError(
-                f"{path!r} leads outside the run {self.spool.url}: name files inside the run "
-                "directory without '.' or '..' parts."
-            )
-        return os.path.join(self.spool.local, *parts)
-
-    def _parents(self, local: str) -> None:
-        rel = os.path.relpath(os.path.dirname(local), self.spool.local)
-        if rel != ".":
-            _makedirs_private(self.spool.local, rel.split(os.sep))
-
-    def _public(self, local: str) -> str:
-        rel = os.path.relpath(local, self.spool.local).replace(os.sep, "/")
-        return self._base if rel == "." else f"{self._base}/{rel}"
-
-    def unstrip_protocol(self, name: str) -> str:
-        return str(self.spool.remote.unstrip_protocol(name))
-
-    # ------------------------------------------------------------------ operations
-    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
-        local = self._local(path)
-        if local is None:
-            return self.spool.remote.open(path, mode, **kwargs)
-        if any(flag in mode for flag in "wax"):
-            # A new file of the spool: owner-only, never written through a link.
-            self._parents(local)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-            flags |= os.O_EXCL if "x" in mode else os.O_APPEND if "a" in mode else os.O_TRUNC
-            return os.fdopen(os.open(local, flags, 0o600), mode.replace("x", "w"))
-        return self.local_fs._open(local, mode, **kwargs)
-
-    def cat_file(
-        self, path: str, start: int | None = None, end: int | None = None, **kw: Any
-    ) -> Any:
-        local = self._local(path)
-        if local is None:
-            return self.spool.remote.cat_file(path, start=start, end=end, **kw)
-        return self.local_fs.cat_file(local, start=start, end=end)
-
-    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kw: Any) -> None:
-        local = self._local(path)
-        if local is None:
-            self.spool.remote.pipe_file(path, value, **kw)
-            return
-        self._parents(local)
-        _fs.write_bytes_atomic(self.local_fs, local, value, private=True)
-
-    def ls(self, path: str, detail: bool = True, **kwargs: Any) -> Any:
-        local = self._local(path)
-        if local is None:
-            return self.spool.remote.ls(path, detail=detail, **kwargs)
-        entries = [
-            e
-            for e in self.local_fs.ls(local, detail=True)
-            if not _skip(os.path.relpath(e["name"], self.spool.local).replace(os.sep, "/"))
-        ]
-        if not detail:
-            return [self._public(e["name"]) for e in entries]
-        return [{**e, "name": self._public(e["name"])} for e in entries]
-
-    def info(self, path: str, **kwargs: Any) -> dict[str, Any]:
-        local = self._local(path)
-        if local is None:
-            return dict(self.spool.remote.info(path, **kwargs))
-        return {**self.local_fs.info(local), "name": self._public(local)}
-
-    def exists(self, path: str, **kwargs: Any) -> bool:
-        local = self._local(path)
-        if local is None:
-            return bool(self.spool.remote.exists(path, **kwargs))
-        return os.path.exists(local)
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        local = self._local(path)
-        if local is None:
-            self.spool.remote.makedirs(path, exist_ok=exist_ok)
-            return
-        rel = os.path.relpath(local, self.spool.local)
-        if rel != ".":
-            _makedirs_private(self.spool.local, rel.split(os.sep))
-
-    def mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
-        self.makedirs(path, exist_ok=True)
-
-    def rm_file(self, path: str) -> None:
-        self.rm(path)
-
-    def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
-        for one in [path] if isinstance(path, str) else list(path):
-            rel, local = self._rel(one), self._local(one)
-            if rel is None or local is None:
-                self.spool.remote.rm(one, recursive=recursive, maxdepth=maxdepth)
-                continue
-            self.local_fs.rm(local, recursive=recursive)  # a missing path: FileNotFoundError
-            if rel:
-                self.spool.forget(rel)

@@ -55,7 +55,8 @@ from tbx_lightning._rules import (
     check_step,
     check_writer_options,
 )
-from tbx_lightning._spool import Spool, SpoolFileSystem
+from tbx_lightning._spool import Spool
+from tbx_lightning._spool_fs import SpoolFileSystem
 from tbx_lightning._stream import EventStream
 from tbx_lightning._summary import RunSummary
 from tbx_lightning.errors import RunInUseError, RunWriterError
