@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,10 +26,6 @@ from tbx_lightning.graph._ir import (
     _tensor_meta,
 )
 from tbx_lightning.graph._prepare import one_line
-
-if TYPE_CHECKING:
-    pass
-
 
 # --------------------------------------------------------------------------------------
 # Method 2: torch.fx symbolic tracing

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -26,10 +26,6 @@ from tbx_lightning.graph._ir import (
 from tbx_lightning.graph._prepare import (
     capture_root,
 )
-
-if TYPE_CHECKING:
-    pass
-
 
 # --------------------------------------------------------------------------------------
 # Method 3: torch.jit.trace, trace check off

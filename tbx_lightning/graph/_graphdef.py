@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from tensorboardX.proto.attr_value_pb2 import AttrValue
@@ -15,10 +14,6 @@ from tensorboardX.proto.types_pb2 import DataType
 from tensorboardX.proto.versions_pb2 import VersionDef
 
 from tbx_lightning.graph._ir import _OP, _OUTPUT, Shape, _Node
-
-if TYPE_CHECKING:
-    pass
-
 
 # --------------------------------------------------------------------------------------
 # GraphDef
