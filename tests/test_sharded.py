@@ -1,8 +1,9 @@
 """The monitor's statistics under every strategy equal the unsharded ones; stops agree.
 
 Two CPU processes (gloo) train the same model on the two halves of each batch under
-Lightning's DDP and under Lightning's FSDP strategy (a subclass that wraps on the CPU:
-Lightning itself refuses ``strategy="fsdp"`` without a GPU), with the default
+Lightning's DDP, under Lightning's FSDP strategy (a subclass that wraps on the CPU:
+Lightning itself refuses ``strategy="fsdp"`` without a GPU) and under FSDP2
+(``ModelParallelStrategy``, ``fully_shard`` in ``configure_model``), with the default
 ``TrainingMonitor()``: no ``sharded`` flag. A single process on the whole batches is the
 reference; every scalar and every histogram's count must match it. Then an Accelerate
 loop with two processes: a NaN loss on rank 1 alone, with ``on_alert="stop"`` and
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from tbx_lightning import TBXLogger, TrainingMonitor
 
 
@@ -77,6 +78,16 @@ class Model(LightningModule):
         x, y = batch
         return nn.functional.mse_loss(self.net(x), y)
 
+    def configure_model(self):
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            # FSDP2: each layer, then the whole, sharded over the data-parallel mesh.
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
@@ -87,7 +98,12 @@ if __name__ == "__main__":
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(64, 8, generator=gen)
     data = TensorDataset(x, x.sum(1, keepdim=True))
-    strategy = {"single": "auto", "ddp": "ddp_fork", "fsdp": CPUFSDP()}[mode]
+    strategy = {
+        "single": "auto",
+        "ddp": "ddp_fork",
+        "fsdp": CPUFSDP(),
+        "fsdp2": ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+    }[mode]
     trainer = Trainer(
         accelerator="cpu",
         devices=1 if mode == "single" else 2,
@@ -183,7 +199,7 @@ def strategies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("strategies")
     script = root / "fit.py"
     script.write_text(LIGHTNING)
-    for mode in ("single", "ddp", "fsdp"):
+    for mode in ("single", "ddp", "fsdp", "fsdp2"):
         _run([sys.executable, str(script), str(root / "logs"), mode], _env())
     return root / "logs"
 
@@ -194,7 +210,7 @@ def _read(path: Path) -> EventAccumulator:
     return acc
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp2"])
 def test_statistics_equal_the_unsharded_ones(strategies: Path, mode: str) -> None:
     reference, sharded = (
         _read(strategies / "single/version_0"),
