@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -54,34 +53,12 @@ from transformers import (
 from transformers.integrations import TensorBoardCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _lockstep import Baton  # the same turn-taking as the Lightning benchmarks
+
 from tbx_lightning import TBXCallback
 from tbx_lightning.templates.hf_finetune import corpus_text, lora_llama, text_blocks, word_tokenizer
 
 SETUPS = ("report_to=none", "TensorBoardCallback", "TBXCallback(monitor=False)", "TBXCallback()")
-
-
-class Baton:
-    """Lets one training at a time run an optimizer step; the order is shuffled every cycle."""
-
-    def __init__(self, names: list[str], seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.active = list(names)
-        self.cycle = list(names)
-        self.cond = threading.Condition()
-
-    def wait(self, name: str) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.cycle[0] == name)
-
-    def done(self, name: str, leaving: bool = False) -> None:
-        with self.cond:
-            if leaving and name in self.active:
-                self.active.remove(name)
-            if name in self.cycle:
-                self.cycle.remove(name)
-            if not self.cycle and self.active:
-                self.cycle = self.rng.sample(self.active, len(self.active))
-            self.cond.notify_all()
 
 
 class Clock(TrainerCallback):  # type: ignore[misc]
