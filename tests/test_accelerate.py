@@ -25,9 +25,9 @@ from omegaconf import OmegaConf
 import tbx_lightning
 from tbx_lightning.accelerate import TBXTracker, register
 from tbx_lightning.hparams import HParamsError
+from tests.launch import accelerate_launch
 from tests.rows import session, split_run_columns
 from tests.tb import read, scalars
-from tests.tbserver import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_SCRIPT = REPO / "tests" / "scripts" / "accelerate_ddp.py"
@@ -666,27 +666,8 @@ def _launch(tmp_path: Path, mode: str) -> subprocess.CompletedProcess[str]:
         "OMP_NUM_THREADS": "1",
     }
     if mode == "launch":
-        # `accelerate launch --cpu --num_processes 2` starts one process unless MPI is set up;
-        # torchrun processes on the CPU (gloo) are what `--multi_gpu` + ACCELERATE_USE_CPU give.
         env["ACCELERATE_USE_CPU"] = "true"
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(DDP_SCRIPT),
-            str(tmp_path),
-        ]
+        cmd = accelerate_launch(DDP_SCRIPT, str(tmp_path))
     else:
         cmd = [sys.executable, str(DDP_SCRIPT), str(tmp_path), "--debug-launcher"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

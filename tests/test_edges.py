@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tbx_lightning import RunInUseError, RunWriter, TBXLogger
 from tests.rows import session
+from tests.tb import read
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -79,12 +79,6 @@ def _child(tmp_path: Path, script: str, *args: str, timeout: float = 150) -> str
     return done.stdout
 
 
-def _read(run_dir: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    acc.Reload()
-    return acc
-
-
 @pytest.mark.parametrize("recover", ["flush", "finalize"])
 def test_a_disk_full_at_the_end_loses_nothing_once_space_is_freed(
     tmp_path: Path, recover: str
@@ -93,7 +87,7 @@ def test_a_disk_full_at_the_end_loses_nothing_once_space_is_freed(
     assert "DONE" in out, out
     assert "FINALIZE RunWriterError" in out and "call flush() to retry" in out, out
     run_dir = tmp_path / "logs" / "exp" / "version_0"
-    acc = _read(run_dir)
+    acc = read(run_dir)
     assert [e.step for e in acc.Scalars("loss")] == list(range(400))
     config, status = session(acc)
     assert status == "STATUS_SUCCESS"
@@ -151,7 +145,7 @@ def test_memory_stays_bounded_while_writes_keep_failing(tmp_path: Path) -> None:
     # One error reports the failure; past the budget each call says it queued nothing.
     assert report["refused"] > 0 and report["not_queued"] >= report["refused"] - 1
     # Never dropped silently: exactly the calls that returned normally are written.
-    steps = [e.step for e in _read(tmp_path / "run").Scalars("layer7/grad_norm")]
+    steps = [e.step for e in read(tmp_path / "run").Scalars("layer7/grad_norm")]
     assert steps == report["landed"]
     assert len(steps) + report["refused"] == 30_000
 
@@ -182,7 +176,7 @@ def test_a_refused_call_says_why_and_queues_nothing(tmp_path: Path) -> None:
     failing["on"] = False
     run.flush()
     run.close()
-    assert [e.step for e in _read(tmp_path).Scalars("loss")] == landed
+    assert [e.step for e in read(tmp_path).Scalars("loss")] == landed
 
 
 # ------------------------------------------------------------------ naming and sharing
@@ -199,7 +193,7 @@ def test_a_resumed_run_sorts_after_the_first_when_its_clock_is_behind(tmp_path: 
         second = Path(run.event_file).name
     names = sorted(p.name for p in tmp_path.iterdir() if "tfevents" in p.name)
     assert names[-1] == second
-    loss = [(e.step, e.value) for e in _read(tmp_path).Scalars("loss")]
+    loss = [(e.step, e.value) for e in read(tmp_path).Scalars("loss")]
     # One curve: the purged steps are hidden, never shown again after the resumed ones.
     assert loss == [(s, float(s)) for s in range(50)] + [(s, 1000.0 + s) for s in range(50, 100)]
 
@@ -221,7 +215,7 @@ def test_two_loggers_of_one_explicit_version_in_one_process_do_not_mix(tmp_path:
     run_dir = Path(first.log_dir)
     config, status = session(run_dir)
     assert config == {"who": "second"} and status == "STATUS_FAILURE"
-    assert [(e.step, e.value) for e in _read(run_dir).Scalars("loss")] == [(0, 1.0), (1, 2.0)]
+    assert [(e.step, e.value) for e in read(run_dir).Scalars("loss")] == [(0, 1.0), (1, 2.0)]
 
 
 def test_a_second_run_writer_of_one_folder_is_refused_until_the_first_closes(
@@ -235,7 +229,7 @@ def test_a_second_run_writer_of_one_folder_is_refused_until_the_first_closes(
     with RunWriter(tmp_path) as second:
         second.log_scalars({"loss": 2.0}, 1)
     assert len([p for p in tmp_path.iterdir() if p.name.startswith("events.out")]) == 2
-    assert [(e.step, e.value) for e in _read(tmp_path).Scalars("loss")] == [(0, 1.0), (1, 2.0)]
+    assert [(e.step, e.value) for e in read(tmp_path).Scalars("loss")] == [(0, 1.0), (1, 2.0)]
 
 
 # ------------------------------------------------------------------ Lightning's fixtures
@@ -257,4 +251,4 @@ def test_leftover_writer_threads_stop_as_tensorboardx_threads_do(
         stop()
         assert not thread.is_alive()
     if where == "local":
-        assert [e.step for e in _read(Path(logger.log_dir)).Scalars("loss")] == [0]
+        assert [e.step for e in read(Path(logger.log_dir)).Scalars("loss")] == [0]

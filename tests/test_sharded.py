@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from tests.launch import accelerate_launch
 from tests.rows import session
-from tests.tbserver import free_port
+from tests.tb import read
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -204,17 +204,11 @@ def strategies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "logs"
 
 
-def _read(path: Path) -> EventAccumulator:
-    acc = EventAccumulator(str(path), size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    return acc
-
-
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp2"])
 def test_statistics_equal_the_unsharded_ones(strategies: Path, mode: str) -> None:
     reference, sharded = (
-        _read(strategies / "single/version_0"),
-        _read(strategies / f"{mode}/version_0"),
+        read(strategies / "single/version_0"),
+        read(strategies / f"{mode}/version_0"),
     )
     compared = [
         t for t in reference.Tags()["scalars"] if t.startswith(("vitals_layers/", "vitals/grad"))
@@ -243,25 +237,7 @@ def nan_on_one_rank(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
     out = {}
     for on_alert in ("stop", "raise"):
         env = {**_env(), "ACCELERATE_USE_CPU": "true", "HF_HOME": str(root / "hf")}
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            "--main_process_port",
-            str(free_port()),
-            str(script),
-            str(root / "runs"),
-            on_alert,
-        ]
+        cmd = accelerate_launch(script, str(root / "runs"), on_alert)
         out[on_alert] = (_run(cmd, env), root / "runs" / on_alert / "version_0")
     return out
 
@@ -276,7 +252,7 @@ def test_every_rank_leaves_the_loop_together_with_finite_weights(
     for rank in (0, 1):
         expected = f"RANK {rank} {outcome} AT {6 if on_alert == 'stop' else 5} FINITE True"
         assert expected in text, text[-3000:]
-    acc = _read(run)
+    acc = read(run)
     table = "".join(
         e.tensor_proto.string_val[0].decode() for e in acc.Tensors("alerts/text_summary")
     )

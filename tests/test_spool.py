@@ -30,6 +30,7 @@ from tbx_lightning._writer import RunWriter
 from tbx_lightning.errors import ConfigError, ConfigTypeError, RunWriterError
 from tbx_lightning.hparams import RunHParams
 from tests.s3server import CREDENTIALS, S3Server
+from tests.tb import read
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto")
@@ -161,12 +162,6 @@ def _download(url: str, dest: Path) -> Path:
     return dest
 
 
-def _read(run_dir: str | Path) -> EventAccumulator:
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return acc
-
-
 def _steps(acc: EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
 
@@ -214,7 +209,7 @@ def test_black_hole_endpoint_never_freezes_training_and_the_spool_uploads_later(
     left = [m for m in messages if "were not uploaded" in m]
     assert len(left) == 1 and f"tbx-lightning upload {spool}" in left[0], messages
     # Everything is in the spool, readable as a local run.
-    assert _steps(_read(spool), "loss") == list(range(1000))
+    assert _steps(read(spool), "loss") == list(range(1000))
 
     # The storage answers again: the command from the warning finishes the upload.
     s3_env(moto.endpoint)
@@ -222,7 +217,7 @@ def test_black_hole_endpoint_never_freezes_training_and_the_spool_uploads_later(
 
     assert cli.main(["upload", spool]) == 0
     assert not os.path.exists(spool)
-    acc = _read(_download(url, tmp_path / "copy"))
+    acc = read(_download(url, tmp_path / "copy"))
     assert _steps(acc, "loss") == list(range(1000))
     assert _status(acc) == api_pb2.STATUS_SUCCESS
     assert yaml.safe_load((tmp_path / "copy" / "config.yaml").read_text()) == {"lr": 0.1}
@@ -276,7 +271,7 @@ def test_outage_then_recovery_catches_up_and_loses_nothing(
     assert not any("were not uploaded" in m for m in messages), messages
     assert not os.path.exists(spool_dir(url))  # all sent: the spool is removed
     s3_env(moto.endpoint)
-    acc = _read(_download(url, tmp_path / "copy"))
+    acc = read(_download(url, tmp_path / "copy"))
     assert _steps(acc, "loss") == list(range(300))
     assert _status(acc) == api_pb2.STATUS_SUCCESS
 
@@ -344,7 +339,7 @@ def test_memory_run_is_spooled_and_the_spool_removed_once_uploaded(
         run.flush()
         assert run.spool_dir is not None and os.path.isdir(run.spool_dir)
         assert run.log_dir.startswith("memory://") and run.log_dir.endswith(url[len("memory://") :])
-        assert _steps(_read(run.spool_dir), "loss") == [3]
+        assert _steps(read(run.spool_dir), "loss") == [3]
     assert not os.path.exists(run.spool_dir)
     fs = fsspec.filesystem("memory")
     assert any("tfevents" in p for p in fs.ls(url.split("://", 1)[1], detail=False))
@@ -385,7 +380,7 @@ def test_logger_on_a_black_hole_finishes_and_keeps_hparams_yaml_in_the_spool(
     assert yaml.safe_load(Path(spool, "hparams.yaml").read_text()) == {"lr": 0.1}
     s3_env(moto.endpoint)
     upload_spool(spool)
-    acc = _read(_download(f"s3://{bucket}/runs/lg/version_0", tmp_path / "copy"))
+    acc = read(_download(f"s3://{bucket}/runs/lg/version_0", tmp_path / "copy"))
     assert _steps(acc, "loss") == list(range(100))
     assert yaml.safe_load((tmp_path / "copy" / "hparams.yaml").read_text()) == {"lr": 0.1}
 
@@ -412,7 +407,7 @@ def test_objects_of_a_resumed_run_are_fetched_only_inside_the_spool(
     assert not target.exists()
     assert not list(tmp_path.rglob("pwned.pth"))
     remote.rm_file(planted)
-    acc = _read(_download(url, tmp_path / "copy"))
+    acc = read(_download(url, tmp_path / "copy"))
     assert _steps(acc, "loss") == [0, 1]
 
 
@@ -440,7 +435,7 @@ def test_a_bucket_deleted_while_the_run_writes_is_an_error_naming_it(
     spool = run.spool_dir
     run.log_scalars({"loss": -1.0}, 1000)  # the run goes on in its spool
     run.close()
-    assert spool is not None and _steps(_read(spool), "loss") == [*logged, 1000]
+    assert spool is not None and _steps(read(spool), "loss") == [*logged, 1000]
     remote.mkdir(bucket)
     upload_spool(spool)
-    assert _steps(_read(_download(url, tmp_path / "copy")), "loss") == [*logged, 1000]
+    assert _steps(read(_download(url, tmp_path / "copy")), "loss") == [*logged, 1000]
