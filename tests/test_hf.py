@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import Trainer, TrainerCallback  # noqa: E402
 
 import tbx_lightning  # noqa: E402
 from tbx_lightning import (  # noqa: E402
@@ -44,6 +43,7 @@ from tbx_lightning.templates.hf_finetune import (  # noqa: E402
     tiny_llama,
     word_tokenizer,
 )
+from tests.hf import one_thread, targs  # noqa: E402, F401 (one_thread: autouse)
 from tests.rows import session  # noqa: E402
 from tests.tb import read, scalars  # noqa: E402
 from tests.tbserver import free_port  # noqa: E402
@@ -53,18 +53,6 @@ VOCAB = 128
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Tiny models train fastest on one thread, and far faster when other processes share
-    the cores; restored after each test. Runs go where the tests say, whatever the
-    environment's TENSORBOARD_LOGGING_DIR."""
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
     return word_tokenizer(corpus_text(), VOCAB)
@@ -73,22 +61,6 @@ def tokenizer() -> Any:
 @pytest.fixture(scope="module")
 def blocks(tokenizer: Any) -> Any:
     return text_blocks(tokenizer, corpus_text(), 16, 48)
-
-
-def targs(out: Path, **kwargs: Any) -> TrainingArguments:
-    options: dict[str, Any] = {
-        "max_steps": 6,
-        "per_device_train_batch_size": 4,
-        "logging_steps": 2,
-        "save_strategy": "no",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "report_to": "none",
-        "learning_rate": 1e-2,
-        "dataloader_num_workers": 0,
-        **kwargs,
-    }
-    return TrainingArguments(str(out), **options)
 
 
 def same_points(got: list[tuple[int, float]], want: list[tuple[int, float]]) -> bool:

@@ -18,13 +18,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -40,17 +38,12 @@ from tbx_lightning.templates.hf_finetune import (  # noqa: E402
     text_blocks,
     word_tokenizer,
 )
+from tests.hf import one_thread  # noqa: E402, F401 (autouse)
+from tests.hf import targs as shared_targs  # noqa: E402
+from tests.tb import read  # noqa: E402
+from tests.tb import scalars as points  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -64,26 +57,14 @@ def blocks(tokenizer: Any) -> Any:
 
 
 def targs(out: Path, **kwargs: Any) -> TrainingArguments:
-    options: dict[str, Any] = {
-        "max_steps": 4,
-        "per_device_train_batch_size": 4,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "report_to": "none",
-        "learning_rate": 1e-2,
-        **kwargs,
-    }
-    return TrainingArguments(str(out), **options)
+    """Four optimizer steps, each logged."""
+    return shared_targs(out, **{"max_steps": 4, "logging_steps": 1, **kwargs})
 
 
 def scalars(path: str, tag: str) -> list[tuple[int, float]]:
-    acc = EventAccumulator(path, size_guidance={"scalars": 0})
-    acc.Reload()
-    if tag not in acc.Tags()["scalars"]:
-        return []
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    """``(step, value)`` of a scalar tag of the run at ``path``; none if it was not written."""
+    acc = read(path)
+    return points(acc, tag) if tag in acc.Tags()["scalars"] else []
 
 
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
