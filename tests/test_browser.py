@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests import browser
+from tests.demo import fit_alerts_demo
 from tests.tbserver import TensorBoardServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,30 +170,8 @@ def test_projector_shows_the_embedding_points(
 def alerts_demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TensorBoardServer]:
     """``tbx-lightning fit alerts_demo`` on a short budget (a spike at 14, NaN from 18), served."""
     work = tmp_path_factory.mktemp("alerts")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tbx_lightning.cli",
-            "fit",
-            "alerts_demo",
-            f"paths.runs_dir={work / 'runs'}",
-            "trainer.max_epochs=3",
-            "trainer.limit_train_batches=8",
-            "trainer.limit_val_batches=2",
-            "data.limit=256",
-            "model.net.inject_spike_at=14",
-            "model.net.inject_nan_from=18",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=work,
-        timeout=200,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert "loss_spike" in done.stdout + done.stderr, "the terminal shows the alert too"
+    output = fit_alerts_demo(work, timeout=200)
+    assert "loss_spike" in output, "the terminal shows the alert too"
     server = TensorBoardServer(work / "runs" / "alerts_demo")
     try:
         server.wait_for_runs(1)

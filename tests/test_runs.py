@@ -23,6 +23,7 @@ from tensorboard.backend.event_processing.event_accumulator import TENSORS, Even
 
 from tbx_lightning import RunWriter, cli, runs
 from tbx_lightning.hparams import RunHParams
+from tests.demo import fit_alerts_demo
 from tests.rows import session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,29 +143,7 @@ def test_finished_runs_never_stall(tmp_path: Path) -> None:
 def alerts_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``tbx-lightning fit alerts_demo`` on a short budget: a loss spike at 14, NaN from 18."""
     work = tmp_path_factory.mktemp("alerts")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tbx_lightning.cli",
-            "fit",
-            "alerts_demo",
-            f"paths.runs_dir={work / 'runs'}",
-            "trainer.max_epochs=3",
-            "trainer.limit_train_batches=8",
-            "trainer.limit_val_batches=2",
-            "trainer.enable_progress_bar=false",
-            "data.limit=256",
-            "model.net.inject_spike_at=14",
-            "model.net.inject_nan_from=18",
-        ],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
-        cwd=work,
-        timeout=240,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    fit_alerts_demo(work)
     return work / "runs" / "alerts_demo"
 
 
