@@ -21,7 +21,6 @@ replaces the aggregate runs it finds under ``RUNS/aggregate``.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import hashlib
 import json
 import math
@@ -45,14 +44,13 @@ from tensorboard.backend.event_processing.event_accumulator import (
 
 from tbx_lightning import RunWriter
 from tbx_lightning.cli._spread import Group, differing, group_runs, spread
-from tbx_lightning.cli._table import patterns
+from tbx_lightning.cli._table import patterns, select_metrics
 from tbx_lightning.errors import ConfigError
 from tbx_lightning.runs import AGGREGATE_FILE, RunRecord, read_runs
 
 __all__ = [
     "AGGREGATE_DIR",
     "BAND_CATEGORY",
-    "DEFAULT_EXCLUDE",
     "aggregate",
     "band_tags",
     "write_aggregates",
@@ -62,18 +60,6 @@ AGGREGATE_DIR = "aggregate"
 """The folder under the runs directory that holds the aggregate runs."""
 BAND_CATEGORY = "bands"
 """The Custom Scalars category of the Margin charts."""
-DEFAULT_EXCLUDE = (
-    "vitals/*",
-    "vitals_layers/*",
-    "alerts/*",
-    "by_tokens/*",
-    "by_samples/*",
-    "hp_metric",
-    "epoch",
-    "trainer/epoch",
-    "_hparams_/*",
-)
-"""Tags left out unless ``--metrics`` asks for them: the monitor's, alerts, the epoch."""
 _NAME_LIMIT = 80
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=,+\-]+")
 
@@ -118,13 +104,6 @@ def _series(path: str, wanted: Sequence[str] | None) -> dict[str, dict[int, tupl
             continue
         out[tag] = {e.step: (float(e.value), e.wall_time) for e in accumulator.Scalars(tag)}
     return out
-
-
-def _chosen_tags(records: Sequence[RunRecord], metrics: Sequence[str] | None) -> list[str]:
-    tags = sorted({tag for record in records for tag in record.stats})
-    if metrics:
-        return [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in metrics)]
-    return [t for t in tags if not any(fnmatch.fnmatchcase(t, p) for p in DEFAULT_EXCLUDE)]
 
 
 def _clear(target: str) -> None:
@@ -208,7 +187,8 @@ def write_aggregates(
         runs_dir: The directory of the runs (a sweep's experiment directory).
         over: Config keys or fnmatch patterns to aggregate over (``seed``, ``*seed``).
         metrics: fnmatch patterns of the scalar tags to aggregate (default: every tag
-            but the monitor's ``vitals/*`` and ``vitals_layers/*``, ``by_tokens/*``, ``by_samples/*`` and ``epoch``).
+            but those the ``hparams`` table also leaves out: the monitor's ``vitals/*``
+            and ``vitals_layers/*``, ``by_tokens/*``, ``by_samples/*`` and the epoch).
         records: The runs, if already read (default: :func:`tbx_lightning.runs.read_runs`).
 
     Returns:
@@ -226,7 +206,7 @@ def write_aggregates(
             "runs to aggregate (a sweep's experiment directory)."
         )
     grouping = group_runs(records, over)
-    tags = _chosen_tags(records, metrics)
+    tags = select_metrics(records, metrics)
     target = os.path.join(root, AGGREGATE_DIR)
     _clear(target)
     written = []

@@ -26,17 +26,19 @@ from tbx_lightning.errors import ConfigError
 from tbx_lightning.runs import RunRecord, minimizes, read_runs
 
 __all__ = [
+    "DEFAULT_EXCLUDE",
     "DEFAULT_WIDTH",
     "FORMATS",
     "hparams",
     "main_metrics",
     "patterns",
     "render",
+    "select_metrics",
     "spread_rows",
     "table_rows",
 ]
 
-_DEFAULT_EXCLUDE = (
+DEFAULT_EXCLUDE = (
     "vitals/*",
     "vitals_layers/*",
     "by_tokens/*",
@@ -46,15 +48,19 @@ _DEFAULT_EXCLUDE = (
     "trainer/epoch",
     "_hparams_/*",
 )
+"""Scalar tags left out unless ``--metrics`` names them: the monitor's, its copies over
+tokens and samples, the epoch (``hparams`` and ``aggregate`` both)."""
 FORMATS = ("table", "csv", "markdown", "json")
 STALLED_COLUMN = "stalled_since"
 
 
-def _select_metrics(records: Sequence[RunRecord], patterns: Sequence[str] | None) -> list[str]:
+def select_metrics(records: Sequence[RunRecord], patterns: Sequence[str] | None) -> list[str]:
+    """The scalar tags of ``records`` that match ``patterns``; without any, all but
+    :data:`DEFAULT_EXCLUDE`."""
     tags = sorted({tag for record in records for tag in record.stats})
     if patterns:
         return [t for t in tags if any(fnmatch.fnmatchcase(t, p) for p in patterns)]
-    return [t for t in tags if not any(fnmatch.fnmatchcase(t, p) for p in _DEFAULT_EXCLUDE)]
+    return [t for t in tags if not any(fnmatch.fnmatchcase(t, p) for p in DEFAULT_EXCLUDE)]
 
 
 def main_metrics(records: Sequence[RunRecord]) -> list[str]:
@@ -63,7 +69,7 @@ def main_metrics(records: Sequence[RunRecord]) -> list[str]:
     Per-step copies (Lightning's ``*_step``) are left out; the training loss is
     ``train/loss_epoch`` when the runs log it, else ``train/loss``.
     """
-    tags = set(_select_metrics(records, None))
+    tags = set(select_metrics(records, None))
     chosen = sorted(t for t in tags if t.startswith("val/") and not t.endswith("_step"))
     for loss in ("train/loss_epoch", "train/loss"):
         if loss in tags:
@@ -81,7 +87,7 @@ def _metric_columns(
 ) -> list[tuple[str, str, bool]]:
     """``(column, tag, is_best)`` of each metric column, in order."""
     every = metrics or all_metrics
-    chosen = _select_metrics(records, metrics) if every else main_metrics(records)
+    chosen = select_metrics(records, metrics) if every else main_metrics(records)
     # By default the val/* metrics show their best too: what a sweep or a search picks by.
     with_best = {m for m in chosen if best or (not every and m.startswith("val/"))}
     all_tags = sorted({tag for record in records for tag in record.stats})
