@@ -51,6 +51,7 @@ __all__ = [
     "makedirs",
     "private_dir",
     "read_bytes",
+    "read_fd",
     "resolve",
     "safe_parts",
     "write_bytes_atomic",
@@ -239,20 +240,25 @@ def read_bytes(
             _check_owner(info, path, private)
         if info.st_size > limit:
             raise UnsafeFileError(errno.EFBIG, f"larger than {limit} bytes", path)
-        parts = []
-        left = limit + 1
-        while left > 0:
-            part = os.read(fd, min(left, 1 << 20))
-            if not part:
-                break
-            parts.append(part)
-            left -= len(part)
-        data = b"".join(parts)
+        data = read_fd(fd, limit + 1)
         if len(data) > limit:
             raise UnsafeFileError(errno.EFBIG, f"larger than {limit} bytes", path)
         return data
     finally:
         os.close(fd)
+
+
+def read_fd(fd: int, most: int) -> bytes:
+    """Up to ``most`` bytes from an open descriptor, read in chunks of at most 1 MiB."""
+    parts = []
+    left = most
+    while left > 0:
+        part = os.read(fd, min(left, 1 << 20))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
 
 def _check_owner(info: os.stat_result, path: str, private: bool) -> None:

@@ -271,18 +271,11 @@ def _upload_one(remote: Any, remote_path: str, folder: str, rel: str, manifest: 
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             manifest.skipped.add(rel)
             return
-        parts = []
-        left = info.st_size
-        while left > 0:
-            part = os.read(fd, min(left, 1 << 24))
-            if not part:
-                break
-            parts.append(part)
-            left -= len(part)
+        data = _fs.read_fd(fd, info.st_size)
     finally:
         os.close(fd)
     # The size and time from before the read: a change during the read uploads again.
-    remote.pipe_file(_fs.join(remote, remote_path, *rel.split("/")), b"".join(parts))
+    remote.pipe_file(_fs.join(remote, remote_path, *rel.split("/")), data)
     with manifest._lock:
         manifest.files[rel] = [info.st_size, info.st_mtime_ns]
 
