@@ -549,6 +549,39 @@ def test_no_sink_computes_nothing_and_repeated_step_is_ignored(
     assert len(read(tmp_path).Histograms("vitals_layers/weights/head")) == 1
 
 
+def test_a_tracker_not_yet_started_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    from tbx_lightning import ConfigTypeError, TBXTracker
+
+    with pytest.raises(
+        ConfigTypeError, match=r"TBXTracker whose run has not started.*init_trackers"
+    ):
+        ModelMonitor(Net(), TBXTracker("r", str(tmp_path)))
+    assert not any(tmp_path.iterdir())  # nothing opened
+
+
+@pytest.mark.parametrize(
+    ("strategy", "world", "sharded"),
+    [
+        ("FSDPStrategy", 2, True),
+        ("ModelParallelStrategy", 2, True),
+        ("DeepSpeedStrategy", 2, None),  # ZeRO-1/2: every rank holds every weight
+        ("DeepSpeedStrategy+zero3", 2, True),
+        ("DDPStrategy", 2, None),
+        ("FSDPStrategy", 1, None),
+    ],
+)
+def test_lightning_strategies_that_shard_parameters(
+    strategy: str, world: int, sharded: bool | None
+) -> None:
+    from types import SimpleNamespace
+
+    from tbx_lightning.lightning._monitor import _strategy_shards
+
+    name, _, zero = strategy.partition("+")
+    instance = type(name, (), {"zero_stage_3": zero == "zero3"})()
+    assert _strategy_shards(SimpleNamespace(strategy=instance, world_size=world)) is sharded
+
+
 # ---------------------------------------------------------------------------- log_histograms
 def test_log_histograms_function(tmp_path: Path) -> None:
     run = RunWriter(tmp_path)

@@ -236,10 +236,15 @@ def _watched(pl_module: LightningModule) -> nn.Module:
 
 
 def _strategy_shards(trainer: Trainer) -> bool | None:
-    """True for strategies that shard parameters; None (detect) for the others."""
-    name = type(trainer.strategy).__name__
-    if trainer.world_size > 1 and any(
-        kind in name for kind in ("FSDP", "ModelParallel", "DeepSpeed")
+    """True for strategies that shard parameters; None (detect) for the others.
+
+    DeepSpeed counts only at ZeRO stage 3: stages 1 and 2 keep every weight on every
+    rank, where summing over ranks would count each value once per rank.
+    """
+    strategy = trainer.strategy
+    if trainer.world_size > 1 and (
+        any(kind in type(strategy).__name__ for kind in ("FSDP", "ModelParallel"))
+        or getattr(strategy, "zero_stage_3", False)
     ):
         return True
     return None

@@ -53,6 +53,12 @@ def as_sink(target: Any) -> MonitorSink | None:
     bound = getattr(target, "monitor_sink", None)
     if bound is not None:
         target = bound
+    elif hasattr(type(target), "monitor_sink"):
+        raise ConfigTypeError(
+            f"`sink` is a {type(target).__name__} whose run has not started: pass it after "
+            "accelerator.init_trackers(...) (or the tracker's start()), or use "
+            "ModelMonitor.from_accelerator(accelerator, model)."
+        )
     if not (
         callable(getattr(target, "log_scalars", None))
         and (hasattr(type(target), "experiment") or hasattr(target, "experiment"))
