@@ -92,7 +92,6 @@ STATUSES: dict[str, int] = {
     "unknown": Status.Value("STATUS_UNKNOWN"),
 }
 
-_MAX_EXACT_INT = 2**53
 
 # The run's own columns of the HParams row, and its config as a text entry.
 STATUS_COLUMN = "run.status"

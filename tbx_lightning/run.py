@@ -80,10 +80,8 @@ if TYPE_CHECKING:
 __all__ = ["STATUS_TEXT_TAG", "Run", "RunSink"]
 
 STATUS_TEXT_TAG = "run/status"
-_PIL_FORMAT = "HWC"
 
 
-# ---------------------------------------------------------------------- statuses
 # ---------------------------------------------------------------------- the run
 class Run:
     """One TensorBoard run as both integrations see it: rules, options, features, lock.
@@ -160,7 +158,7 @@ class Run:
         # counts the monitor reported per step.
         self._mirrors: dict[str, re.Pattern[str]] = {}
         self._counts: dict[str, dict[int, float]] = {}
-        self._mirror_pending: dict[int, dict[str, Any]] = {}
+        self._mirror_pending: dict[int, dict[str, dict[str, Any]]] = {}  # step -> axis -> values
         # Webhook delivery (use_webhook): alerts, and the run's end and stalls on request.
         self.notices = RunNotices(self._where, lambda: self._step)
 
@@ -277,11 +275,6 @@ class Run:
             writer.write_record(event)
 
     # ------------------------------------------------------------------ steps
-    @property
-    def last_step(self) -> int | None:
-        """The highest step logged so far, or None before anything was logged."""
-        return self._step
-
     def step_for(self, step: Any, *, advance: bool) -> int:
         """``step`` checked, or for None the next step (``advance``) or the latest one."""
         if step is not None:
@@ -329,20 +322,33 @@ class Run:
                 if len(seen) > 4096:
                     for old in sorted(seen)[:2048]:
                         del seen[old]
-            waiting = [s for s in self._mirror_pending if s <= step]
-            if waiting and self._writer is not None:
-                for at in sorted(waiting):
-                    self.mirror(self._writer, self._mirror_pending.pop(at), at)
+            if self._writer is not None:
+                self._mirror_waiting(self._writer, step, wait=True)
+
+    def _mirror_waiting(self, writer: RunWriter, upto: int | None, *, wait: bool) -> None:
+        """Writes the copies that waited for a count, of steps up to ``upto`` (all: None)."""
+        for at in sorted(s for s in self._mirror_pending if upto is None or s <= upto):
+            for axis, scalars in self._mirror_pending.pop(at).items():
+                self.mirror(writer, scalars, at, wait=wait, axes=(axis,))
 
     def mirror(
-        self, writer: RunWriter, scalars: Mapping[str, Any], step: int, *, wait: bool = True
+        self,
+        writer: RunWriter,
+        scalars: Mapping[str, Any],
+        step: int,
+        *,
+        wait: bool = True,
+        axes: Sequence[str] | None = None,
     ) -> None:
         """Writes the ``by_<axis>/`` copies of ``scalars`` logged at ``step`` (call locked).
 
-        A step whose count is not known yet waits for it (at most 64 steps wait; a step
-        without a count of its own takes the latest count before it).
+        Each axis (all, or ``axes``) whose count at ``step`` is not known yet waits for
+        it (at most 64 steps wait; a step without a count of its own takes the latest
+        count before it).
         """
         for axis, pattern in self._mirrors.items():
+            if axes is not None and axis not in axes:
+                continue
             copies = {
                 f"by_{axis}/{tag}": value
                 for tag, value in scalars.items()
@@ -354,8 +360,8 @@ class Run:
             count = seen.get(step)
             if count is None:
                 if wait and not any(s > step for s in seen) and len(self._mirror_pending) < 64:
-                    self._mirror_pending.setdefault(step, {}).update(scalars)
-                    return
+                    self._mirror_pending.setdefault(step, {}).setdefault(axis, {}).update(scalars)
+                    continue
                 earlier = [s for s in seen if s <= step]
                 if not earlier:
                     continue
@@ -583,8 +589,7 @@ class Run:
             if note is not None:
                 at = self.step_for(None, advance=False)
                 self.writer.experiment.add_text(STATUS_TEXT_TAG, note, global_step=at)
-            for waiting in sorted(self._mirror_pending):  # no later count will come
-                self.mirror(self.writer, self._mirror_pending.pop(waiting), waiting, wait=False)
+            self._mirror_waiting(self.writer, None, wait=False)  # no later count will come
             self.notices.end(key, note)
             hparams.finish(key, label=label)
             writer = self.writer

@@ -1071,6 +1071,35 @@ def test_tags_are_also_written_against_tokens_and_samples_seen(tmp_path: Path) -
     assert list(grad.values()) == list(scalars(acc, "vitals/grad_norm_total").values())
 
 
+def test_each_axis_waits_for_its_own_count(tmp_path: Path) -> None:
+    # A count of samples but none of tokens: the samples copies are written at once, not
+    # held back with the tokens ones; one that waited is written once, not again.
+    from tbx_lightning.run import Run
+
+    run = Run(lambda: str(tmp_path / "a"), owner="test")
+    run.mirror_by("tokens", ["loss"])
+    run.mirror_by("samples", ["loss"])
+    for step in range(5):
+        run.log({"loss": float(step)}, step=step)
+        run.count_seen(step, samples=8 * (step + 1))
+    run.writer.flush()
+    assert [e.step for e in read(tmp_path / "a").Scalars("by_samples/loss")] == [8, 16, 24, 32, 40]
+    run.finish("success")
+    run.release()
+
+    run = Run(lambda: str(tmp_path / "b"), owner="test")
+    run.mirror_by("samples", ["loss"])
+    run.mirror_by("tokens", ["loss"])
+    run.count_seen(0, samples=8)
+    run.log({"loss": 1.0}, step=0)  # samples known, tokens not yet: only tokens wait
+    run.count_seen(0, samples=8, tokens=128)
+    run.finish("success")
+    run.release()
+    acc = read(tmp_path / "b")
+    assert [e.step for e in acc.Scalars("by_samples/loss")] == [8]
+    assert [e.step for e in acc.Scalars("by_tokens/loss")] == [128]
+
+
 @pytest.mark.parametrize("on_alert", ["warn", "stop"])
 def test_a_gradient_scalers_overflows_are_not_alerts(tmp_path: Path, on_alert: str) -> None:
     # fp16 mixed precision: the scaler starts at a scale that overflows the gradients and
