@@ -52,6 +52,7 @@ __all__ = [
     "STYLES",
     "RunNotices",
     "WebhookNotifier",
+    "alert_fields",
     "notifier_from_env",
 ]
 
@@ -356,6 +357,17 @@ class WebhookNotifier:
             return False
 
 
+def alert_fields(alert: Any) -> dict[str, Any]:
+    """The fields of an alert's notice, beside its ``kind`` and ``run``."""
+    return {
+        "step": alert.step,
+        "where": alert.where or "model",
+        "value": alert.value,
+        "threshold": alert.threshold,
+        "message": alert.message,
+    }
+
+
 def notifier_from_env(environ: Mapping[str, str] | None = None) -> WebhookNotifier | None:
     """A :class:`WebhookNotifier` for ``$TBX_LIGHTNING_ALERT_WEBHOOK``, or None when unset or empty.
 
@@ -430,14 +442,7 @@ class RunNotices:
     def alert(self, alert: Any) -> None:
         """Sends a new alert, when alerts were asked for."""
         if "alerts" in self._events:
-            self.send(
-                alert.kind,
-                step=alert.step,
-                where=alert.where or "model",
-                value=alert.value,
-                threshold=alert.threshold,
-                message=alert.message,
-            )
+            self.send(alert.kind, **alert_fields(alert))
 
     def touch(self) -> None:
         """Something was logged now."""

@@ -407,8 +407,6 @@ class TBXTracker(GeneralTracker):  # type: ignore[misc]
 
 
 # ---------------------------------------------------------------------- registration
-
-
 def register() -> None:
     """Registers :class:`TBXTracker` with Accelerate as ``"tbx"``; safe to call repeatedly.
 

@@ -334,11 +334,6 @@ class TBXLogger(TensorBoardLogger):
 
     # ------------------------------------------------------------------ the writer
     @property
-    def _current_writer(self) -> RunWriter | None:
-        """The open writer, or None (no call yet, or released at the end of a fit)."""
-        return self._tbx_run.current_writer
-
-    @property
     def run_writer(self) -> RunWriter:
         """The RunWriter of this run (rank 0 only); reopens the run after a fit released it."""
         if not self._tbx_run.is_open:

@@ -19,13 +19,20 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from tbx_lightning.errors import ConfigError
 
-__all__ = ["ALERT_COUNT_TAG", "ALERT_TEXT_TAG", "Alert", "AlertEngine", "AlertRules"]
+__all__ = [
+    "ALERT_COUNT_TAG",
+    "ALERT_TEXT_TAG",
+    "Alert",
+    "AlertEngine",
+    "AlertRules",
+    "median_update_ratio",
+]
 
 # The Text entry of the alerts table (TensorBoard lists it as ``alerts/text_summary``)
 # and the scalar of the cumulative count, which sorts with the run-level vitals.
@@ -166,6 +173,12 @@ def _median(values: Sequence[float]) -> float:
     return values[mid] if n % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
+def median_update_ratio(ratios: Iterable[float]) -> float | None:
+    """The median of the finite, non-zero update ratios (the layers that moved), or None."""
+    moving = sorted(v for v in ratios if math.isfinite(v) and v > 0)
+    return _median(moving) if moving else None
+
+
 class AlertEngine:
     """Runs the detectors on host values, records what they find and decides the action.
 
@@ -214,11 +227,6 @@ class AlertEngine:
         self._pending: list[Alert] = []
         self._written_total = 0
         self._text_step = -1
-
-    @property
-    def should_stop(self) -> bool:
-        """Whether an alert asked for the fit to end (``on_alert`` "stop" or "raise")."""
-        return self.action is not None
 
     # ------------------------------------------------------------------ detectors
     def check_losses(self, losses: Sequence[tuple[int, float]]) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ChangedValues", "lr_values"]
+__all__ = ["ChangedValues", "lr_values", "unwrap_optimizer"]
 
 # Words in the class names of adaptive optimizers (steps of about the learning rate per
 # weight, whatever the gradient's scale), for AlertRules.adaptive_lr_max.
@@ -26,6 +26,17 @@ _ADAPTIVE = (
 )
 
 
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside Accelerate's and Lightning's wrappers (``optimizer``/``_optimizer``)."""
+    inner = optimizer
+    for _ in range(8):
+        nxt = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
+        if nxt is None or nxt is inner or not hasattr(nxt, "param_groups"):
+            break
+        inner = nxt
+    return inner
+
+
 def lr_values(optimizer: Any, name: str | None) -> tuple[dict[str, float], frozenset[str]]:
     """``(tag -> value, adaptive param groups)`` of ``optimizer``'s learning rates and momenta.
 
@@ -34,9 +45,7 @@ def lr_values(optimizer: Any, name: str | None) -> tuple[dict[str, float], froze
         >>> lr_values(opt, None)
         ({'vitals/lr/group_0': 0.003, 'vitals/momentum/group_0': 0.9}, frozenset({'group_0'}))
     """
-    inner = optimizer
-    while not hasattr(inner, "param_groups") and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    inner = unwrap_optimizer(optimizer)
     prefix = "" if name is None else f"{name}/"
     adaptive = any(word in type(inner).__name__.lower() for word in _ADAPTIVE)
     out: dict[str, float] = {}

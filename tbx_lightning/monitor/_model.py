@@ -35,7 +35,6 @@ from tbx_lightning.monitor._alerts import Alert, AlertEngine, AlertRules
 from tbx_lightning.monitor._binning import (
     _SUMSQ_ALL,
     _acc_dtype,
-    _Binner,
     _flat,
     _is_sharded_param,
 )
@@ -45,7 +44,7 @@ from tbx_lightning.monitor._groups import (
     group_name,
 )
 from tbx_lightning.monitor._guard import OVERFLOWS_IN_A_ROW, StepGuard
-from tbx_lightning.monitor._lr import lr_values
+from tbx_lightning.monitor._lr import lr_values, unwrap_optimizer
 from tbx_lightning.monitor._options import MonitorOptions, resolve_options
 from tbx_lightning.monitor._pace import Pace
 from tbx_lightning.monitor._ranks import agree_on_action, distributed
@@ -162,7 +161,6 @@ class ModelMonitor:
         self.model = model
         self.process_group = process_group
         self.unavailable: dict[str, str] = {}
-        self._binner = _Binner(opts.bins)
         named = list(model.named_parameters())
         total = sum(p.numel() for _, p in named)
         frozen = sum(p.numel() for _, p in named if not p.requires_grad)
@@ -375,12 +373,7 @@ class ModelMonitor:
         ``optimizer`` attribute (Accelerate's, Lightning's) are unwrapped. ``name`` prefixes
         the learning-rate tags when several optimizers are attached.
         """
-        inner = optimizer
-        for _ in range(8):  # Accelerate's and Lightning's wrappers hold the real optimizer
-            nxt = getattr(inner, "optimizer", None) or getattr(inner, "_optimizer", None)
-            if nxt is None or nxt is inner:
-                break
-            inner = nxt
+        inner = unwrap_optimizer(optimizer)
         if not isinstance(inner, torch.optim.Optimizer):
             raise ConfigTypeError(
                 f"`optimizer` must be a torch.optim.Optimizer (or wrap one), got "
@@ -414,7 +407,8 @@ class ModelMonitor:
         A tensor stays on its device; the losses of an interval reach the host together
         with the interval's statistics, so this never synchronises. Under
         ``torch.distributed`` every rank may call it: a non-finite loss on a rank that
-        does not write is counted there and reported with the next step-time share.
+        does not write is counted there and reported with the next step-time share
+        (``stragglers``, on by default).
         """
         if self._alerts is None or self.options.norm_every_n_steps == 0:
             return

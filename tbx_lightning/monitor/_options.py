@@ -66,7 +66,10 @@ class MonitorOptions:
             by device name.
         count_flops: Count the FLOPs of the first batch when ``flops_per_step`` is unset.
         stragglers: Under DDP/FSDP, share each rank's step time and alert on a rank
-            that is consistently slower than the others.
+            that is consistently slower than the others. The same share carries the
+            other ranks' non-finite losses to the writing rank: with ``False``, a NaN
+            loss on another rank alone shows only through the non-finite gradients it
+            causes.
         by_tokens: fnmatch patterns of scalar tags (e.g. ``["train/loss", "val/*"]``)
             also written against the number of tokens seen so far, as
             ``by_tokens/<tag>``, so runs with different batch or sequence sizes compare

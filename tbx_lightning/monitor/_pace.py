@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from tbx_lightning.monitor import _efficiency
+from tbx_lightning.monitor._binning import _local
 from tbx_lightning.monitor._groups import GroupedParam
+from tbx_lightning.monitor._ranks import collective_device
 
 __all__ = ["Pace"]
 
@@ -91,8 +93,6 @@ class Pace:
     # ------------------------------------------------------------------ devices
     def device(self) -> torch.device:
         """The device of the first parameter (the CPU for a model without any)."""
-        from tbx_lightning.monitor._binning import _local
-
         for p in self._params:
             return _local(p.param).device
         return torch.device("cpu")
@@ -203,8 +203,7 @@ class Pace:
             return
         dist = torch.distributed
         world = dist.get_world_size(self.process_group)
-        backend = dist.get_backend(self.process_group)
-        device = self.device() if backend == "nccl" else torch.device("cpu")
+        device = collective_device(self.process_group, self.device())
         shared = torch.zeros(world, 2, dtype=torch.float64, device=device)
         rank = dist.get_rank(self.process_group)
         shared[rank, 0] = step_time

@@ -15,7 +15,7 @@ import torch
 
 from tbx_lightning.monitor._alerts import Alert, AlertEngine
 
-__all__ = ["KINDS", "agree_on_action", "distributed", "nonfinite_per_rank"]
+__all__ = ["KINDS", "agree_on_action", "collective_device", "distributed", "nonfinite_per_rank"]
 
 # Alert kinds by index, for agreeing on one across ranks with a single number.
 KINDS = (
@@ -42,7 +42,8 @@ def distributed(process_group: Any = None) -> bool:
     )
 
 
-def _collective_device(process_group: Any, device: torch.device) -> torch.device:
+def collective_device(process_group: Any, device: torch.device) -> torch.device:
+    """Where a collective's tensor lives: ``device`` for NCCL, the CPU for gloo and others."""
     gloo = torch.distributed.get_backend(process_group) != "nccl"
     return torch.device("cpu") if gloo else device
 
@@ -74,7 +75,7 @@ def nonfinite_per_rank(
     dist = torch.distributed
     world = dist.get_world_size(process_group)
     shared = torch.zeros(
-        world, 2, dtype=torch.float32, device=_collective_device(process_group, device)
+        world, 2, dtype=torch.float32, device=collective_device(process_group, device)
     )
     shared[dist.get_rank(process_group)] = flags.to(shared.device)
     dist.all_reduce(shared, group=process_group)
@@ -90,7 +91,7 @@ def agree_on_action(
     with a trigger that says another rank found it.
     """
     dist = torch.distributed
-    code = torch.zeros(2, dtype=torch.float32, device=_collective_device(process_group, device))
+    code = torch.zeros(2, dtype=torch.float32, device=collective_device(process_group, device))
     if checks.action is not None and checks.trigger is not None:
         code[0] = 2.0 if checks.action == "raise" else 1.0
         kind = checks.trigger.kind

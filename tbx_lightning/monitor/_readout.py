@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from tbx_lightning.monitor._alerts import AlertEngine
+from tbx_lightning.monitor._alerts import AlertEngine, median_update_ratio
 from tbx_lightning.monitor._lr import ChangedValues
 from tbx_lightning.monitor._ratio import UpdateRatio
 from tbx_lightning.monitor._sink import MonitorSink
@@ -101,10 +101,8 @@ class Readout:
             rows = reader.take(values.numel())
             ratios = {names[i]: rows[i] for i in range(len(names)) if mask[i]}
             scalars.update({f"{LAYER_PREFIX}/update_ratio/{k}": v for k, v in ratios.items()})
-            moving = sorted(v for v in ratios.values() if math.isfinite(v) and v > 0)
-            if moving:
-                mid = len(moving) // 2
-                median = moving[mid] if len(moving) % 2 else (moving[mid - 1] + moving[mid]) / 2
+            median = median_update_ratio(ratios.values())
+            if median is not None:
                 scalars["vitals/update_ratio"] = median
             patience = checks.rules.patience if checks is not None else None
             unconfirmed = self._ratio.confirm_zeros(sampled, mask, rows, patience)

@@ -8,6 +8,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from tbx_lightning._notify import WebhookNotifier, alert_fields
 from tbx_lightning.errors import ConfigTypeError
 
 __all__ = ["MonitorSink", "SinkLinks", "as_sink"]
@@ -96,13 +97,13 @@ class SinkLinks:
         if url and callable(use):
             use(url, options.webhook_events)
         elif url:
-            from tbx_lightning._notify import WebhookNotifier
-
             self._notifier = WebhookNotifier(url)
+        # Counts go to the run only for the axes asked for (each costs the run's lock).
         counting = getattr(sink, "count_seen", None)
-        self._count_seen = counting if callable(counting) else None
         mirror = getattr(sink, "mirror_by", None)
-        if self._count_seen is not None and callable(mirror):
+        self._count_seen = None
+        if (options.by_tokens or options.by_samples) and callable(counting) and callable(mirror):
+            self._count_seen = counting
             mirror("tokens", options.by_tokens)
             mirror("samples", options.by_samples)
 
@@ -112,17 +113,8 @@ class SinkLinks:
         if callable(through_run):
             through_run(alert)
         elif self._notifier is not None and "alerts" in self._options.webhook_events:
-            self._notifier.notify(
-                {
-                    "kind": alert.kind,
-                    "run": getattr(self._sink, "log_dir", None),
-                    "step": alert.step,
-                    "where": alert.where or "model",
-                    "value": alert.value,
-                    "threshold": alert.threshold,
-                    "message": alert.message,
-                }
-            )
+            run = getattr(self._sink, "log_dir", None)
+            self._notifier.notify({"kind": alert.kind, "run": run, **alert_fields(alert)})
 
     def count(self, step: int, tokens: float | None, samples: float | None) -> None:
         """The tokens and samples seen up to ``step`` (cumulative), for the axes."""

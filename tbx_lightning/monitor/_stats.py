@@ -75,13 +75,12 @@ class Statistics:
         self.trainable_only = trainable_only
         self.sharded = sharded
         self.process_group = process_group
-        # Host-side, identical on every rank: whether a group has any trainable parameter.
-        self.trainable = [any(p.param.requires_grad for p in g.params) for g in groups]
+        self.trainable: list[bool] = []
+        self.refresh_trainable()
 
     def refresh_trainable(self) -> None:
         """Reads which groups train now (a callback may unfreeze layers during the fit)."""
-        # Host-side, identical on every rank: whether a group has any trainable parameter
-        # now (a callback may unfreeze layers during the fit).
+        # Host-side, identical on every rank: whether a group has any trainable parameter.
         self.trainable = [any(p.param.requires_grad for p in g.params) for g in self._groups]
 
     def tensors(self, kind: str) -> list[list[torch.Tensor]]:
@@ -99,7 +98,7 @@ class Statistics:
         ]
 
     def members(self, kind: str) -> list[list[GroupedParam]]:
-        """Per group, the parameters whose ``kind`` :meth:`_tensors` returns, in order."""
+        """Per group, the parameters whose ``kind`` :meth:`tensors` returns, in order."""
         out: list[list[GroupedParam]] = [[] for _ in self._groups]
         for p in self._params:
             if not self.trainable[p.group]:
