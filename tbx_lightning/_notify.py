@@ -400,7 +400,8 @@ class RunNotices:
     and sends one notice per silence: nothing logged for longer than
     ``max(STALL_MIN_SECONDS, 10 x`` the longest gap between logging calls so far``)``
     (a stall's own gap never sets the pace). It stops at the run's end and while the
-    run's writer is released (an idle process after a fit is no stall).
+    run's writer is released (an idle process after a fit is no stall), and starts
+    again when the run reopens its writer.
 
     Args:
         where: Returns the run's directory, for the notices' ``run`` field.
@@ -424,7 +425,13 @@ class RunNotices:
                 self._notifier = WebhookNotifier(url)
                 atexit.register(self._notifier.close, 2.0)
             self._events = frozenset(events) | self._events
+        self.watch()
+
+    def watch(self) -> None:
+        """Watches for a stall, if ``stall`` was asked for (again after :meth:`pause`)."""
+        with self._lock:
             if "stall" in self._events and self._watch is None:
+                self._last = time.monotonic()  # the silence counts from now
                 self._watch = threading.Event()
                 threading.Thread(
                     target=self._watch_for_stall,
@@ -453,7 +460,7 @@ class RunNotices:
         self._last = now
 
     def pause(self) -> None:
-        """Stops watching for a stall until :meth:`use` asks again."""
+        """Stops watching for a stall until :meth:`watch` starts again."""
         with self._lock:
             watch, self._watch = self._watch, None
         if watch is not None:

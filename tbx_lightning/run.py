@@ -199,6 +199,7 @@ class Run:
                 self._layout_tags = 0
                 # A purge hides what an earlier process wrote past it: once per resume only.
                 self.writer_options.pop("purge_step", None)
+                self.notices.watch()  # stopped while the writer was released
             return self._writer
 
     @property

@@ -368,3 +368,24 @@ def test_a_stall_is_sent_once_and_again_after_logging_resumed(
     run.finish("success")
     run.release()
     assert [body["kind"] for _, _, body in recorder.received] == ["stall", "stall"]
+
+
+def test_the_stall_watch_rests_while_the_run_is_released_and_comes_back_with_it(
+    recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # After a fit releases the writer, an idle process is no stall; a second fit in the
+    # same run (trainer.test, a resumed fit) is watched again.
+    from tbx_lightning import _notify
+    from tbx_lightning.run import Run
+
+    monkeypatch.setattr(_notify, "STALL_MIN_SECONDS", 0.4)
+    run = Run(lambda: str(tmp_path), owner="test")
+    run.use_webhook(recorder.url + "/hook", ["stall"])
+    run.log({"train/loss": 1.0}, step=0)
+    run.release()
+    assert not recorder.arrived.acquire(timeout=2.0)  # released: no notice
+    run.log({"test/loss": 1.0}, step=1)  # reopens the writer
+    assert recorder.arrived.acquire(timeout=20)
+    assert [body["kind"] for _, _, body in recorder.received] == ["stall"]
+    run.finish("success")
+    run.release()
