@@ -64,7 +64,6 @@ FIELDS = ("kind", "run", "step", "where", "value", "threshold", "message", "time
 """The fields of a notice, in the order the ``json`` style writes them."""
 
 _log = logging.getLogger("tbx_lightning.notify")
-_IDLE_SLEEP = 0.1  # how often an idle delivery thread looks at its queue
 _MAX_PAUSE = 30.0  # the longest pause between attempts after failures in a row
 _SLACK_HOSTS = ("hooks.slack.com",)
 
@@ -175,6 +174,7 @@ class WebhookNotifier:
         self._masker = Masker(_url_secrets(url))
         self._pid = os.getpid()
         self._queue: deque[dict[str, Any]] = deque()
+        self._wake = threading.Event()  # set by notify() and close(): the queue changed
         self._thread: threading.Thread | None = None
         self._closed = False
         self._deadline: float | None = None
@@ -205,6 +205,7 @@ class WebhookNotifier:
             item = dict(event)
             item.setdefault("time", time.time())
             self._queue.append(item)
+            self._wake.set()
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._deliver_all, name="tbx-alert-webhook", daemon=True
@@ -226,14 +227,16 @@ class WebhookNotifier:
             return
         self._closed = True
         self._deadline = time.monotonic() + max(0.0, float(timeout))
+        self._wake.set()
         thread = self._thread
         if thread is not None and os.getpid() == self._pid:
-            thread.join(max(0.0, float(timeout)) + _IDLE_SLEEP)
+            thread.join(max(0.0, float(timeout)) + 0.1)
 
     def _after_fork(self) -> None:
         """A forked child starts empty: the parent's thread and queue stay the parent's."""
         self._pid = os.getpid()
         self._queue = deque()
+        self._wake = threading.Event()
         self._thread = None
         self.sent = self.failed = self.dropped = 0
 
@@ -285,10 +288,13 @@ class WebhookNotifier:
             if not self._queue:
                 if self._closed:
                     return
-                time.sleep(_IDLE_SLEEP)
+                self._wake.wait()  # until a notice or close(); cleared, then looked at
+                self._wake.clear()
                 continue
-            if not self._closed and time.monotonic() < pause_until:
-                time.sleep(_IDLE_SLEEP)
+            wait = pause_until - time.monotonic()
+            if not self._closed and wait > 0:
+                self._wake.wait(wait)  # a close() ends the pause early
+                self._wake.clear()
                 continue
             event = self._queue.popleft()
             if self._send(event):
